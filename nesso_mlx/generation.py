@@ -1,0 +1,271 @@
+"""Text generation: chunked prefill, a pipelined decode loop, stop handling and statistics."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+
+from .cache import KVCache, trim_cache
+from .errors import ContextLengthError
+from .model import Model
+from .sampling import (
+    LogitsProcessor,
+    Sampler,
+    make_logits_processors,
+    make_sampler,
+    vocab_limit_processor,
+)
+from .tokenizer import Tokenizer
+
+# A dedicated stream lets the next decode step be queued while Python handles the current one.
+generation_stream = mx.new_stream(mx.default_device())
+
+
+@dataclass
+class GenerationChunk:
+    """One step of `stream_generate`: the new text and the statistics so far."""
+
+    text: str
+    token: int | None
+    finish_reason: str | None = None  # "stop", "length" or None while generating
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    prompt_tps: float = 0.0
+    generation_tps: float = 0.0
+    peak_memory: float = 0.0  # GB
+
+
+@dataclass
+class GenerationResult:
+    """What `generate` returns: the full text, its tokens and the run's statistics."""
+
+    text: str
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    prompt_tps: float = 0.0
+    generation_tps: float = 0.0
+    peak_memory: float = 0.0
+    time_to_first_token: float = 0.0
+
+
+def prefill(model: Model, tokens: mx.array, cache: list[KVCache], chunk_size: int = 512) -> mx.array:
+    """Run the prompt through the model in chunks; returns the last position's logits (1, vocab)."""
+    with mx.stream(generation_stream):
+        while tokens.size > chunk_size:
+            model(tokens[None, :chunk_size], cache)
+            mx.eval([c.state for c in cache])  # the LM head of these positions is never computed
+            tokens = tokens[chunk_size:]
+            mx.clear_cache()
+        return model(tokens[None], cache, last_only=True)[:, -1, :]
+
+
+def decode(
+    model: Model,
+    logits: mx.array,
+    cache: list[KVCache],
+    sampler: Sampler,
+    processors: Sequence[LogitsProcessor] = (),
+    history: mx.array | None = None,
+) -> Iterator[int]:
+    """Yield sampled tokens forever, starting from `logits`; the caller decides when to stop.
+
+    Step n+1 is queued with `mx.async_eval` before token n is handed to Python, so the
+    accelerator never waits for the caller. The cache therefore runs one token ahead; callers
+    trim it when they stop.
+    """
+    history = history if history is not None else mx.array([], dtype=mx.int32)
+
+    def sample(logits: mx.array, history: mx.array) -> tuple[mx.array, mx.array]:
+        for process in processors:
+            logits = process(history, logits)
+        token = sampler(logits)
+        return token, mx.concatenate([history, token.astype(history.dtype)]) if processors else history
+
+    with mx.stream(generation_stream):
+        token, history = sample(logits, history)
+    mx.async_eval(token)
+    while True:
+        with mx.stream(generation_stream):
+            next_logits = model(token[:, None], cache)[:, -1, :]
+            next_token, history = sample(next_logits, history)
+        mx.async_eval(next_token)
+        yield token.item()
+        token = next_token
+
+
+class _StopMatcher:
+    """Finds user stop strings in streamed text, holding back a possible partial match."""
+
+    def __init__(self, stop: Sequence[str]) -> None:
+        self.stop = [s for s in stop if s]
+        self.hold = max((len(s) for s in self.stop), default=1) - 1
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Returns (text safe to emit, whether a stop string was hit)."""
+        self.pending += text
+        hits = [i for s in self.stop if (i := self.pending.find(s)) != -1]
+        if hits:
+            out, self.pending = self.pending[: min(hits)], ""
+            return out, True
+        if not self.stop:
+            out, self.pending = self.pending, ""
+            return out, False
+        cut = len(self.pending)
+        for k in range(min(self.hold, len(self.pending)), 0, -1):
+            tail = self.pending[-k:]
+            if any(s.startswith(tail) for s in self.stop):
+                cut = len(self.pending) - k
+                break
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+def prompt_tokens(
+    tokenizer: Tokenizer,
+    prompt: str | Sequence[int] | None = None,
+    messages: list[dict[str, Any]] | None = None,
+    tools: list[dict[str, Any]] | None = None,
+) -> list[int]:
+    """Token ids for a raw prompt (string or ids) or for chat `messages` (+ `tools`)."""
+    if (prompt is None) == (messages is None):
+        raise ValueError("pass exactly one of prompt= or messages=")
+    if messages is not None:
+        return tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True)
+    if isinstance(prompt, str):
+        return tokenizer.encode(prompt)
+    return [int(t) for t in prompt]
+
+
+def stream_generate(
+    model: Model,
+    tokenizer: Tokenizer,
+    prompt: str | Sequence[int] | None = None,
+    *,
+    messages: list[dict[str, Any]] | None = None,
+    tools: list[dict[str, Any]] | None = None,
+    max_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    repetition_penalty: float | None = None,
+    repetition_context_size: int = 64,
+    seed: int | None = None,
+    stop: str | Sequence[str] | None = None,
+    logits_processors: Sequence[LogitsProcessor] | None = None,
+    cache: list[KVCache] | None = None,
+    prefill_chunk_size: int = 512,
+) -> Iterator[GenerationChunk]:
+    """Generate text token by token from `prompt` (str or ids) or chat `messages`.
+
+    Yields a `GenerationChunk` per token; the last has `finish_reason` "stop" (EOS or a stop
+    string, which is not included in the text) or "length". Pass `cache` to continue from the
+    tokens it already holds; on return it holds the prompt and all generated tokens but the last.
+    """
+    ids = prompt_tokens(tokenizer, prompt, messages, tools)
+    if not ids:
+        raise ValueError("the prompt is empty")
+    if cache is None:
+        cache = model.make_cache()
+    start = cache[0].offset
+    context = model.args.max_position_embeddings
+    if start + len(ids) >= context:
+        raise ContextLengthError(
+            f"the prompt has {start + len(ids)} tokens but the context window is {context}; "
+            "shorten the prompt or the conversation"
+        )
+    max_tokens = min(max_tokens, context - start - len(ids))
+    sampler = make_sampler(temperature, top_p, top_k, min_p, seed)
+    processors = make_logits_processors(repetition_penalty, repetition_context_size, logits_processors)
+    if model.args.vocab_size > tokenizer.vocab_size:
+        processors.append(vocab_limit_processor(tokenizer.vocab_size, model.args.vocab_size))
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    matcher = _StopMatcher(stops)
+    detokenizer = tokenizer.detokenizer()
+    eos = set(tokenizer.eos_token_ids)
+
+    def chunk(text: str, token: int | None, finish: str | None, n: int) -> GenerationChunk:
+        now = time.perf_counter()
+        return GenerationChunk(
+            text,
+            token,
+            finish,
+            len(ids),
+            n,
+            len(ids) / prompt_time,
+            (n / (now - t_first)) if n > 1 and now > t_first else 0.0,
+            mx.get_peak_memory() / 1e9,
+        )
+
+    t0 = time.perf_counter()
+    prompt = mx.array(ids, dtype=mx.int32)
+    logits = prefill(model, prompt, cache, prefill_chunk_size)
+    history = prompt if processors else None
+    n = 0
+    t_first = prompt_time = 0.0
+    finish: str | None = None
+    try:
+        if max_tokens <= 0:
+            yield GenerationChunk("", None, "length", len(ids), 0)
+            return
+        for token in decode(model, logits, cache, sampler, processors, history):
+            if n == 0:
+                t_first = time.perf_counter()
+                prompt_time = max(t_first - t0, 1e-9)
+            n += 1
+            if token in eos:
+                finish = "stop"
+                yield chunk(matcher.flush() + detokenizer.finalize(), token, finish, n)
+                return
+            text, hit = matcher.feed(detokenizer.add_token(token))
+            if hit:
+                finish = "stop"
+            elif n >= max_tokens:
+                text += matcher.feed(detokenizer.finalize())[0] + matcher.flush()
+                finish = "length"
+            yield chunk(text, token, finish, n)
+            if finish:
+                return
+    finally:
+        # decode() runs one step ahead: drop any position beyond prompt + tokens[:-1].
+        trim_cache(cache, cache[0].offset - (start + len(ids) + max(n - 1, 0)))
+
+
+def generate(
+    model: Model,
+    tokenizer: Tokenizer,
+    prompt: str | Sequence[int] | None = None,
+    **kwargs: Any,
+) -> GenerationResult:
+    """Generate a complete reply; takes the same arguments as `stream_generate`."""
+    text, tokens, last = [], [], None
+    t0 = time.perf_counter()
+    ttft = 0.0
+    for last in stream_generate(model, tokenizer, prompt, **kwargs):
+        if not tokens and last.token is not None:
+            ttft = time.perf_counter() - t0
+        text.append(last.text)
+        if last.token is not None:
+            tokens.append(last.token)
+    return GenerationResult(
+        "".join(text),
+        tokens,
+        last.finish_reason,
+        last.prompt_tokens,
+        last.generation_tokens,
+        last.prompt_tps,
+        last.generation_tps,
+        last.peak_memory,
+        ttft,
+    )

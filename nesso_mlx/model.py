@@ -1,0 +1,145 @@
+"""Llama in MLX: embeddings, RMSNorm, RoPE, grouped-query attention, SwiGLU MLP."""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .cache import KVCache, make_cache
+from .config import ModelArgs
+
+
+class RoPE(nn.Module):
+    """Rotary embedding with optional linear or llama3 frequency scaling."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.dims = args.head_dim
+        self.base: float | None = args.rope_theta
+        self.scale = 1.0
+        scaling = args.rope_scaling or {}
+        if scaling.get("rope_type") == "linear":
+            self.scale = 1.0 / float(scaling["factor"])
+        elif scaling.get("rope_type") == "llama3":
+            self._freqs = self._llama3_periods(args.rope_theta, scaling)
+            self.base = None
+
+    def _llama3_periods(self, theta: float, s: dict) -> mx.array:
+        # Llama 3.1 scaling: long wavelengths are stretched by `factor`, short ones kept,
+        # and the band in between is interpolated smoothly.
+        factor, low, high = float(s["factor"]), float(s["low_freq_factor"]), float(s["high_freq_factor"])
+        old_context = float(s["original_max_position_embeddings"])
+        inv_freq = 1.0 / theta ** (mx.arange(0, self.dims, 2, dtype=mx.float32) / self.dims)
+        wavelen = 2 * math.pi / inv_freq
+        scaled = mx.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
+        smooth = (old_context / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_context / high) & (wavelen <= old_context / low)
+        return 1.0 / mx.where(medium, smoothed, scaled)
+
+    def __call__(self, x: mx.array, offset: int = 0) -> mx.array:
+        return mx.fast.rope(
+            x,
+            self.dims,
+            traditional=False,
+            base=self.base,
+            scale=self.scale,
+            offset=offset,
+            freqs=self._freqs if self.base is None else None,
+        )
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads = args.num_attention_heads, args.num_key_value_heads
+        head_dim, bias = args.head_dim, args.attention_bias
+        self.scale = head_dim**-0.5
+        self.q_proj = nn.Linear(args.hidden_size, self.n_heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(args.hidden_size, self.n_kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(args.hidden_size, self.n_kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * head_dim, args.hidden_size, bias=bias)
+        self.rope = RoPE(args)
+
+    def __call__(self, x: mx.array, cache: KVCache | None = None) -> mx.array:
+        B, L, _ = x.shape
+        q = self.q_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
+        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        offset = cache.offset if cache is not None else 0
+        q, k = self.rope(q, offset), self.rope(k, offset)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        # "causal" aligns the last query with the last key, so chunked prefill works as is.
+        mask = "causal" if L > 1 else None
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        dim, hidden, bias = args.hidden_size, args.intermediate_size, args.mlp_bias
+        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
+        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.self_attn = Attention(args)
+        self.mlp = MLP(args)
+        self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def __call__(self, x: mx.array, cache: KVCache | None = None) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [TransformerBlock(args) for _ in range(args.num_hidden_layers)]
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def __call__(self, inputs: mx.array, cache: list[KVCache] | None = None) -> mx.array:
+        h = self.embed_tokens(inputs)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cache[i] if cache is not None else None)
+        return self.norm(h)
+
+
+class Model(nn.Module):
+    """Causal Llama language model; parameter names follow Hugging Face checkpoints."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.model = LlamaModel(args)
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    def __call__(self, inputs: mx.array, cache: list[KVCache] | None = None, *, last_only: bool = False) -> mx.array:
+        """Logits of shape (batch, seq, vocab); with `last_only`, only the last position."""
+        h = self.model(inputs, cache)
+        if last_only:
+            h = h[:, -1:, :]
+        if self.args.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(h)
+        return self.lm_head(h)
+
+    @property
+    def layers(self) -> list[TransformerBlock]:
+        return self.model.layers
+
+    def make_cache(self, capacity: int = 0) -> list[KVCache]:
+        """A fresh per-layer KV cache, preallocated for `capacity` positions if given."""
+        return make_cache(len(self.layers), capacity)

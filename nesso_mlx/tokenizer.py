@@ -1,0 +1,405 @@
+"""Tokenizer: `tokenizers` for BPE, jinja2 for chat templates, and a streaming detokenizer.
+
+Chat templates are rendered with user text wrapped in random markers, so that after rendering we
+know which characters came from the template and which from the user. Only the template's own
+text may produce special tokens; user text containing `<|im_start|>` is encoded as plain text.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import re
+import secrets
+import threading
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from .errors import TokenizerError
+
+# Plain ChatML with Hermes-style tools, for models that ship no template (Zagreus base).
+CHATML_TEMPLATE = """\
+{%- if tools %}
+{{- '<|im_start|>system\\n' }}
+{%- if messages[0].role == 'system' %}{{- messages[0].content + '\\n\\n' }}{%- endif %}
+{{- 'You may call one or more functions to assist with the user query. The function signatures \
+are inside <tools></tools> XML tags:\\n<tools>' }}
+{%- for tool in tools %}{{- '\\n' + (tool | tojson) }}{%- endfor %}
+{{- '\\n</tools>\\n\\nFor each function call, return a JSON object with the function name and \
+arguments inside <tool_call></tool_call> XML tags:\\n<tool_call>\\n{"name": <function-name>, \
+"arguments": <args-json-object>}\\n</tool_call><|im_end|>\\n' }}
+{%- elif messages and messages[0].role == 'system' %}
+{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}
+{%- endif %}
+{%- for message in messages %}
+{%- if message.role == 'system' and loop.first %}
+{%- elif message.role == 'tool' %}
+{%- if loop.first or messages[loop.index0 - 1].role != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}
+{{- '\\n<tool_response>\\n' + message.content + '\\n</tool_response>' }}
+{%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}
+{%- else %}
+{{- '<|im_start|>' + message.role + '\\n' + (message.content or '') }}
+{%- for call in message.tool_calls or [] %}
+{%- set fn = call.function if call.function is defined else call %}
+{{- '\\n<tool_call>\\n{"name": "' + fn.name + '", "arguments": ' }}
+{%- if fn.arguments is string %}{{- fn.arguments }}{%- else %}{{- fn.arguments | tojson }}{%- endif %}
+{{- '}\\n</tool_call>' }}
+{%- endfor %}
+{{- '<|im_end|>\\n' }}
+{%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}
+"""
+
+
+def _tojson(
+    x: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
+    # Like transformers: no HTML escaping, so templates render as the model was trained.
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _raise(message: str) -> None:
+    raise TokenizerError(f"chat template: {message}")
+
+
+def _compile_template(source: str):
+    from jinja2 import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(source)
+    except TemplateError as e:
+        raise TokenizerError(f"chat template does not compile: {e}") from None
+
+
+class _UserTextMarker:
+    """Wraps user strings in unguessable ASCII markers that survive `tojson`."""
+
+    def __init__(self) -> None:
+        nonce = secrets.token_hex(8)
+        self.open, self.close = f"NESSOUSEROPEN{nonce}Q", f"NESSOUSERCLOSE{nonce}Q"
+
+    def wrap(self, text: str) -> str:
+        return f"{self.open}{text}{self.close}"
+
+    def wrap_strings(self, obj: Any, keep: frozenset[str] = frozenset({"type"})) -> Any:
+        if isinstance(obj, str):
+            return self.wrap(obj)
+        if isinstance(obj, dict):
+            return {k: v if k in keep else self.wrap_strings(v, keep) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [self.wrap_strings(v, keep) for v in obj]
+        return obj
+
+    def message(self, message: dict[str, Any]) -> dict[str, Any]:
+        out = dict(message)
+        content = message.get("content")
+        if isinstance(content, str):
+            out["content"] = self.wrap(content)
+        elif isinstance(content, list):
+            out["content"] = [
+                {**part, "text": self.wrap(part["text"])}
+                if isinstance(part, dict) and isinstance(part.get("text"), str)
+                else part
+                for part in content
+            ]
+        if message.get("tool_calls"):
+            out["tool_calls"] = [self._tool_call(c) for c in message["tool_calls"]]
+        return out
+
+    def _tool_call(self, call: dict[str, Any]) -> dict[str, Any]:
+        fn = call.get("function", call)
+        wrapped = {**fn, "arguments": self.wrap_strings(fn.get("arguments", {}))}
+        return {**call, "function": wrapped} if "function" in call else wrapped
+
+    def split(self, rendered: str) -> list[tuple[str, bool]]:
+        """Split rendered text into (text, is_user_text) segments, markers removed."""
+        segments: list[tuple[str, bool]] = []
+        pos = 0
+        while (start := rendered.find(self.open, pos)) != -1:
+            end = rendered.find(self.close, start)
+            if end == -1:
+                raise TokenizerError("chat template cut a message apart; cannot encode it safely")
+            segments.append((rendered[pos:start], False))
+            segments.append((rendered[start + len(self.open) : end], True))
+            pos = end + len(self.close)
+        segments.append((rendered[pos:], False))
+        if any(self.close in text for text, _ in segments):
+            raise TokenizerError("chat template cut a message apart; cannot encode it safely")
+        return [(text, is_user) for text, is_user in segments if text]
+
+
+def normalize_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    """Accept OpenAI-style `{"type": "function", "function": {...}}` or bare function schemas."""
+    if not tools:
+        return None
+    out = []
+    for tool in tools:
+        if not isinstance(tool, dict):
+            raise TokenizerError(f"a tool must be a JSON-schema dict, got {type(tool).__name__}")
+        out.append(tool if "function" in tool else {"type": "function", "function": tool})
+    return out
+
+
+class Tokenizer:
+    """Encode, decode and apply the chat template of a model folder's tokenizer."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        chat_template: str | None = None,
+        special_tokens: dict[str, str | None] | None = None,
+        eos_token_ids: list[int] | None = None,
+    ) -> None:
+        self._tokenizer = tokenizer
+        self._lock = threading.Lock()
+        self.special_tokens = special_tokens or {}
+        self.has_chat_template = chat_template is not None
+        self.chat_template = chat_template or CHATML_TEMPLATE
+        self._template = None
+        added = tokenizer.get_added_tokens_decoder()
+        self.special_ids = {i for i, t in added.items() if t.special}
+        self._added_text = {i: t.content for i, t in added.items()}
+        specials = sorted({added[i].content for i in self.special_ids}, key=len, reverse=True)
+        self._special_re = re.compile("|".join(map(re.escape, specials))) if specials else None
+        self.eos_token_ids = list(eos_token_ids or [])
+        eos = self.special_tokens.get("eos_token")
+        if eos is not None and (eos_id := tokenizer.token_to_id(eos)) is not None:
+            if eos_id not in self.eos_token_ids:
+                self.eos_token_ids.append(eos_id)
+        self._byte_level = _is_byte_level(tokenizer)
+
+    @classmethod
+    def from_folder(cls, path: str | Path, eos_token_ids: list[int] | None = None) -> Tokenizer:
+        """Load tokenizer.json, tokenizer_config.json and chat_template.jinja from a folder."""
+        from tokenizers import Tokenizer as HFTokenizer
+
+        path = Path(path)
+        tokenizer_file = path / "tokenizer.json"
+        if not tokenizer_file.exists():
+            raise TokenizerError(f"{path}: no tokenizer.json; nesso-mlx needs a fast tokenizer file")
+        try:
+            tokenizer = HFTokenizer.from_file(str(tokenizer_file))
+        except Exception as e:  # the Rust error type is not exported
+            raise TokenizerError(f"{tokenizer_file}: cannot be read ({e})") from None
+        config: dict[str, Any] = {}
+        if (path / "tokenizer_config.json").exists():
+            try:
+                config = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError) as e:
+                raise TokenizerError(f"{path / 'tokenizer_config.json'}: not valid JSON ({e})") from None
+        template = config.get("chat_template")
+        if isinstance(template, list):  # named templates: use "default"
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default") or next(iter(named.values()), None)
+        if (path / "chat_template.jinja").exists():
+            template = (path / "chat_template.jinja").read_text(encoding="utf-8")
+        specials = {}
+        for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
+            value = config.get(name)
+            specials[name] = value.get("content") if isinstance(value, dict) else value
+        return cls(tokenizer, template, specials, eos_token_ids)
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids the tokenizer can produce, added tokens included."""
+        return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tokenizer.token_to_id(token)
+
+    def encode(self, text: str, *, add_special_tokens: bool = True, parse_special: bool = True) -> list[int]:
+        """Token ids of `text`. With `parse_special=False`, `<|im_start|>` etc. stay plain text."""
+        if parse_special:
+            return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        with self._lock:
+            self._tokenizer.encode_special_tokens = True
+            try:
+                return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+            finally:
+                self._tokenizer.encode_special_tokens = False
+
+    def decode(self, ids: list[int], *, skip_special_tokens: bool = False) -> str:
+        return self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def render_chat(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
+        marker: _UserTextMarker | None = None,
+        **kwargs: Any,
+    ) -> str:
+        """The chat template's text (user text wrapped in `marker`'s markers when given)."""
+        if self._template is None:
+            self._template = _compile_template(self.chat_template)
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            raise TokenizerError("messages must be a list of {'role': ..., 'content': ...} dicts")
+        tools = normalize_tools(tools)
+        if marker is not None:
+            messages = [marker.message(m) for m in messages]
+            tools = marker.wrap_strings(tools) if tools else None
+        from jinja2 import TemplateError
+
+        try:
+            return self._template.render(
+                messages=messages,
+                tools=tools,
+                add_generation_prompt=add_generation_prompt,
+                **{k: v for k, v in self.special_tokens.items() if v is not None},
+                **kwargs,
+            )
+        except TemplateError as e:
+            raise TokenizerError(f"chat template failed: {e}") from None
+
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
+        tokenize: bool = True,
+        **kwargs: Any,
+    ) -> list[int] | str:
+        """Render `messages` (and `tools`) with the model's chat template.
+
+        Returns token ids (or the text with `tokenize=False`). Special tokens are produced only
+        by the template itself, never by message content or tool schemas.
+        """
+        marker = _UserTextMarker()
+        rendered = self.render_chat(messages, tools, add_generation_prompt, marker, **kwargs)
+        segments = marker.split(rendered)
+        if not tokenize:
+            return "".join(text for text, _ in segments)
+        ids: list[int] = []
+        pending: list[str] = []
+        for text, is_user in segments:
+            if is_user or self._special_re is None:
+                pending.append(text)
+                continue
+            pos = 0
+            for match in self._special_re.finditer(text):
+                pending.append(text[pos : match.start()])
+                if plain := "".join(pending):
+                    ids += self.encode(plain, add_special_tokens=False, parse_special=False)
+                pending = []
+                ids.append(self._tokenizer.token_to_id(match.group()))
+                pos = match.end()
+            pending.append(text[pos:])
+        if plain := "".join(pending):
+            ids += self.encode(plain, add_special_tokens=False, parse_special=False)
+        return ids
+
+    def detokenizer(self, skip_special_tokens: bool = True) -> StreamingDetokenizer:
+        """A fresh streaming detokenizer for this tokenizer."""
+        if self._byte_level:
+            return ByteLevelDetokenizer(self, skip_special_tokens)
+        return WindowDetokenizer(self, skip_special_tokens)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The exact bytes a byte-level token stands for."""
+        if token_id in self._added_text:
+            return self._added_text[token_id].encode("utf-8")
+        piece = self._tokenizer.id_to_token(token_id) or ""
+        return bytes(_BYTE_DECODER.get(c, 0) for c in piece) if all(c in _BYTE_DECODER for c in piece) else piece.encode("utf-8")
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    # GPT-2's reversible byte <-> printable character table used by byte-level BPE.
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+_BYTE_DECODER = {c: b for b, c in _bytes_to_unicode().items()}
+
+
+def _is_byte_level(tokenizer: Any) -> bool:
+    decoder = json.loads(tokenizer.to_str()).get("decoder") or {}
+    kinds = [decoder.get("type")] + [d.get("type") for d in decoder.get("decoders", [])]
+    return "ByteLevel" in kinds and all(k in ("ByteLevel", "Sequence", None) for k in kinds)
+
+
+class StreamingDetokenizer:
+    """Turns tokens into text one at a time, never emitting a partial UTF-8 character."""
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
+        self.tokenizer = tokenizer
+        self.skip = tokenizer.special_ids if skip_special_tokens else set()
+        self.text = ""
+
+    def add_token(self, token_id: int) -> str:
+        """Feed one token; returns the text that became complete (may be empty)."""
+        raise NotImplementedError
+
+    def finalize(self) -> str:
+        """Flush what is held back (incomplete bytes become U+FFFD)."""
+        raise NotImplementedError
+
+
+class ByteLevelDetokenizer(StreamingDetokenizer):
+    """O(1) per token: token bytes go through an incremental UTF-8 decoder."""
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
+        super().__init__(tokenizer, skip_special_tokens)
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._bytes: Callable[[int], bytes] = tokenizer.token_bytes
+
+    def add_token(self, token_id: int) -> str:
+        if token_id in self.skip:
+            return ""
+        new = self._decoder.decode(self._bytes(token_id))
+        self.text += new
+        return new
+
+    def finalize(self) -> str:
+        new = self._decoder.decode(b"", final=True)
+        self.text += new
+        return new
+
+
+class WindowDetokenizer(StreamingDetokenizer):
+    """For non byte-level decoders: decodes a short window of tokens since the last clean
+    boundary (one earlier token kept as context for leading-space rules)."""
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
+        super().__init__(tokenizer, skip_special_tokens)
+        self._context: list[int] = []
+        self._window: list[int] = []
+
+    def _pending(self) -> str:
+        prefix = self.tokenizer.decode(self._context)
+        return self.tokenizer.decode(self._context + self._window)[len(prefix) :]
+
+    def add_token(self, token_id: int) -> str:
+        if token_id in self.skip:
+            return ""
+        self._window.append(token_id)
+        text = self._pending()
+        if text.endswith("\ufffd"):
+            return ""
+        self._context, self._window = self._window[-1:], []
+        self.text += text
+        return text
+
+    def finalize(self) -> str:
+        text = self._pending() if self._window else ""
+        self._window = []
+        self.text += text
+        return text
