@@ -192,7 +192,8 @@ def stream_generate(
         processors.append(vocab_limit_processor(tokenizer.vocab_size, model.args.vocab_size))
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     matcher = _StopMatcher(stops)
-    detokenizer = tokenizer.detokenizer()
+    # Special tokens other than EOS stay in the text (tool-call markers may be special tokens).
+    detokenizer = tokenizer.detokenizer(skip_special_tokens=False)
     eos = set(tokenizer.eos_token_ids)
 
     def chunk(text: str, token: int | None, finish: str | None, n: int) -> GenerationChunk:

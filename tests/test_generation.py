@@ -45,7 +45,7 @@ def test_italian_stream_equals_decode(smollm2):
     chunks = list(stream_generate(model, tokenizer, messages=messages, max_tokens=24, temperature=0.8, seed=3))
     tokens = [c.token for c in chunks]
     text = "".join(c.text for c in chunks)
-    assert text == tokenizer.decode(tokens, skip_special_tokens=True)
+    assert text == tokenizer.decode([t for t in tokens if t not in tokenizer.eos_token_ids])
     assert chunks[-1].finish_reason in ("stop", "length") and all(c.finish_reason is None for c in chunks[:-1])
     assert chunks[-1].generation_tokens == len(tokens) and chunks[-1].peak_memory >= 0
 
@@ -65,9 +65,10 @@ def tiny(tiny_folder):
     return load(tiny_folder)
 
 
-def script(tokenizer, text: str, then: int | None = None):
-    """A logits processor that forces the tokens of `text` (then `then`, e.g. EOS)."""
-    ids = tokenizer.encode(text, add_special_tokens=False) + ([then] if then is not None else [])
+def script(tokenizer, text: str = "", then: int | None = None, ids: list[int] | None = None):
+    """A logits processor that forces `ids`, or the tokens of `text` followed by `then` (e.g. EOS)."""
+    if ids is None:
+        ids = tokenizer.encode(text, add_special_tokens=False) + ([then] if then is not None else [])
     seen = {}
 
     def force(tokens: mx.array, logits: mx.array) -> mx.array:
@@ -187,3 +188,12 @@ def test_bad_sampling_values():
     for kwargs in ({"temperature": -1}, {"top_p": 0.0}, {"min_p": 1.0}, {"top_k": -2}):
         with pytest.raises(ValueError):
             make_sampler(**{"temperature": 1.0, **kwargs})
+
+
+def test_special_tokens_other_than_eos_stay_in_the_text(tiny):
+    model, tokenizer = tiny
+    marker = tokenizer.token_to_id("<|im_start|>")
+    eos = tokenizer.eos_token_ids[0]
+    force = script(tokenizer, ids=[marker, *tokenizer.encode("x", add_special_tokens=False), eos])
+    result = generate(model, tokenizer, "hi", max_tokens=10, logits_processors=[force])
+    assert result.text == "<|im_start|>x" and result.finish_reason == "stop"
