@@ -14,9 +14,8 @@ def test_ruff_check():
     ruff = shutil.which("ruff")
     if ruff is None:
         pytest.skip("ruff is not installed")
-    result = subprocess.run(
-        [ruff, "check", "nesso_mlx", "tests", "benchmarks", "convert", "examples"], cwd=ROOT, capture_output=True, text=True
-    )
+    folders = [d for d in ("nesso_mlx", "tests", "benchmarks", "convert", "examples") if (ROOT / d).is_dir()]
+    result = subprocess.run([ruff, "check", *folders], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
