@@ -22,5 +22,16 @@ def chat() -> None:
     raise typer.Exit(2)
 
 
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+    add_help_option=False,
+)
+def convert(ctx: typer.Context) -> None:
+    """Convert a Hugging Face checkpoint into MLX weights (see `nesso-mlx convert --help`)."""
+    from .convert.__main__ import main as convert_main
+
+    raise typer.Exit(convert_main(ctx.args, prog="nesso-mlx convert"))
+
+
 def main() -> None:
     app()
