@@ -22,7 +22,7 @@ from mlx.utils import tree_flatten
 from ..config import load_config, read_json
 from ..errors import NessoError
 from ..hub import resolve_model_path
-from ..quality import QualityReport, evaluate_quality, reference_logprobs
+from ..quality import QualityReport, Reference, evaluate_quality, reference_logprobs
 from ..quantize import RECIPES, bits_per_weight, dequantize_model, layer_plan, quantize_model
 from ..tokenizer import Tokenizer
 from ..weights import load_model, read_header, weight_files
@@ -137,13 +137,15 @@ def convert(
     max_shard_gb: float = 5.0,
     revision: str | None = None,
     progress: Progress | None = None,
+    reference: Reference | None = None,
 ) -> ConversionResult:
     """Convert `hf_path` (folder or repo id) into an MLX folder at `mlx_path`.
 
     `dtype` casts float weights (default: keep the source's). With `quantize`, linear and
     embedding layers get `q_bits` bits in groups of `q_group_size` (or a mixed `q_recipe`), and
     unless `evaluate` is False the quantized weights are compared with the source on the
-    built-in Italian/English sample. `dequantize` turns a quantized MLX folder back into floats.
+    built-in Italian/English sample (pass `reference` to reuse the source's log-probabilities
+    across conversions). `dequantize` turns a quantized MLX folder back into floats.
     """
     t0 = time.perf_counter()
     if quantize and dequantize:
@@ -210,7 +212,7 @@ def convert(
         del model
         quality = None
         if evaluate and (quantization is not None or target != source_dtype):
-            quality = measure_quality(src, tmp, eval_tokens, progress)
+            quality = measure_quality(src, tmp, eval_tokens, progress, reference)
         result = ConversionResult(
             dest,
             str(hf_path),
@@ -238,19 +240,26 @@ def _cast_floats(params: dict, dtype: mx.Dtype) -> dict:
     return tree_map(lambda v: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v, params)
 
 
+def source_reference(source: Path, eval_tokens: int = 256) -> Reference:
+    """The source model's log-probabilities on the built-in sample (float32 weights)."""
+    source_model = load_model(source, load_config(source), mx.float32)
+    if source_model.args.quantization is not None:
+        dequantize_model(source_model, mx.float32)
+    return reference_logprobs(source_model, Tokenizer.from_folder(source), eval_tokens)
+
+
 def measure_quality(
-    source: Path, converted: Path, eval_tokens: int = 256, progress: Progress | None = None, reference=None
+    source: Path,
+    converted: Path,
+    eval_tokens: int = 256,
+    progress: Progress | None = None,
+    reference: Reference | None = None,
 ) -> QualityReport:
     """Compare a converted folder with its source on the built-in sample, in float32."""
-    tokenizer = Tokenizer.from_folder(source)
     if reference is None:
         if progress:
             progress("reference", 0, 1)
-        source_model = load_model(source, load_config(source), mx.float32)
-        if source_model.args.quantization is not None:
-            dequantize_model(source_model, mx.float32)
-        reference = reference_logprobs(source_model, tokenizer, eval_tokens)
-        del source_model
+        reference = source_reference(source, eval_tokens)
         if progress:
             progress("reference", 1, 1)
     candidate = load_model(converted, load_config(converted))
@@ -259,4 +268,4 @@ def measure_quality(
     return evaluate_quality(reference, candidate, (lambda d, t: progress("evaluate", d, t)) if progress else None)
 
 
-__all__ = ["convert", "ConversionResult", "ConvertError", "measure_quality", "RECIPES"]
+__all__ = ["convert", "ConversionResult", "ConvertError", "measure_quality", "source_reference", "RECIPES"]
