@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import HubError
-from .registry import resolve_alias
+from .registry import conversions_dir, resolve_alias
 
 # Only what nesso-mlx reads: no pickle weights, no remote code.
 MODEL_FILE_PATTERNS = [
@@ -29,7 +29,8 @@ def is_offline() -> bool:
 def resolve_model_path(path_or_repo: str | Path, revision: str | None = None, tqdm_class: Any = None) -> Path:
     """Return a local folder for `path_or_repo`, downloading from the Hub when needed.
 
-    `path_or_repo` is a folder, a repo id, or an alias of a known model (`nesso-instruct`).
+    `path_or_repo` is a folder, a repo id, an alias of a known model (`nesso-instruct`), or the
+    name of a local conversion in `~/.nesso-mlx/models`.
     A repo id already in the HF cache is used as is when offline (`HF_HUB_OFFLINE=1`).
     """
     path = Path(path_or_repo).expanduser()
@@ -37,6 +38,9 @@ def resolve_model_path(path_or_repo: str | Path, revision: str | None = None, tq
         if not path.is_dir():
             raise HubError(f"{path}: is a file; pass the model's folder")
         return path
+    local = conversions_dir() / str(path_or_repo)
+    if str(path_or_repo) and "/" not in str(path_or_repo) and (local / "config.json").exists():
+        return local  # a conversion made with `nesso-mlx convert`
     name = resolve_alias(str(path_or_repo))
     if not _REPO_ID.match(name) or name.startswith((".", "/", "~")):
         raise HubError(f"{name}: no such folder, and not a Hugging Face repo id (owner/name)")

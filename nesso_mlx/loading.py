@@ -21,13 +21,15 @@ def load(
     *,
     dtype: str | mx.Dtype | None = None,
     revision: str | None = None,
+    quantize: int | None = None,
     tqdm_class: Any = None,
 ) -> tuple[Model, Tokenizer]:
     """Load a Llama model and its tokenizer from a local folder or a Hugging Face repo id.
 
     Weights keep their stored precision unless `dtype` ("bfloat16", "float16", "float32") is
     given; quantized MLX checkpoints (as written by mlx-lm or nesso-mlx) load as they are, except
-    that on the CPU their scales and activations default to float32.
+    that on the CPU their scales and activations default to float32. `quantize` (4 or 8)
+    quantizes float weights on load, in groups of 64.
     """
     if isinstance(dtype, str):
         if dtype not in _DTYPES:
@@ -35,11 +37,17 @@ def load(
         dtype = _DTYPES[dtype]
     path = resolve_model_path(path_or_repo, revision=revision, tqdm_class=tqdm_class)
     args = load_config(path)
-    if dtype is None and args.quantization is not None and mx.default_device() == mx.cpu:
+    if quantize is not None and args.quantization is not None:
+        quantize = None  # already quantized: use it as it is
+    if dtype is None and (args.quantization or quantize) and mx.default_device() == mx.cpu:
         # MLX's CPU backend runs quantized matmuls with bf16 activations about 10x slower and
         # with ~3% error (an 8-bit SmolLM2 stops answering "Paris"); float32 is fast and exact.
         dtype = mx.float32
     model = load_model(path, args, dtype)
+    if quantize is not None:
+        from .quantize import quantize_model
+
+        args.quantization = quantize_model(model, bits=quantize, group_size=64)
     tokenizer = Tokenizer.from_folder(path, eos_token_ids=args.eos_token_id)
     model.path = path  # where it came from, for the CLI and converters
     return model, tokenizer

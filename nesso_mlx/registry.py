@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -27,3 +30,52 @@ def resolve_alias(name: str) -> str:
     """A short alias such as `nesso-agentic` becomes its repo id; anything else is returned as is."""
     known = _BY_ALIAS.get(name)
     return known.repo_id if known else name
+
+
+def home() -> Path:
+    """nesso-mlx's own folder: chat history and local conversions (`$NESSO_MLX_HOME`)."""
+    return Path(os.environ.get("NESSO_MLX_HOME", Path.home() / ".nesso-mlx")).expanduser()
+
+
+def conversions_dir() -> Path:
+    return home() / "models"
+
+
+def is_downloaded(repo_id: str) -> bool:
+    """Whether the Hugging Face cache holds this repo's config.json (no network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+
+
+@dataclass(frozen=True)
+class LocalConversion:
+    name: str
+    path: Path
+    base_model: str
+    precision: str
+    size_bytes: int
+
+
+def local_conversions() -> list[LocalConversion]:
+    """MLX folders under `conversions_dir()` (where `nesso-mlx convert` writes by default)."""
+    found = []
+    for folder in sorted(conversions_dir().glob("*")):
+        config_file = folder / "config.json"
+        if not folder.is_dir() or folder.name.startswith(".") or not config_file.exists():
+            continue
+        try:
+            config = json.loads(config_file.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        q = config.get("quantization")
+        precision = f"{q['bits']}-bit" if isinstance(q, dict) and "bits" in q else str(config.get("torch_dtype", "?"))
+        card = folder / "README.md"
+        base = ""
+        if card.exists():
+            base = next(
+                (line.split(":", 1)[1].strip() for line in card.read_text().splitlines() if line.startswith("base_model:")), ""
+            )
+        size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+        found.append(LocalConversion(folder.name, folder, base, precision, size))
+    return found

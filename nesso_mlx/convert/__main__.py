@@ -12,7 +12,7 @@ from ..quantize import RECIPES
 def build_parser(prog: str = "python -m nesso_mlx.convert") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Convert a Hugging Face checkpoint into MLX weights.")
     p.add_argument("--hf-path", "--model", required=True, help="local folder, repo id or alias (nesso-agentic)")
-    p.add_argument("--mlx-path", required=True, help="output folder")
+    p.add_argument("--mlx-path", help="output folder (default: ~/.nesso-mlx/models/NAME-PRECISION)")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="float precision (default: as stored)")
     p.add_argument("-q", "--quantize", action="store_true", help="quantize linear and embedding layers")
     p.add_argument("--q-bits", type=int, default=4, choices=[2, 3, 4, 5, 6, 8])
@@ -33,6 +33,12 @@ def _raise_interrupt(signum, frame):  # SIGTERM cleans up like Ctrl-C
 
 def main(argv: list[str] | None = None, prog: str = "python -m nesso_mlx.convert") -> int:
     args = build_parser(prog).parse_args(argv)
+    if args.mlx_path is None:
+        from ..registry import conversions_dir, resolve_alias
+
+        precision = args.q_recipe or (f"{args.q_bits}bit" if args.quantize else args.dtype or "mlx")
+        args.mlx_path = str(conversions_dir() / f"{resolve_alias(args.hf_path).rstrip('/').split('/')[-1]}-{precision}")
+        conversions_dir().mkdir(parents=True, exist_ok=True)
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table

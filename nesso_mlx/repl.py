@@ -1,0 +1,190 @@
+"""The interactive chat: line editing and history, slash commands, streamed Markdown replies."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from rich.console import Console
+from rich.live import Live
+from rich.markdown import Markdown
+from rich.table import Table
+
+from .chat import ChatSession
+from .errors import NessoError
+from .generation import GenerationChunk
+
+HELP = """\
+Type a message and press Enter. Multi-line: start and end with \"\"\", or end lines with \\.
+  /system TEXT     set the system prompt (no text: show it)
+  /set NAME VALUE  temperature, top_p, top_k, min_p, repetition_penalty, max_tokens, seed
+  /show            model, precision, settings and context use
+  /stats           statistics of the last reply
+  /retry           regenerate the last reply
+  /undo            remove the last exchange
+  /reset           start a new conversation (keeps the system prompt)
+  /save FILE       save the conversation as JSON
+  /load FILE       load a saved conversation
+  /help            this help
+  /exit            quit (also Ctrl-D; Ctrl-C stops a reply)"""
+
+
+class ChatREPL:
+    def __init__(
+        self, session: ChatSession, model_name: str, precision: str, history_file: Path | None, console: Console | None = None
+    ) -> None:
+        self.session = session
+        self.model_name = model_name
+        self.precision = precision
+        self.console = console or Console(highlight=False)
+        self.read_line = self._make_reader(history_file)
+
+    def _make_reader(self, history_file: Path | None) -> Callable[[str], str]:
+        if not sys.stdin.isatty():
+
+            def read_plain(prompt: str) -> str:
+                line = sys.stdin.readline()
+                if not line:
+                    raise EOFError
+                return line.rstrip("\n")
+
+            return read_plain
+        from prompt_toolkit import PromptSession
+        from prompt_toolkit.history import FileHistory, InMemoryHistory
+
+        history = InMemoryHistory()
+        if history_file is not None:
+            history_file.parent.mkdir(parents=True, exist_ok=True)
+            history = FileHistory(str(history_file))
+        prompt_session = PromptSession(history=history)  # bracketed paste keeps pasted newlines
+        return lambda prompt: prompt_session.prompt(prompt)
+
+    def read_message(self) -> str:
+        """One message: a line, a \"\"\"-delimited block, or lines continued with a backslash."""
+        prompt = f"{self.model_name} › "
+        line = self.read_line(prompt)
+        if line.lstrip().startswith('"""'):
+            lines = [line.lstrip()[3:]]
+            while not lines[-1].rstrip().endswith('"""') or (len(lines) == 1 and lines[0].strip() == ""):
+                lines.append(self.read_line("... "))
+            lines[-1] = lines[-1].rstrip()[:-3]
+            return "\n".join(lines).strip("\n")
+        parts = [line]
+        while parts[-1].endswith("\\"):
+            parts[-1] = parts[-1][:-1]
+            parts.append(self.read_line("... "))
+        return "\n".join(parts)
+
+    def run(self) -> int:
+        self.console.print(
+            f"[bold]nesso-mlx[/bold] chat with [cyan]{self.model_name}[/cyan] ({self.precision}). Type /help for commands."
+        )
+        while True:
+            try:
+                text = self.read_message()
+            except (EOFError, KeyboardInterrupt):
+                self.console.print("bye")
+                return 0
+            if not text.strip():
+                continue
+            if text.startswith("/"):
+                if not self.command(text):
+                    self.console.print("bye")
+                    return 0
+                continue
+            self.reply(self.session.send(text))
+
+    # --- replies ----------------------------------------------------------------------------
+
+    def reply(self, chunks: Iterator[GenerationChunk]) -> None:
+        text = ""
+        try:
+            with Live(Markdown(""), console=self.console, refresh_per_second=12, vertical_overflow="visible") as live:
+                for chunk in chunks:
+                    text += chunk.text
+                    live.update(Markdown(text))
+        except KeyboardInterrupt:
+            chunks.close()
+            self.console.print("[yellow]⏹ interrupted[/yellow] (the partial reply is kept)")
+        except NessoError as e:
+            chunks.close()
+            self.console.print(f"[red]error:[/red] {e}", markup=True)
+        for notice in self.session.notices:
+            self.console.print(f"[yellow]note:[/yellow] {notice}")
+        self.session.notices.clear()
+        s = self.session.last
+        self.console.print(
+            f"[dim]{s.generated_tokens} tokens · {s.generation_tps:.1f} tok/s · first token "
+            f"{s.time_to_first_token:.2f} s · context {self.session.context_used()}/{self.session.max_context}[/dim]"
+        )
+
+    # --- slash commands ---------------------------------------------------------------------
+
+    def command(self, line: str) -> bool:
+        """Run a slash command; returns False to exit."""
+        name, _, rest = line.partition(" ")
+        rest = rest.strip()
+        session = self.session
+        if name in ("/exit", "/quit", "/bye"):
+            return False
+        if name == "/help":
+            self.console.print(HELP, markup=False)
+        elif name == "/system":
+            if rest:
+                session.system = rest
+                self.console.print("system prompt set")
+            else:
+                self.console.print(f"system prompt: {session.system!r}", markup=False)
+        elif name == "/set":
+            try:
+                param, value = shlex.split(rest)
+                session.settings.set(param, value)
+                self.console.print(f"{param} = {getattr(session.settings, param)}", markup=False)
+            except ValueError as e:
+                message = str(e) if rest.count(" ") == 1 else "usage: /set NAME VALUE (e.g. /set temperature 0.2)"
+                self.console.print(f"[red]{message}[/red]")
+        elif name == "/show":
+            table = Table(show_header=False)
+            table.add_row("model", self.model_name)
+            table.add_row("precision", self.precision)
+            table.add_row("system prompt", repr(session.system))
+            for key, value in vars(session.settings).items():
+                table.add_row(key, str(value))
+            table.add_row("context", f"{session.context_used()}/{session.max_context} tokens")
+            table.add_row("messages", str(len(session.messages)))
+            self.console.print(table)
+        elif name == "/stats":
+            s = session.last
+            self.console.print(
+                f"prompt {s.prompt_tokens} tokens: {s.prefilled_tokens} prefilled, "
+                f"{s.prompt_tokens - s.prefilled_tokens} reused from the cache; {s.generated_tokens} generated "
+                f"at {s.generation_tps:.1f} tok/s; prefill {s.prompt_tps:.1f} tok/s; finish: {s.finish_reason}",
+                markup=False,
+            )
+        elif name == "/retry":
+            try:
+                self.reply(session.retry())
+            except NessoError as e:
+                self.console.print(f"[red]{e}[/red]")
+        elif name == "/undo":
+            self.console.print("removed the last exchange" if session.undo() else "nothing to undo")
+        elif name == "/reset":
+            session.reset()
+            self.console.print("new conversation")
+        elif name in ("/save", "/load"):
+            if not rest:
+                self.console.print(f"[red]usage: {name} FILE[/red]")
+            else:
+                try:
+                    if name == "/save":
+                        self.console.print(f"saved to {session.save(rest)}", markup=False)
+                    else:
+                        session.load(rest)
+                        self.console.print(f"loaded {len(session.messages)} messages from {rest}", markup=False)
+                except NessoError as e:
+                    self.console.print(f"error: {e}", markup=False, style="red")
+        else:
+            self.console.print(f"unknown command {name} — type /help for the list", markup=False, style="red")
+        return True

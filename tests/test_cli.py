@@ -1,0 +1,209 @@
+"""The terminal app, driven for real: the chat REPL in a pseudo-terminal, generate, models, pull."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+
+import pexpect
+import pytest
+from conftest import write_model_folder
+from test_loading import hf_cache_with
+
+NEW_PROMPT = "\x1b[?2004h"  # prompt_toolkit enables bracketed paste when it draws a fresh prompt
+FOOTER = r"context \d+/\d+"
+
+
+@pytest.fixture
+def env(tmp_path):
+    return {
+        **os.environ,
+        "NESSO_MLX_HOME": str(tmp_path / "home"),
+        "NO_COLOR": "1",
+        "HF_HUB_OFFLINE": "1",
+        "HF_HUB_CACHE": str(tmp_path / "hf-cache"),
+    }
+
+
+def spawn_chat(model, env, *args: str) -> pexpect.spawn:
+    child = pexpect.spawn(
+        "nesso-mlx", ["chat", "--model", str(model), *args], env=env, encoding="utf-8", timeout=90, dimensions=(50, 200)
+    )
+    child.expect("Type /help")
+    wait_prompt(child)
+    return child
+
+
+def wait_prompt(child: pexpect.spawn) -> str:
+    """Wait for a fresh input prompt; returns what was printed before it."""
+    child.expect_exact(NEW_PROMPT)
+    before = child.before
+    child.expect_exact("›")
+    return before
+
+
+def turn(child: pexpect.spawn, text: str) -> str:
+    """Send a message; return the screen text of the reply (up to its footer)."""
+    child.sendline(text)
+    child.expect(FOOTER)
+    reply = child.before
+    wait_prompt(child)
+    return reply
+
+
+def command(child: pexpect.spawn, text: str) -> str:
+    child.sendline(text)
+    return wait_prompt(child)
+
+
+def test_chat_repl_session(smollm2_path, env, tmp_path):
+    child = spawn_chat(smollm2_path, env, "--max-tokens", "12")
+    assert "Rome" not in command(child, "/set temperature 0")
+    first = turn(child, "What is the capital of France?")
+    assert "Paris" in first
+    second = turn(child, "And of Italy?")
+    assert "Rome" in second  # turn 2 refers to turn 1
+    stats = command(child, "/stats")
+    match = re.search(r"prompt (\d+) tokens: (\d+) prefilled, (\d+) reused", stats)
+    assert match and int(match[3]) > int(match[2]) > 0  # only turn 2's new tokens were prefilled
+    assert "Rome" in turn(child, "/retry")  # temperature 0: the same answer again
+    saved = tmp_path / "conversation.json"
+    assert "saved to" in command(child, f"/save {saved}")
+    assert json.loads(saved.read_text())["messages"][-1]["content"].count("Rome") >= 1
+    assert "new conversation" in command(child, "/reset")
+    assert "loaded 4 messages" in command(child, f"/load {saved}")
+    show = command(child, "/show")
+    assert "smollm2" in show and "bfloat16" in show and "temperature" in show and "0.0" in show
+    assert "unknown command /frobnicate" in command(child, "/frobnicate")
+    assert "usage: /set" in command(child, "/set temperature")
+    assert "between" in command(child, "/set top_p 7")
+    child.sendline("/exit")
+    child.expect("bye")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_ctrl_c_stops_a_reply_and_the_chat_goes_on(smollm2_path, env):
+    child = spawn_chat(smollm2_path, env, "--max-tokens", "300", "--temperature", "0")
+    child.sendline("Write a very long story about a dragon who loves pasta.")
+    child.expect(r"\x1b\[2K\w")  # the reply has started to stream
+    time.sleep(1.0)
+    child.sendintr()
+    child.expect("interrupted")
+    child.expect(FOOTER)
+    wait_prompt(child)
+    stats = command(child, "/stats")
+    assert "finish: interrupted" in stats
+    assert "max_tokens = 12" in command(child, "/set max_tokens 12")
+    assert "Paris" in turn(child, "Forget the story. What is the capital of France?")
+    child.sendcontrol("d")  # Ctrl-D at the prompt exits
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_context_overflow_drops_old_turns(smollm2_path, env):
+    child = spawn_chat(smollm2_path, env, "--max-tokens", "16", "--temperature", "0", "--max-context", "140")
+    replies = [turn(child, f"Say one short sentence about the number {n}.") for n in range(4)]
+    assert any("dropped" in r for r in replies)
+    child.sendintr()  # Ctrl-C at the prompt exits cleanly
+    child.expect("bye")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+# --- generate ----------------------------------------------------------------------------------
+
+
+def run(args: list[str], env, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(["nesso-mlx", *args], input=stdin, capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_generate_from_stdin_as_json(smollm2_path, env):
+    result = run(
+        ["generate", "--model", str(smollm2_path), "--prompt", "-", "--json", "--max-tokens", "12"],
+        env,
+        stdin="What is the capital of France?\n",
+    )
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert "Paris" in data["text"] and data["finish_reason"] == "stop"
+    assert data["generation_tokens"] == len(data["tokens"]) and data["prompt_tps"] > 0
+
+
+def test_generate_streams_raw_text(tiny_folder, env):
+    result = run(
+        [
+            "generate",
+            "--model",
+            str(tiny_folder),
+            "--prompt",
+            "the",
+            "--raw",
+            "--max-tokens",
+            "5",
+            "--temp",
+            "0.3",
+            "--seed",
+            "1",
+        ],
+        env,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "finish: length" in result.stderr and "5 tokens" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args, code, needle",
+    [
+        (["--model", "/no/such/model", "--prompt", "hi"], 1, "no such folder"),
+        (["--model", "mii-llm/nesso-0.4B-instruct", "--prompt", "hi"], 1, "nesso-mlx pull"),
+        (["--prompt", ""], 2, "the prompt is empty"),
+    ],
+)
+def test_generate_errors_are_one_line(env, args, code, needle):
+    result = run(["generate", *args], env)
+    assert result.returncode == code
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], result.stderr
+
+
+# --- models, pull, convert --------------------------------------------------------------------
+
+
+def test_models_lists_variants_downloads_and_conversions(tmp_path, env):
+    cache = tmp_path / "hf-cache"
+    hf_cache_with(cache, "mii-llm/nesso-0.4B-agentic", write_model_folder(tmp_path / "src"))
+    converted = run(["convert", "--hf-path", str(tmp_path / "src"), "-q", "--q-bits", "8", "--no-eval"], env)
+    assert converted.returncode == 0, converted.stderr
+    listing = run(["models"], env)
+    assert listing.returncode == 0, listing.stderr
+    rows = {line.split("│")[1].strip(): line for line in listing.stdout.splitlines() if line.count("│") > 3}
+    assert "yes" in rows["nesso-agentic"] and "no" in rows["nesso-instruct"]
+    assert "src-8bit" in listing.stdout and "8-bit" in listing.stdout
+    # A local conversion's name works anywhere a model is accepted.
+    result = run(["generate", "--model", "src-8bit", "--prompt", "hi", "--raw", "--max-tokens", "2"], env)
+    assert result.returncode == 0, result.stderr
+
+
+def test_pull_offline(tmp_path, env):
+    hf_cache_with(tmp_path / "hf-cache", "mii-llm/zagreus-0.4B-ita", write_model_folder(tmp_path / "src"))
+    ok = run(["pull", "zagreus"], env)
+    assert ok.returncode == 0 and "ready at" in ok.stdout, ok.stderr
+    missing = run(["pull", "open-zagreus"], env)
+    assert missing.returncode == 1 and "HF_HUB_OFFLINE" in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1
+
+
+def test_help_lists_every_command(env):
+    result = run(["--help"], env)
+    assert result.returncode == 0
+    for name in ("chat", "generate", "models", "pull", "convert"):
+        assert name in result.stdout
+    assert shutil.which("nesso-mlx")
