@@ -40,10 +40,14 @@ def quantized_copy(path: Path, bits: int, group_size: int, recipe: str | None):
     if recipe == "mlx-lm":
         from mlx_lm.convert import mixed_quant_predicate_builder
 
-        predicate = mixed_quant_predicate_builder("mixed_4_6", model, group_size)
+        mlx_lm_predicate = mixed_quant_predicate_builder("mixed_4_6", model, group_size)
         for name, module in model.named_modules():  # same divisibility rule as ours, for a fair table
             if hasattr(module, "to_quantized") and module.weight.shape[-1] % group_size:
                 raise QuantizationError(f"group size {group_size} does not divide {name}'s input size")
+
+        def predicate(path, module):  # mlx-lm's convert applies its recipe to quantizable layers only
+            return hasattr(module, "to_quantized") and mlx_lm_predicate(path, module)
+
         nn.quantize(model, group_size, bits, class_predicate=predicate)
     else:
         quantize_model(model, bits, group_size, recipe)
@@ -55,6 +59,7 @@ def main() -> None:
     parser.add_argument("--model", help="model folder (default: the SmolLM2 test fixture)")
     parser.add_argument("--group-sizes", type=int, nargs="+", default=[32, 64, 128])
     parser.add_argument("--eval-tokens", type=int, default=256)
+    parser.add_argument("--recipes", nargs="+", choices=[v[0] for v in VARIANTS], help="only these recipes")
     parser.add_argument("--json", help="write the rows to this file too")
     args = parser.parse_args()
     if args.model is None:
@@ -71,6 +76,8 @@ def main() -> None:
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for group_size in args.group_sizes:
         for name, bits, recipe in VARIANTS:
+            if args.recipes and name not in args.recipes:
+                continue
             t0 = time.perf_counter()
             try:
                 model = quantized_copy(path, bits, group_size, recipe)
