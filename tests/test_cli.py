@@ -207,3 +207,30 @@ def test_help_lists_every_command(env):
     for name in ("chat", "generate", "models", "pull", "convert"):
         assert name in result.stdout
     assert shutil.which("nesso-mlx")
+
+
+def test_repl_input_multiline_paste_unicode_and_history(tiny_folder, env, tmp_path):
+    child = spawn_chat(tiny_folder, env, "--max-tokens", "2")
+    assert "/retry" in command(child, "/help")
+    child.sendline('"""')
+    child.sendline("prima riga")
+    child.sendline('seconda riga"""')
+    child.expect(FOOTER)
+    wait_prompt(child)
+    child.sendline("continua \\")
+    child.sendline("qui")
+    child.expect(FOOTER)
+    wait_prompt(child)
+    child.send("\x1b[200~incollato: uno\ndue\x1b[201~")  # a bracketed paste with a newline inside
+    child.sendline("")
+    child.expect(FOOTER)
+    wait_prompt(child)
+    turn(child, "Perché no? Città, caffè 😀")
+    saved = tmp_path / "c.json"
+    command(child, f"/save {saved}")
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    users = [m["content"] for m in json.loads(saved.read_text())["messages"] if m["role"] == "user"]
+    assert users == ["prima riga\nseconda riga", "continua \nqui", "incollato: uno\ndue", "Perché no? Città, caffè 😀"]
+    history = (tmp_path / "home" / "history").read_text()
+    assert "Perché no? Città, caffè 😀" in history  # kept for the next run
