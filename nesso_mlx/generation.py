@@ -20,6 +20,7 @@ from .sampling import (
     vocab_limit_processor,
 )
 from .tokenizer import Tokenizer
+from .tools import ToolCall, ToolSpec, parse_tool_calls, tool_schemas
 
 # A dedicated stream lets the next decode step be queued while Python handles the current one.
 generation_stream = mx.new_stream(mx.default_device())
@@ -37,11 +38,16 @@ class GenerationChunk:
     prompt_tps: float = 0.0
     generation_tps: float = 0.0
     peak_memory: float = 0.0  # GB
+    tool_calls: list[ToolCall] | None = None  # on the last chunk, when tools were given
 
 
 @dataclass
 class GenerationResult:
-    """What `generate` returns: the full text, its tokens and the run's statistics."""
+    """What `generate` returns: the text, any tool calls, the tokens and the run's statistics.
+
+    With tools, `text` is the reply without its `<tool_call>` blocks (`raw_text` keeps them),
+    `tool_calls` lists the calls in order, and `finish_reason` is "tool_calls" when there are any.
+    """
 
     text: str
     tokens: list[int] = field(default_factory=list)
@@ -52,6 +58,16 @@ class GenerationResult:
     generation_tps: float = 0.0
     peak_memory: float = 0.0
     time_to_first_token: float = 0.0
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    raw_text: str = ""
+
+    @property
+    def message(self) -> dict[str, Any]:
+        """The reply as an assistant message, ready to append to `messages`."""
+        message: dict[str, Any] = {"role": "assistant", "content": self.text}
+        if self.tool_calls:
+            message["tool_calls"] = [c.to_message() for c in self.tool_calls if c.ok]
+        return message
 
 
 def prefill(model: Model, tokens: mx.array, cache: list[KVCache], chunk_size: int = 512) -> mx.array:
@@ -153,7 +169,10 @@ def stream_generate(
     prompt: str | Sequence[int] | None = None,
     *,
     messages: list[dict[str, Any]] | None = None,
-    tools: list[dict[str, Any]] | None = None,
+    tools: Sequence[ToolSpec] | None = None,
+    tool_choice: str | dict[str, Any] | None = "auto",
+    response_format: dict[str, Any] | None = None,
+    constrain: bool = True,
     max_tokens: int = 256,
     temperature: float = 0.0,
     top_p: float = 1.0,
@@ -172,7 +191,14 @@ def stream_generate(
     Yields a `GenerationChunk` per token; the last has `finish_reason` "stop" (EOS or a stop
     string, which is not included in the text) or "length". Pass `cache` to continue from the
     tokens it already holds; on return it holds the prompt and all generated tokens but the last.
+
+    `tools` (schemas or Python functions) go into the chat template; calls are parsed at the end.
+    With `constrain`, every call's JSON is forced to name a tool and match its parameters
+    (`tool_choice`: "auto", "required", "none" or a tool name). `response_format`
+    ({"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": ...}}) makes
+    the whole reply valid JSON.
     """
+    tools = tool_schemas(tools)
     ids = prompt_tokens(tokenizer, prompt, messages, tools)
     if not ids:
         raise ValueError("the prompt is empty")
@@ -190,24 +216,31 @@ def stream_generate(
     processors = make_logits_processors(repetition_penalty, repetition_context_size, logits_processors)
     if model.args.vocab_size > tokenizer.vocab_size:
         processors.append(vocab_limit_processor(tokenizer.vocab_size, model.args.vocab_size))
+    if tools or response_format is not None:
+        from .constrained import build_processor
+
+        grammar = build_processor(tokenizer, model.args.vocab_size, tools, tool_choice, response_format, constrain)
+        if grammar is not None:
+            processors.append(grammar)
     stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if tools and tool_choice == "none":
+        stops.append("<tool_call>")
     matcher = _StopMatcher(stops)
     # Special tokens other than EOS stay in the text (tool-call markers may be special tokens).
     detokenizer = tokenizer.detokenizer(skip_special_tokens=False)
     eos = set(tokenizer.eos_token_ids)
 
+    emitted: list[str] = []
+
     def chunk(text: str, token: int | None, finish: str | None, n: int) -> GenerationChunk:
         now = time.perf_counter()
-        return GenerationChunk(
-            text,
-            token,
-            finish,
-            len(ids),
-            n,
-            len(ids) / prompt_time,
-            (n / (now - t_first)) if n > 1 and now > t_first else 0.0,
-            mx.get_peak_memory() / 1e9,
-        )
+        emitted.append(text)
+        calls = None
+        if finish and tools:
+            calls = parse_tool_calls("".join(emitted))[1]
+            finish = "tool_calls" if calls and finish == "stop" else finish
+        tps = (n / (now - t_first)) if n > 1 and now > t_first else 0.0
+        return GenerationChunk(text, token, finish, len(ids), n, len(ids) / prompt_time, tps, mx.get_peak_memory() / 1e9, calls)
 
     t0 = time.perf_counter()
     prompt = mx.array(ids, dtype=mx.int32)
@@ -259,8 +292,10 @@ def generate(
         text.append(last.text)
         if last.token is not None:
             tokens.append(last.token)
+    raw = "".join(text)
+    content, calls = parse_tool_calls(raw) if last.tool_calls is not None else (raw, [])
     return GenerationResult(
-        "".join(text),
+        content,
         tokens,
         last.finish_reason,
         last.prompt_tokens,
@@ -269,4 +304,6 @@ def generate(
         last.generation_tps,
         last.peak_memory,
         ttft,
+        calls,
+        raw,
     )

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import TokenizerError
+from .tools import tool_schemas
 
 # Plain ChatML with Hermes-style tools, for models that ship no template (Zagreus base).
 CHATML_TEMPLATE = """\
@@ -140,18 +141,6 @@ class _UserTextMarker:
         return [(text, is_user) for text, is_user in segments if text]
 
 
-def normalize_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
-    """Accept OpenAI-style `{"type": "function", "function": {...}}` or bare function schemas."""
-    if not tools:
-        return None
-    out = []
-    for tool in tools:
-        if not isinstance(tool, dict):
-            raise TokenizerError(f"a tool must be a JSON-schema dict, got {type(tool).__name__}")
-        out.append(tool if "function" in tool else {"type": "function", "function": tool})
-    return out
-
-
 class Tokenizer:
     """Encode, decode and apply the chat template of a model folder's tokenizer."""
 
@@ -246,7 +235,7 @@ class Tokenizer:
             self._template = _compile_template(self.chat_template)
         if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
             raise TokenizerError("messages must be a list of {'role': ..., 'content': ...} dicts")
-        tools = normalize_tools(tools)
+        tools = tool_schemas(tools)
         if marker is not None:
             messages = [marker.message(m) for m in messages]
             tools = marker.wrap_strings(tools) if tools else None
