@@ -14,6 +14,7 @@ from .errors import NessoError
 from .generation import GenerationChunk, stream_generate
 from .model import Model
 from .tokenizer import Tokenizer
+from .tools import ToolSpec, tool_schemas
 
 
 @dataclass
@@ -81,13 +82,13 @@ class ChatSession:
         system: str | None = None,
         settings: SamplingSettings | None = None,
         max_context: int | None = None,
-        tools: list[dict[str, Any]] | None = None,
+        tools: list[ToolSpec] | None = None,
     ) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.system = system
         self.settings = settings or SamplingSettings()
         self.max_context = min(max_context or model.args.max_position_embeddings, model.args.max_position_embeddings)
-        self.tools = tools
+        self.tools = tool_schemas(tools)
         self.messages: list[dict[str, Any]] = []
         self.cache = model.make_cache()
         self.cached_tokens: list[int] = []  # the tokens whose keys/values are in the cache
@@ -140,25 +141,11 @@ class ChatSession:
     def _reply(self) -> Iterator[GenerationChunk]:
         ids = self._prompt()
         new = self._reuse_cache(ids)
-        s = self.settings
         self.last = TurnStats(prompt_tokens=len(ids), prefilled_tokens=len(new))
         pieces: list[str] = []
         tokens: list[int] = []
         try:
-            stream = stream_generate(
-                self.model,
-                self.tokenizer,
-                new,
-                cache=self.cache,
-                max_tokens=s.max_tokens,
-                temperature=s.temperature,
-                top_p=s.top_p,
-                top_k=s.top_k,
-                min_p=s.min_p,
-                repetition_penalty=s.repetition_penalty,
-                seed=s.seed,
-            )
-            for chunk in stream:
+            for chunk in self._stream(new):
                 if not tokens and chunk.token is not None:
                     self.last.prompt_tps = chunk.prompt_tps
                     self.last.time_to_first_token = len(new) / chunk.prompt_tps if chunk.prompt_tps else 0.0
@@ -178,6 +165,32 @@ class ChatSession:
             if self.last.finish_reason is None:
                 self.last.finish_reason = "interrupted"
             self.messages.append({"role": "assistant", "content": "".join(pieces)})
+
+    def _stream(self, new_tokens: list[int]) -> Iterator[GenerationChunk]:
+        """Generate from the cache plus `new_tokens` (the one place the model is called)."""
+        s = self.settings
+        return stream_generate(
+            self.model,
+            self.tokenizer,
+            new_tokens,
+            cache=self.cache,
+            max_tokens=s.max_tokens,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            top_k=s.top_k,
+            min_p=s.min_p,
+            repetition_penalty=s.repetition_penalty,
+            seed=s.seed,
+            tools=self.tools,
+        )
+
+    def add_tool_result(self, content: str) -> None:
+        """Append a tool's result (a `tool` message) for the model to read on the next reply."""
+        self.messages.append({"role": "tool", "content": content})
+
+    def continue_reply(self) -> Iterator[GenerationChunk]:
+        """Generate the next assistant reply without a new user message (after tool results)."""
+        return self._reply()
 
     def retry(self) -> Iterator[GenerationChunk]:
         """Regenerate the last reply."""

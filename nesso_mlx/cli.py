@@ -43,6 +43,37 @@ def load_or_fail(model: str, quantize: int | None = None):
         fail(str(e))
 
 
+def load_functions_or_fail(path: str) -> dict:
+    from .agent import load_tools_file
+    from .errors import NessoError
+
+    try:
+        return load_tools_file(path)
+    except NessoError as e:
+        fail(str(e))
+
+
+def read_tools_or_fail(path: str) -> list:
+    """Tools for `generate`: a Python file's functions, or a JSON list of schemas."""
+    if path.endswith(".py"):
+        return list(load_functions_or_fail(path).values())
+    return read_json_or_fail(path, list)
+
+
+def read_json_or_fail(path: str, kind: type):
+    from pathlib import Path
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        fail(f"{path}: file not found")
+    except (OSError, ValueError) as e:
+        fail(f"{path}: not valid JSON ({e})")
+    if not isinstance(data, kind):
+        fail(f"{path}: expected a JSON {'list' if kind is list else 'object'}")
+    return data
+
+
 def precision_of(model) -> str:
     q = model.args.quantization
     if q:
@@ -69,8 +100,15 @@ def chat(
     seed: int | None = SeedOption,
     quantize: int | None = typer.Option(None, "--quantize", help="quantize float weights on load: 4 or 8"),
     max_context: int | None = typer.Option(None, "--max-context", help="context window to use (default: model's)"),
+    tools: str | None = typer.Option(None, "--tools", help="Python file whose functions the model may call"),
+    yes: bool = typer.Option(False, "--yes", "-y", help="run tool calls without asking"),
+    max_steps: int = typer.Option(5, "--max-steps", help="most rounds of tool calls per message"),
 ) -> None:
-    """Chat in the terminal: streamed Markdown replies, history, slash commands (/help)."""
+    """Chat in the terminal: streamed Markdown replies, history, slash commands (/help).
+
+    With --tools, the model may call the file's functions: each call is shown, confirmed (unless
+    --yes), run, and its result fed back until the model answers in text.
+    """
     if quantize not in (None, 4, 8):
         fail(f"--quantize must be 4 or 8, got {quantize}", 2)
     from .chat import ChatSession, SamplingSettings
@@ -84,9 +122,19 @@ def chat(
                 settings.set(name, str(value))
             except ValueError as e:
                 fail(str(e), 2)
+    functions = load_functions_or_fail(tools) if tools else None
     loaded, tokenizer = load_or_fail(model, quantize)
-    session = ChatSession(loaded, tokenizer, system=system, settings=settings, max_context=max_context)
-    repl = ChatREPL(session, display_name(model), precision_of(loaded), home() / "history")
+    session = ChatSession(
+        loaded,
+        tokenizer,
+        system=system,
+        settings=settings,
+        max_context=max_context,
+        tools=list(functions.values()) if functions else None,
+    )
+    repl = ChatREPL(
+        session, display_name(model), precision_of(loaded), home() / "history", functions=functions, yes=yes, max_steps=max_steps
+    )
     raise typer.Exit(repl.run())
 
 
@@ -106,6 +154,10 @@ def generate(
     raw: bool = typer.Option(False, "--raw", help="send the prompt as is, without the chat template"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object with text, tokens and speeds"),
     quantize: int | None = typer.Option(None, "--quantize", help="quantize float weights on load: 4 or 8"),
+    json_schema: str | None = typer.Option(None, "--json-schema", help="JSON schema file: the output always matches"),
+    tools: str | None = typer.Option(None, "--tools", help="tools: a Python file's functions or a JSON list of schemas"),
+    tool_choice: str = typer.Option("auto", "--tool-choice", help="auto, required, none or a tool name"),
+    no_constrain: bool = typer.Option(False, "--no-constrain", help="do not constrain tool calls to their schemas"),
 ) -> None:
     """Generate once and exit. Exit codes: 0 done, 1 error, 2 bad usage, 130 interrupted."""
     if prompt == "-":
@@ -117,6 +169,10 @@ def generate(
     from .errors import NessoError
     from .generation import stream_generate
 
+    response_format = None
+    if json_schema:
+        response_format = {"type": "json_schema", "json_schema": {"schema": read_json_or_fail(json_schema, dict)}}
+    tool_list = read_tools_or_fail(tools) if tools else None
     loaded, tokenizer = load_or_fail(model, quantize)
     messages = None
     if not raw:
@@ -136,6 +192,10 @@ def generate(
             repetition_penalty=repetition_penalty,
             seed=seed,
             stop=stop,
+            tools=tool_list,
+            tool_choice=tool_choice,
+            response_format=response_format,
+            constrain=not no_constrain,
         ):
             text.append(last.text)
             if last.token is not None:
@@ -159,6 +219,10 @@ def generate(
             "generation_tps": last.generation_tps,
             "peak_memory_gb": last.peak_memory,
         }
+        if last.tool_calls is not None:
+            result["tool_calls"] = [
+                {"name": c.name, "arguments": c.arguments, "raw": c.raw, "error": c.error} for c in last.tool_calls
+            ]
         typer.echo(json.dumps(result, ensure_ascii=False))
     else:
         sys.stdout.write("\n")
@@ -228,6 +292,81 @@ def convert(ctx: typer.Context) -> None:
     from .convert.__main__ import main as convert_main
 
     raise typer.Exit(convert_main(ctx.args, prog="nesso-mlx convert"))
+
+
+eval_app = typer.Typer(help="Evaluate a model.", no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
+
+
+@eval_app.command("tools")
+def eval_tools(
+    cases: str = typer.Option(..., "--cases", help='case file: {"tools": [...], "cases": [...]}'),
+    model: str = typer.Option("nesso-agentic", "--model", "-m", help="alias, repo id or folder"),
+    mode: str = typer.Option("both", "--mode", help="constrained, free, or both (side by side)"),
+    report: str | None = typer.Option(None, "--report", help="write the JSON report here"),
+    max_tokens: int = typer.Option(256, "--max-tokens"),
+    limit: int | None = typer.Option(None, "--limit", help="only the first N cases"),
+) -> None:
+    """Score tool calling per category and language (greedy; all tools offered; tool_choice auto)."""
+    if mode not in ("constrained", "free", "both"):
+        fail(f"--mode must be constrained, free or both, got {mode!r}", 2)
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from .errors import NessoError
+    from .evaluation import CATEGORIES, load_cases, run_tool_eval
+
+    try:
+        data = load_cases(cases)
+    except NessoError as e:
+        fail(str(e))
+    if limit:
+        data["cases"] = data["cases"][:limit]
+    loaded, tokenizer = load_or_fail(model)
+    runs = {"constrained": [True], "free": [False], "both": [True, False]}[mode]
+    reports = []
+    console = Console()
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=Console(stderr=True)
+    ) as bar:
+        for constrain in runs:
+            task = bar.add_task("constrained" if constrain else "free", total=len(data["cases"]))
+            reports.append(
+                run_tool_eval(
+                    loaded,
+                    tokenizer,
+                    data,
+                    model_name=model,
+                    constrain=constrain,
+                    max_tokens=max_tokens,
+                    progress=lambda done, total, t=task: bar.update(t, completed=done),
+                )
+            )
+    names = ["constrained" if r.constrained else "free" for r in reports]
+    for key, title, order in (("cat", "category", CATEGORIES), ("lang", "language", ("it", "en"))):
+        table = Table(title=f"{model}: tool calling by {title}")
+        table.add_column(title)
+        for name in names:
+            table.add_column(name, justify="right")
+        groups = [r.accuracy(key) for r in reports]
+        for group in [g for g in order if g in groups[0]] + ["all"]:
+            cells = []
+            for r, acc in zip(reports, groups, strict=True):
+                passed, total = (r.passed, len(r.results)) if group == "all" else acc[group]
+                cells.append(f"{passed}/{total} ({100 * passed / total:.0f}%)")
+            table.add_row(group, *cells)
+        console.print(table)
+    if report:
+        import os
+
+        path = Path(report)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps({"runs": [r.to_dict() for r in reports]}, ensure_ascii=False, indent=2))
+        os.replace(tmp, path)
+        console.print(f"report written to {path}")
 
 
 @app.command()

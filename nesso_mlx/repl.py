@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.live import Live
 from rich.markdown import Markdown
 from rich.table import Table
 
+from .agent import StepLimit, ToolRun, agent_turn
 from .chat import ChatSession
 from .errors import NessoError
 from .generation import GenerationChunk
+from .tools import ToolCall, parse_tool_calls
 
 HELP = """\
 Type a message and press Enter. Multi-line: start and end with \"\"\", or end lines with \\.
@@ -33,9 +37,18 @@ Type a message and press Enter. Multi-line: start and end with \"\"\", or end li
 
 class ChatREPL:
     def __init__(
-        self, session: ChatSession, model_name: str, precision: str, history_file: Path | None, console: Console | None = None
+        self,
+        session: ChatSession,
+        model_name: str,
+        precision: str,
+        history_file: Path | None,
+        console: Console | None = None,
+        functions: dict[str, Callable[..., Any]] | None = None,
+        yes: bool = False,
+        max_steps: int = 5,
     ) -> None:
         self.session = session
+        self.functions, self.yes, self.max_steps = functions or {}, yes, max_steps
         self.model_name = model_name
         self.precision = precision
         self.console = console or Console(highlight=False)
@@ -94,23 +107,44 @@ class ChatREPL:
                     self.console.print("bye")
                     return 0
                 continue
-            self.reply(self.session.send(text))
+            if self.functions:
+                self.reply(agent_turn(self.session, text, self.functions, self.confirm, self.max_steps))
+            else:
+                self.reply(self.session.send(text))
 
     # --- replies ----------------------------------------------------------------------------
 
-    def reply(self, chunks: Iterator[GenerationChunk]) -> None:
-        text = ""
+    def reply(self, events: Iterator[Any]) -> None:
+        """Render reply chunks (and, in agent mode, tool runs) as they arrive."""
+        live, text = None, ""
         try:
-            with Live(Markdown(""), console=self.console, refresh_per_second=12, vertical_overflow="visible") as live:
-                for chunk in chunks:
-                    text += chunk.text
-                    live.update(Markdown(text))
+            for event in events:
+                if isinstance(event, GenerationChunk):
+                    if live is None:
+                        live, text = (
+                            Live(Markdown(""), console=self.console, refresh_per_second=12, vertical_overflow="visible"),
+                            "",
+                        )
+                        live.start()
+                    text += event.text
+                    live.update(Markdown(parse_tool_calls(text)[0] if self.functions else text))
+                    if event.finish_reason is not None:  # stop drawing before any confirmation prompt
+                        live.stop()
+                        live = None
+                elif isinstance(event, ToolRun):
+                    self.show_tool_run(event)
+                elif isinstance(event, StepLimit):
+                    self.console.print(f"[yellow]stopped after {event.steps} rounds of tool calls[/yellow]")
         except KeyboardInterrupt:
-            chunks.close()
+            if live is not None:
+                live.stop()
+            events.close()
             self.console.print("[yellow]⏹ interrupted[/yellow] (the partial reply is kept)")
         except NessoError as e:
-            chunks.close()
-            self.console.print(f"[red]error:[/red] {e}", markup=True)
+            if live is not None:
+                live.stop()
+            events.close()
+            self.console.print(f"error: {e}", markup=False, style="red")
         for notice in self.session.notices:
             self.console.print(f"[yellow]note:[/yellow] {notice}")
         self.session.notices.clear()
@@ -119,6 +153,23 @@ class ChatREPL:
             f"[dim]{s.generated_tokens} tokens · {s.generation_tps:.1f} tok/s · first token "
             f"{s.time_to_first_token:.2f} s · context {self.session.context_used()}/{self.session.max_context}[/dim]"
         )
+
+    def show_tool_run(self, run: ToolRun) -> None:
+        call = run.call
+        arguments = json.dumps(call.arguments, ensure_ascii=False) if call.ok else call.raw
+        style = {"ok": "green", "error": "red", "declined": "yellow"}[run.status]
+        self.console.print(f"[bold]🔧 {call.name or '(malformed call)'}[/bold] {arguments}", markup=True, highlight=False)
+        self.console.print(f"   → [{style}]{run.status}[/{style}]: {run.result[:500]}", highlight=False)
+
+    def confirm(self, call: ToolCall) -> bool:
+        if self.yes:
+            return True
+        arguments = json.dumps(call.arguments, ensure_ascii=False)
+        try:
+            answer = self.read_line(f"run {call.name}({arguments})? [y/N] ")
+        except (EOFError, KeyboardInterrupt):
+            return False
+        return answer.strip().lower() in ("y", "yes", "s", "si", "sì")
 
     # --- slash commands ---------------------------------------------------------------------
 
