@@ -347,7 +347,7 @@ def eval_tools(
             )
     names = ["constrained" if r.constrained else "free" for r in reports]
     for key, title, order in (("cat", "category", CATEGORIES), ("lang", "language", ("it", "en"))):
-        table = Table(title=f"{model}: tool calling by {title}")
+        table = Table(title=f"{display_name(model)}: tool calling by {title}")
         table.add_column(title)
         for name in names:
             table.add_column(name, justify="right")

@@ -305,3 +305,37 @@ def test_eval_runs_end_to_end_on_a_tiny_model(tiny_folder):
     assert seen == [1, 2, 3] and len(report.results) == 3
     summary = report.to_dict()
     assert summary["total"] == 3 and set(summary["by_language"]) <= {"it", "en"}
+
+
+def test_eval_command_runs_the_authors_file_as_is(tiny_folder, tmp_path):
+    import subprocess
+
+    shared = Path(__file__).resolve().parents[2] / "shared" / "eval" / "agentic_eval_cases_100.json"
+    if not shared.exists():
+        pytest.skip("../shared is not beside this checkout")
+    config = json.loads((tiny_folder / "config.json").read_text())
+    (tiny_folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 8192}))
+    report = tmp_path / "report.json"
+    run = subprocess.run(
+        [
+            "nesso-mlx",
+            "eval",
+            "tools",
+            "--cases",
+            str(shared),
+            "--model",
+            str(tiny_folder),
+            "--max-tokens",
+            "2",
+            "--report",
+            str(report),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "by category" in run.stdout and "multistep" in run.stdout and "by language" in run.stdout
+    runs = json.loads(report.read_text())["runs"]
+    assert [r["constrained"] for r in runs] == [True, False]
+    assert all(r["total"] == 100 and len(r["cases"]) == 100 for r in runs)
+    assert set(runs[0]["by_language"]) == {"it", "en"} and len(runs[0]["by_category"]) == 10
