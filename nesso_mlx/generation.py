@@ -202,6 +202,12 @@ def stream_generate(
     ids = prompt_tokens(tokenizer, prompt, messages, tools)
     if not ids:
         raise ValueError("the prompt is empty")
+    if max(ids) >= model.args.vocab_size or min(ids) < 0:
+        bad = max(ids) if max(ids) >= model.args.vocab_size else min(ids)
+        raise ValueError(
+            f"token id {bad} is outside the model's {model.args.vocab_size} embedding rows "
+            "(does the tokenizer belong to this model?)"
+        )
     if cache is None:
         cache = model.make_cache()
     start = cache[0].offset

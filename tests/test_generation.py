@@ -124,6 +124,12 @@ def test_prompt_as_ids_or_messages(tiny):
         generate(model, tokenizer, "x", messages=[{"role": "user", "content": "hi"}])
 
 
+def test_ids_outside_the_embedding_are_refused(tiny):
+    model, tokenizer = tiny
+    with pytest.raises(ValueError, match="token id 320 is outside the model's 320 embedding rows"):
+        generate(model, tokenizer, [5, 320])
+
+
 def test_context_window(tiny):
     model, tokenizer = tiny
     context = model.args.max_position_embeddings
