@@ -142,3 +142,13 @@ def test_generate_with_json_schema_and_tools_files(smollm2_path, tmp_path):
     assert data["tool_calls"][0]["error"] is None and "city" in data["tool_calls"][0]["arguments"]
     bad = subprocess.run([*base, "--prompt", "x", "--tools", str(tmp_path / "missing.py")], capture_output=True, text=True)
     assert bad.returncode == 1 and bad.stderr.startswith("error:") and "not found" in bad.stderr
+
+
+def test_agent_loop_example_runs(tiny_folder):
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "agent_loop.py"), "Che tempo fa a Roma?", "--model", str(tiny_folder)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr

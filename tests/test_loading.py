@@ -266,3 +266,22 @@ def test_unreachable_hub_is_one_line(monkeypatch):
 def test_not_a_folder_nor_repo_id(tmp_path):
     with pytest.raises(HubError, match="not a Hugging Face repo id"):
         load(str(tmp_path / "does" / "not" / "exist"))
+
+
+def test_quantize_on_load(tmp_path):
+    from nesso_mlx.quantize import dequantize_model
+
+    config = {**TINY_CONFIG, "hidden_size": 128, "intermediate_size": 256}
+    folder = write_model_folder(tmp_path / "m", config)
+    reference, _ = load(folder)
+    errors = {}
+    for bits in (4, 8):
+        model, _ = load(folder, quantize=bits)
+        assert isinstance(model.model.layers[0].mlp.up_proj, nn.QuantizedLinear)
+        assert model.args.quantization["bits"] == bits
+        logits = model(tokens())
+        effective, _ = load(folder, quantize=bits)
+        # The quantized layers compute exactly what their effective (dequantized) weights do.
+        assert mx.allclose(logits, dequantize_model(effective, mx.float32)(tokens()), atol=1e-4).item()
+        errors[bits] = mx.abs(logits - reference(tokens())).max().item()
+    assert errors[8] < errors[4] / 4
