@@ -157,6 +157,8 @@ class Tokenizer:
         self.has_chat_template = chat_template is not None
         self.chat_template = chat_template or CHATML_TEMPLATE
         self._template = None
+        self._chatml = None
+        self._renders_tools: bool | None = None
         added = tokenizer.get_added_tokens_decoder()
         self.special_ids = {i for i, t in added.items() if t.special}
         self._added_text = {i: t.content for i, t in added.items()}
@@ -233,6 +235,9 @@ class Tokenizer:
         """The chat template's text (user text wrapped in `marker`'s markers when given)."""
         if self._template is None:
             self._template = _compile_template(self.chat_template)
+        template = self._template
+        if tools and not self._template_renders_tools():
+            template = self._fallback_template()
         if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
             raise TokenizerError("messages must be a list of {'role': ..., 'content': ...} dicts")
         tools = tool_schemas(tools)
@@ -242,7 +247,7 @@ class Tokenizer:
         from jinja2 import TemplateError
 
         try:
-            return self._template.render(
+            return template.render(
                 messages=messages,
                 tools=tools,
                 add_generation_prompt=add_generation_prompt,
@@ -251,6 +256,27 @@ class Tokenizer:
             )
         except TemplateError as e:
             raise TokenizerError(f"chat template failed: {e}") from None
+
+    def _template_renders_tools(self) -> bool:
+        """Whether the model's template shows tools at all (SmolLM2's, for one, drops them)."""
+        if self._renders_tools is None:
+            probe = [{"role": "user", "content": "hi"}]
+            tool = [{"type": "function", "function": {"name": "nesso_probe_tool", "parameters": {}}}]
+            try:
+                self._renders_tools = "nesso_probe_tool" in self._template.render(
+                    messages=probe,
+                    tools=tool,
+                    add_generation_prompt=True,
+                    **{k: v for k, v in self.special_tokens.items() if v is not None},
+                )
+            except Exception:  # a template that fails on the probe is given the benefit of the doubt
+                self._renders_tools = True
+        return self._renders_tools
+
+    def _fallback_template(self):
+        if self._chatml is None:
+            self._chatml = _compile_template(CHATML_TEMPLATE)
+        return self._chatml
 
     def apply_chat_template(
         self,
@@ -263,7 +289,8 @@ class Tokenizer:
         """Render `messages` (and `tools`) with the model's chat template.
 
         Returns token ids (or the text with `tokenize=False`). Special tokens are produced only
-        by the template itself, never by message content or tool schemas.
+        by the template itself, never by message content or tool schemas. If the model's template
+        ignores `tools`, the built-in Hermes-style ChatML template renders the request instead.
         """
         marker = _UserTextMarker()
         rendered = self.render_chat(messages, tools, add_generation_prompt, marker, **kwargs)

@@ -28,7 +28,7 @@ TINY_CONFIG = {
     "vocab_size": 320,
     "rms_norm_eps": 1e-5,
     "rope_theta": 10000.0,
-    "max_position_embeddings": 512,
+    "max_position_embeddings": 2048,
     "tie_word_embeddings": True,
 }
 

@@ -147,3 +147,18 @@ def test_window_detokenizer_for_metaspace_tokenizers(tmp_path):
     ids = [1, 2, 3, 4, 5]
     text, _ = stream(tok, ids)
     assert text == tok.decode(ids) == "ciao mondo è qui!"
+
+
+def test_templates_that_ignore_tools_fall_back_to_hermes_chatml(smol_tokenizer, tiny_folder):
+    messages = [{"role": "user", "content": "Meteo a Roma?"}]
+    tools = [{"name": "get_weather", "parameters": {"type": "object", "properties": {}}}]
+    # SmolLM2's own template never mentions tools: the request is rendered in Hermes ChatML.
+    assert "get_weather" not in smol_tokenizer.render_chat(messages, tools=None)
+    text = smol_tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)
+    assert "<tools>\n" in text and '"name": "get_weather"' in text and text.startswith("<|im_start|>system\n")
+    # Without tools, the model's own template is kept.
+    assert "SmolLM" in smol_tokenizer.apply_chat_template(messages, tokenize=False)
+    # A template that renders tools is used as it is.
+    (tiny_folder / "chat_template.jinja").write_text("{% for t in tools or [] %}[{{ t.function.name }}]{% endfor %}")
+    own = Tokenizer.from_folder(tiny_folder)
+    assert own.apply_chat_template(messages, tools=tools, tokenize=False) == "[get_weather]"

@@ -307,14 +307,19 @@ def test_eval_runs_end_to_end_on_a_tiny_model(tiny_folder):
     assert summary["total"] == 3 and set(summary["by_language"]) <= {"it", "en"}
 
 
-def test_eval_command_runs_the_authors_file_as_is(tiny_folder, tmp_path):
+def test_eval_command_runs_the_authors_file_as_is(smollm2_path, tmp_path):
+    import shutil
     import subprocess
+
+    from conftest import TINY_CONFIG, write_model_folder
 
     shared = Path(__file__).resolve().parents[2] / "shared" / "eval" / "agentic_eval_cases_100.json"
     if not shared.exists():
         pytest.skip("../shared is not beside this checkout")
-    config = json.loads((tiny_folder / "config.json").read_text())
-    (tiny_folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 8192}))
+    # A tiny random model with SmolLM2's real tokenizer: the pipeline end to end, quickly.
+    tiny_folder = write_model_folder(tmp_path / "tiny", {**TINY_CONFIG, "vocab_size": 49152})
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(smollm2_path / name, tiny_folder / name)
     report = tmp_path / "report.json"
     run = subprocess.run(
         [
