@@ -297,3 +297,34 @@ def test_command_line_entry_points(source, tmp_path):
         ["nesso-mlx", "convert", "--hf-path", str(source), "--mlx-path", str(dest)], capture_output=True, text=True
     )
     assert again.returncode == 1 and "already exists" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_sigterm_mid_conversion_leaves_nothing(smollm2_path, tmp_path):
+    import signal
+    import time
+
+    dest = tmp_path / "out"
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "nesso_mlx.convert",
+            "--hf-path",
+            str(smollm2_path),
+            "--mlx-path",
+            str(dest),
+            "-q",
+            "--q-bits",
+            "8",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".out.partial-*/config.json")) and time.time() < deadline:
+        time.sleep(0.2)  # wait until the weights are written and the quality evaluation runs
+    assert process.poll() is None, process.stderr.read()
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130 and "nothing was written" in err
+    assert nothing_written(dest)
