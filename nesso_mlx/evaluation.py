@@ -7,7 +7,8 @@ Scoring per category (`spec` keys as in the Nesso authors' benchmark):
 - missing: no call may fill `fabricate_field` of `tool` (asking the user passes); other tools fail.
 - unavail: no call.
 - notool: no call; the `gold` substring (case-insensitive) in the answer when gold is set.
-- obs: no new call; `gold` in the answer, or else one of the "/"-separated `want` phrases.
+- obs: no new call; `gold` in the answer, or else one of the "/"-separated `want` phrases
+  (an echoed `<tool_response>` block does not count as an answer).
 - multistep: the first call is to `next` (no call when `next` is null).
 Any malformed call fails the case.
 """
@@ -15,6 +16,7 @@ Any malformed call fails the case.
 from __future__ import annotations
 
 import json
+import re
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -24,6 +26,7 @@ from typing import Any
 from .errors import NessoError
 from .tools import ToolCall, parse_tool_calls
 
+_ECHO = re.compile(r"<tool_response>.*?(?:</tool_response>|$)", re.DOTALL)
 CATEGORIES = ("single", "par_same", "par_diff", "multiarg", "disamb", "missing", "unavail", "notool", "obs", "multistep")
 
 
@@ -75,6 +78,7 @@ def score(case: dict[str, Any], output: str) -> CaseResult:
                 return result(False, f"invented {spec['fabricate_field']}={value!r}")
         return result(True, "asked the user" if not calls else "called without inventing the field")
     if cat in ("unavail", "notool", "obs"):
+        text = _ECHO.sub("", text)  # repeating the tool's result back is not an answer
         if calls:
             return result(False, f"called {names}, expected a text answer")
         if not text.strip():

@@ -281,6 +281,9 @@ def test_scoring_on_hand_written_outputs():
         result = score(case, output)
         assert result.passed is expected, (case["id"], result.reason)
     assert "malformed" in score(data["cases"][8], HAND_WRITTEN["d-it"][0]).reason
+    obs = next(c for c in data["cases"] if c["id"] == "o-it")
+    echo = '<tool_response>\n{"city": "Roma", "condition": "pioggia"}\n</tool_response>'
+    assert not score(obs, echo).passed  # echoing the tool's result is not an answer
 
 
 def test_the_authors_case_file_loads(tmp_path):
