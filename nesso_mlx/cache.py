@@ -27,7 +27,8 @@ class KVCache:
 
     @property
     def capacity(self) -> int:
-        return 0 if self.keys is None else self.keys.shape[2]
+        # Both buffers: an interrupt between the two assignments in `_grow` must not be fatal.
+        return 0 if self.keys is None or self.values is None else min(self.keys.shape[2], self.values.shape[2])
 
     def _grow(self, keys: mx.array, values: mx.array, needed: int) -> None:
         size = max(needed, self._initial_capacity)
@@ -77,6 +78,19 @@ def trim_cache(cache: list[KVCache], n: int) -> int:
     return min((c.trim(n) for c in cache), default=0)
 
 
+def rollback_cache(cache: list[KVCache], offset: int) -> None:
+    """Set every layer to hold exactly its first `offset` positions.
+
+    An interrupted forward pass can leave layers at different offsets (the first layers appended
+    the new keys, the rest did not), so rollbacks name an absolute position, never a count
+    read off one layer.
+    """
+    for layer in cache:
+        if layer.offset < offset:
+            raise ValueError(f"cannot roll a cache layer forward (it holds {layer.offset} positions, asked for {offset})")
+        layer.offset = offset
+
+
 def save_cache(path: str | Path, cache: list[KVCache], metadata: dict[str, str] | None = None) -> None:
     """Write the valid part of a cache to a .safetensors file, atomically."""
     path = Path(path)
@@ -110,4 +124,4 @@ def load_cache(path: str | Path) -> tuple[list[KVCache], dict[str, str]]:
     return cache, user
 
 
-__all__ = ["KVCache", "make_cache", "trim_cache", "save_cache", "load_cache"]
+__all__ = ["KVCache", "make_cache", "rollback_cache", "trim_cache", "save_cache", "load_cache"]

@@ -9,7 +9,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from .cache import KVCache, trim_cache
+from .cache import KVCache, rollback_cache
 from .errors import ContextLengthError
 from .model import Model
 from .sampling import (
@@ -190,7 +190,9 @@ def stream_generate(
 
     Yields a `GenerationChunk` per token; the last has `finish_reason` "stop" (EOS or a stop
     string, which is not included in the text) or "length". Pass `cache` to continue from the
-    tokens it already holds; on return it holds the prompt and all generated tokens but the last.
+    tokens it already holds; on return (also when interrupted or on error) every layer holds
+    the prompt and all generated tokens but the last, or, if no token was generated, exactly
+    what it held before the call.
 
     `tools` (schemas or Python functions) go into the chat template; calls are parsed at the end.
     With `constrain`, every call's JSON is forced to name a tool and match its parameters
@@ -249,13 +251,13 @@ def stream_generate(
         return GenerationChunk(text, token, finish, len(ids), n, len(ids) / prompt_time, tps, mx.get_peak_memory() / 1e9, calls)
 
     t0 = time.perf_counter()
-    prompt = mx.array(ids, dtype=mx.int32)
-    logits = prefill(model, prompt, cache, prefill_chunk_size)
-    history = prompt if processors else None
     n = 0
     t_first = prompt_time = 0.0
     finish: str | None = None
     try:
+        prompt = mx.array(ids, dtype=mx.int32)
+        logits = prefill(model, prompt, cache, prefill_chunk_size)
+        history = prompt if processors else None
         if max_tokens <= 0:
             yield GenerationChunk("", None, "length", len(ids), 0)
             return
@@ -278,8 +280,10 @@ def stream_generate(
             if finish:
                 return
     finally:
-        # decode() runs one step ahead: drop any position beyond prompt + tokens[:-1].
-        trim_cache(cache, cache[0].offset - (start + len(ids) + max(n - 1, 0)))
+        # Every layer to one absolute position, whatever was interrupted: the prompt and the
+        # tokens handed out but the last (decode runs a step ahead), or nothing of this call
+        # when no token was handed out (an interrupted prefill leaves no partial prompt).
+        rollback_cache(cache, start + len(ids) + n - 1 if n else start)
 
 
 def generate(
