@@ -3,6 +3,19 @@
 llguidance was chosen by measurement (benchmarks/bench_grammar.py, Llama-3.2 vocabulary):
 no per-schema compile step, ~36 µs per token mask, Lark grammars with inline JSON schemas,
 correct on byte-level BPE, and only numpy as a dependency.
+
+What it guarantees, for any tokenization of the tool tags (plain text split into BPE pieces as
+in Llama-3.2, where `>` merges with the newline after it, or single added tokens):
+
+- JSON is written compactly with the separators of Python's `json.dumps` (`", "`, `": "`):
+  no free whitespace, so a finished output is always complete and a bounded schema has a
+  bounded length.
+- `tool_choice="auto"`: text is free. The opening tag is found in the decoded bytes wherever
+  token boundaries fall; from the byte after it the body must be one call to one of the tools,
+  then the closing tag.
+- `"required"` / a named tool: the whole reply is tagged calls; a new call is begun only while
+  the token budget could still fit one as long as the longest so far, so finished replies
+  never end inside a call.
 """
 
 from __future__ import annotations
@@ -20,6 +33,8 @@ from .tokenizer import Tokenizer
 from .tools import tool_names
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
+# Compact JSON, with the separators chat templates use (`tojson` is json.dumps).
+JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 _LL_TOKENIZERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -27,14 +42,34 @@ class GrammarError(NessoError):
     """A schema, grammar or tool_choice that cannot be used."""
 
 
+class _TokenList:
+    """What llguidance's TokenizerWrapper reads: every token's bytes, which ones are special, and encode."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokens = [tokenizer.token_bytes(i) for i in range(tokenizer.vocab_size)]
+        self.special_token_ids = sorted(tokenizer.special_ids)
+        self.eos_token_id = tokenizer.eos_token_ids[0] if tokenizer.eos_token_ids else None
+        self.bos_token_id = None
+        self._tokenizer = tokenizer
+
+    def __call__(self, text: bytes) -> list[int]:
+        return self._tokenizer.encode(text.decode("utf-8", errors="replace"), add_special_tokens=False)
+
+
 def _ll_tokenizer(tokenizer: Tokenizer, vocab_size: int):
-    """llguidance's view of our tokenizer (built once per tokenizer and vocabulary size: ~1 s at 128k)."""
+    """llguidance's view of our tokenizer, built once per tokenizer and vocabulary size (~0.4 s at 128k).
+
+    Built from our own token bytes: only true special tokens are special to llguidance, and added
+    tokens that are not special (`<tool_call>` in tool-tuned tokenizers) are the text they stand for.
+    (Reading tokenizer.json directly, llguidance treats every added token as special, so a
+    grammar's `"<tool_call>"` would not accept the model's own `<tool_call>` token.)
+    """
     import llguidance
 
     cached = _LL_TOKENIZERS.setdefault(tokenizer, {})
     if vocab_size not in cached:
-        eos = tokenizer.eos_token_ids[0] if tokenizer.eos_token_ids else None
-        cached[vocab_size] = llguidance.LLTokenizer(tokenizer._tokenizer.to_str(), n_vocab=vocab_size, eos_token=eos)
+        wrapper = llguidance.TokenizerWrapper(_TokenList(tokenizer))
+        cached[vocab_size] = llguidance.LLTokenizer(wrapper, n_vocab=vocab_size, eos_token=tokenizer.eos_token_ids or None)
     return cached[vocab_size]
 
 
@@ -44,6 +79,11 @@ def _literal(tokenizer: Tokenizer, text: str) -> str:
     if token_id is not None and token_id in tokenizer.special_ids:
         return f"<[{token_id}]>"
     return json.dumps(text)
+
+
+def _json(schema: dict[str, Any]) -> str:
+    """A Lark `%json` item for `schema`, written compactly (see JSON_STYLE)."""
+    return "%json " + json.dumps({**schema, "x-guidance": {**JSON_STYLE, **schema.get("x-guidance", {})}})
 
 
 def call_schema(tools: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -70,89 +110,182 @@ def tool_calls_grammar(tokenizer: Tokenizer, tools: Sequence[dict[str, Any]], si
     """Lark grammar for output made only of tool calls (`tool_choice` "required" or a named tool)."""
     block = f'{_literal(tokenizer, OPEN)} "\\n" call "\\n" {_literal(tokenizer, CLOSE)}'
     repeat = "" if single else ' ("\\n" block)*'
-    return f"start: block{repeat}\nblock: {block}\ncall: %json {json.dumps(call_schema(tools))}\n"
+    return f"start: block{repeat}\nblock: {block}\ncall: {_json(call_schema(tools))}\n"
 
 
 def tool_body_grammar(tokenizer: Tokenizer, tools: Sequence[dict[str, Any]]) -> str:
-    """What follows an opening `<tool_call>`: the call's JSON, then the closing tag."""
-    return f'start: "\\n"? call "\\n"? {_literal(tokenizer, CLOSE)}\ncall: %json {json.dumps(call_schema(tools))}\n'
+    """What follows an opening `<tool_call>`: a newline, the call's JSON, a newline, the closing tag.
+
+    A few spaces may come before the first newline: the token that completed the opening tag
+    was chosen freely and may carry them.
+    """
+    return f'start: /[ \\t]{{0,4}}/ "\\n" call "\\n" {_literal(tokenizer, CLOSE)}\ncall: {_json(call_schema(tools))}\n'
 
 
 def response_format_grammar(response_format: dict[str, Any]) -> str:
     """Lark grammar for an OpenAI-style `response_format`."""
     kind = response_format.get("type")
     if kind == "json_object":
-        return "start: %json " + json.dumps({"type": "object"})
+        return "start: " + _json({"type": "object"})
     if kind == "json_schema":
         spec = response_format.get("json_schema", response_format)
         schema = spec.get("schema") if isinstance(spec, dict) else None
         if not isinstance(schema, dict):
             raise GrammarError('response_format of type json_schema needs {"json_schema": {"schema": {...}}}')
-        return "start: %json " + json.dumps(schema)
+        return "start: " + _json(schema)
     if kind in (None, "text"):
         return ""
     raise GrammarError(f"response_format type {kind!r} is not supported (json_object, json_schema or text)")
 
 
-class GrammarProcessor:
-    """A logits processor that allows only tokens the grammar accepts.
+def _byte_tokens(tokenizer: Tokenizer, data: bytes) -> list[int]:
+    """Token ids spelling `data` one byte at a time (every byte-level vocabulary has them)."""
+    from .tokenizer import BYTE_SYMBOLS
 
-    With `trigger`, generation is free until the text ends with `trigger`; then the grammar
-    applies until it completes, and generation is free again (so "auto" tool calls can be
-    interleaved with text, and each call's body is always well formed).
+    ids = [tokenizer.token_to_id(BYTE_SYMBOLS[b]) for b in data]
+    if any(i is None for i in ids):  # not a byte-level vocabulary: let the tokenizer spell it
+        return tokenizer.encode(data.decode("utf-8", errors="replace"), add_special_tokens=False, parse_special=False)
+    return ids
+
+
+class GrammarProcessor:
+    """Allows only the tokens a grammar accepts; driven token by token by the decode loop.
+
+    The decode loop feeds each sampled token with `advance(token)` and, while `active`, applies
+    `mask()` to the next step's logits. While inactive (free text before a trigger) no mask is
+    computed, so the loop stays fully pipelined. With `trigger`, generation is free until the
+    decoded bytes contain `trigger`; the bytes after it go to the grammar, which applies until it
+    completes; then generation is free again (so "auto" tool calls can be interleaved with text).
+
+    With `max_tokens` and `last_block_grammar` (one block of a grammar of repeated tagged
+    blocks), no block is begun that the budget could not finish, judging by the longest so far. The object also works as a plain logits processor
+    `f(tokens, logits)`, as mlx-lm's are, at the cost of a host sync per token.
     """
 
-    def __init__(self, tokenizer: Tokenizer, grammar: str, vocab_size: int, trigger: str | None = None) -> None:
-        import llguidance
-
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        grammar: str,
+        vocab_size: int,
+        trigger: str | None = None,
+        max_tokens: int | None = None,
+        last_block_grammar: str | None = None,
+    ) -> None:
         self.tokenizer, self.vocab_size, self.trigger = tokenizer, vocab_size, trigger
         self.ll_tokenizer = _ll_tokenizer(tokenizer, vocab_size)
-        try:
-            self.grammar = llguidance.LLMatcher.grammar_from_lark(grammar)
-        except ValueError as e:
-            raise GrammarError(f"invalid grammar or schema: {str(e).splitlines()[0]}") from None
-        check = llguidance.LLMatcher(self.ll_tokenizer, self.grammar, log_level=0)
-        if check.is_error():
-            raise GrammarError(f"invalid grammar or schema: {check.get_error().splitlines()[0]}")
-        self.matcher = None if trigger else check
-        self.seen: int | None = None  # how many tokens of the history were already consumed
-        self.tail = b""
-        self.eos = set(tokenizer.eos_token_ids)
+        self.grammar = self._compile(grammar)
+        self.matcher = None if trigger else self._matcher(self.grammar)
+        # For repeated blocks: the grammar of one last block, and the budget it must fit in.
+        self.last_block = self._compile(last_block_grammar) if last_block_grammar else None
+        self.max_tokens = max_tokens
+        self.eos = sorted(set(tokenizer.eos_token_ids))
+        self.count = 0  # tokens advanced
+        self.tail = b""  # the last bytes, to find a tag that spans tokens
+        self.block = b""  # bytes since the last closing tag
+        self.finished = False  # only EOS may follow
+        self._block_start = 0
+        self._longest_block = 0
+        self._close = CLOSE.encode()
+        self._seen: int | None = None  # for the logits-processor interface
 
-    def _new_tokens(self, tokens: mx.array) -> list[int]:
-        if self.seen is None:  # first call: the history is the prompt
-            self.seen = tokens.size
-            return []
-        new = tokens[self.seen :].tolist()
-        self.seen = tokens.size
-        return new
-
-    def _advance(self, token: int) -> None:
+    def _compile(self, grammar: str):
         import llguidance
 
-        if self.matcher is not None:
-            self.matcher.consume_token(token)
-            if self.trigger and self.matcher.is_stopped():
-                self.matcher, self.tail = None, b""
+        try:
+            compiled = llguidance.LLMatcher.grammar_from_lark(grammar)
+        except ValueError as e:
+            raise GrammarError(f"invalid grammar or schema: {str(e).splitlines()[0]}") from None
+        check = self._matcher(compiled)
+        if check.is_error():
+            raise GrammarError(f"invalid grammar or schema: {check.get_error().splitlines()[0]}")
+        return compiled
+
+    def _matcher(self, grammar):
+        import llguidance
+
+        return llguidance.LLMatcher(self.ll_tokenizer, grammar, log_level=0)
+
+    @property
+    def active(self) -> bool:
+        """Whether the next token is constrained (so the loop must wait for this one)."""
+        return self.matcher is not None
+
+    def advance(self, token: int) -> bool:
+        """Feed one sampled token; returns True when it switched the constraint on (a trigger)."""
+        self.count += 1
+        data = self.tokenizer.token_bytes(token)
+        if self.matcher is None:
+            if not self.trigger:
+                return False
+            window = self.tail + data
+            at = window.find(self.trigger.encode())
+            if at == -1:
+                self.tail = window[-len(self.trigger) :]
+                return False
+            self.matcher, self.tail = self._matcher(self.grammar), b""
+            if rest := window[at + len(self.trigger) :]:  # the bytes past the tag, in the same token
+                self.matcher.consume_tokens(_byte_tokens(self.tokenizer, rest))
+            return True
+        if token in self.eos:
+            self.matcher = None
+            return False
+        self.matcher.consume_token(token)
+        if self.trigger:
+            if self.matcher.is_stopped() or self.matcher.is_error():
+                self.matcher = None  # the call is complete (or hopeless): free text again
+            return False
+        if self.last_block is not None:
+            self._track_blocks(data)
+        return False
+
+    def _track_blocks(self, data: bytes) -> None:
+        """Count tokens per tagged block; end with the current block when another would not fit."""
+        window = self.tail + data
+        end = window.find(self._close)
+        if end != -1:
+            self._longest_block = max(self._longest_block, self.count - self._block_start)
+            self._block_start, self.block = self.count, window[end + len(self._close) :]
+        else:
+            self.block += data
+        self.tail = window[-(len(self._close) - 1) :]
+        if self.max_tokens is None or not self._longest_block or self.finished:
             return
-        self.tail = (self.tail + self.tokenizer.token_bytes(token))[-64:]
-        if self.trigger and self.tail.endswith(self.trigger.encode()):
-            self.matcher = llguidance.LLMatcher(self.ll_tokenizer, self.grammar, log_level=0)
+        left, longest = self.max_tokens - self.count, self._longest_block
+        if not self.block.strip():  # between blocks: begin another only if one fits
+            self.finished = left < longest + 2
+        elif left < 2 * longest - (self.count - self._block_start) + 2:  # finish this one, then stop
+            matcher = self._matcher(self.last_block)
+            matcher.consume_tokens(_byte_tokens(self.tokenizer, self.block.lstrip(b"\n")))
+            if not matcher.is_error():
+                self.matcher, self.last_block = matcher, None
+
+    def allowed(self) -> np.ndarray:
+        """The tokens allowed next, as a boolean array over the vocabulary."""
+        allowed = np.zeros(self.vocab_size, dtype=bool)
+        if self.finished or self.matcher.is_stopped() or self.matcher.is_error():
+            allowed[self.eos] = True  # complete (or broken): only EOS may follow
+            return allowed
+        bits = np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8)
+        allowed[:] = np.unpackbits(bits, count=self.vocab_size, bitorder="little").view(bool)
+        if self.matcher.is_accepting():
+            allowed[self.eos] = True
+        return allowed
+
+    def mask(self) -> mx.array:
+        """`allowed()` as an MLX array, for `mx.where(mask, logits, -inf)`."""
+        return mx.array(self.allowed())
 
     def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
-        for token in self._new_tokens(tokens):
-            self._advance(token)
+        if self._seen is None:  # first call: the history is the prompt
+            new = []
+        else:
+            new = tokens[self._seen :].tolist()
+        self._seen = tokens.size
+        for token in new:
+            self.advance(token)
         if self.matcher is None:
             return logits
-        if self.matcher.is_stopped():  # the grammar is complete: only EOS may follow
-            allowed = np.zeros(self.vocab_size, dtype=bool)
-            allowed[list(self.eos)] = True
-        else:
-            bits = np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8)
-            allowed = np.unpackbits(bits, bitorder="little")[: self.vocab_size].astype(bool)
-            if self.matcher.is_accepting():
-                allowed[list(self.eos)] = True
-        return mx.where(mx.array(allowed), logits, -mx.inf)
+        return mx.where(self.mask(), logits, -mx.inf)
 
 
 def build_processor(
@@ -162,6 +295,7 @@ def build_processor(
     tool_choice: str | dict[str, Any] | None = "auto",
     response_format: dict[str, Any] | None = None,
     constrain: bool = True,
+    max_tokens: int | None = None,
 ) -> GrammarProcessor | None:
     """The grammar processor for a request, or None when nothing is constrained."""
     if response_format is not None and (grammar := response_format_grammar(response_format)):
@@ -173,7 +307,8 @@ def build_processor(
     if tool_choice == "auto":
         return GrammarProcessor(tokenizer, tool_body_grammar(tokenizer, tools), vocab_size, trigger=OPEN)
     if tool_choice == "required":
-        return GrammarProcessor(tokenizer, tool_calls_grammar(tokenizer, tools), vocab_size)
+        last = tool_calls_grammar(tokenizer, tools, single=True)
+        return GrammarProcessor(tokenizer, tool_calls_grammar(tokenizer, tools), vocab_size, max_tokens=max_tokens, last_block_grammar=last)
     name = tool_choice.get("function", {}).get("name") if isinstance(tool_choice, dict) else tool_choice
     chosen = [t for t in tools if t["function"]["name"] == name]
     if not chosen:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import mlx.core as mx
 
@@ -20,7 +20,7 @@ from .sampling import (
     vocab_limit_processor,
 )
 from .tokenizer import Tokenizer
-from .tools import ToolCall, ToolSpec, parse_tool_calls, tool_schemas
+from .tools import ToolCall, ToolCallDelta, ToolCallStream, ToolSpec, parse_tool_calls, tool_schemas
 
 # A dedicated stream lets the next decode step be queued while Python handles the current one.
 generation_stream = mx.new_stream(mx.default_device())
@@ -39,6 +39,7 @@ class GenerationChunk:
     generation_tps: float = 0.0
     peak_memory: float = 0.0  # GB
     tool_calls: list[ToolCall] | None = None  # on the last chunk, when tools were given
+    tool_call_deltas: list[ToolCallDelta] | None = None  # with tools: call pieces completed by this chunk
 
 
 @dataclass
@@ -81,6 +82,20 @@ def prefill(model: Model, tokens: mx.array, cache: list[KVCache], chunk_size: in
         return model(tokens[None], cache, last_only=True)[:, -1, :]
 
 
+class TokenConstraint(Protocol):
+    """A constraint the decode loop drives token by token (see `constrained.GrammarProcessor`)."""
+
+    @property
+    def active(self) -> bool:
+        """Whether the next token must be masked."""
+
+    def advance(self, token: int) -> bool:
+        """Feed a sampled token; True when it switched the constraint on."""
+
+    def mask(self) -> mx.array:
+        """Boolean (vocab,) array of the tokens allowed next."""
+
+
 def decode(
     model: Model,
     logits: mx.array,
@@ -88,30 +103,60 @@ def decode(
     sampler: Sampler,
     processors: Sequence[LogitsProcessor] = (),
     history: mx.array | None = None,
+    constraint: TokenConstraint | None = None,
 ) -> Iterator[int]:
     """Yield sampled tokens forever, starting from `logits`; the caller decides when to stop.
 
     Step n+1 is queued with `mx.async_eval` before token n is handed to Python, so the
     accelerator never waits for the caller. The cache therefore runs one token ahead; callers
-    trim it when they stop.
+    roll it back when they stop.
+
+    With a `constraint`, while it is inactive (free text) the loop is the same. While it is
+    active, the forward pass of step n+1 is dispatched first, then the host waits for token n and
+    computes the mask while the accelerator runs the model; only the masked sampling waits for
+    the mask. When token n switches the constraint on (a trigger), the unmasked sample already
+    queued for step n+1 is discarded and drawn again, masked, from the same logits.
     """
     history = history if history is not None else mx.array([], dtype=mx.int32)
 
-    def sample(logits: mx.array, history: mx.array) -> tuple[mx.array, mx.array]:
+    def sample(logits: mx.array, history: mx.array, mask: mx.array | None) -> tuple[mx.array, mx.array]:
         for process in processors:
             logits = process(history, logits)
+        if mask is not None:
+            logits = mx.where(mask, logits, -mx.inf)
         token = sampler(logits)
         return token, mx.concatenate([history, token.astype(history.dtype)]) if processors else history
 
     with mx.stream(generation_stream):
-        token, history = sample(logits, history)
+        if constraint is not None and constraint.active:
+            mx.async_eval(logits)
+            first_mask = constraint.mask()
+        else:
+            first_mask = None
+        token, history = sample(logits, history, first_mask)
     mx.async_eval(token)
     while True:
+        before = history
         with mx.stream(generation_stream):
             next_logits = model(token[:, None], cache)[:, -1, :]
-            next_token, history = sample(next_logits, history)
-        mx.async_eval(next_token)
-        yield token.item()
+            if constraint is None or not constraint.active:
+                next_token, history = sample(next_logits, history, None)
+        if constraint is None or not constraint.active:
+            mx.async_eval(next_token)
+            value = token.item()
+            if constraint is not None and constraint.advance(value):
+                with mx.stream(generation_stream):
+                    next_token, history = sample(next_logits, before, constraint.mask())
+                mx.async_eval(next_token)
+        else:
+            mx.async_eval(next_logits)
+            value = token.item()
+            constraint.advance(value)
+            with mx.stream(generation_stream):
+                mask = constraint.mask() if constraint.active else None
+                next_token, history = sample(next_logits, history, mask)
+            mx.async_eval(next_token)
+        yield value
         token = next_token
 
 
@@ -224,12 +269,13 @@ def stream_generate(
     processors = make_logits_processors(repetition_penalty, repetition_context_size, logits_processors)
     if model.args.vocab_size > tokenizer.vocab_size:
         processors.append(vocab_limit_processor(tokenizer.vocab_size, model.args.vocab_size))
+    constraint = None
     if tools or response_format is not None:
         from .constrained import build_processor
 
-        grammar = build_processor(tokenizer, model.args.vocab_size, tools, tool_choice, response_format, constrain)
-        if grammar is not None:
-            processors.append(grammar)
+        constraint = build_processor(
+            tokenizer, model.args.vocab_size, tools, tool_choice, response_format, constrain, max_tokens=max_tokens
+        )
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     if tools and tool_choice == "none":
         stops.append("<tool_call>")
@@ -237,18 +283,23 @@ def stream_generate(
     # Special tokens other than EOS stay in the text (tool-call markers may be special tokens).
     detokenizer = tokenizer.detokenizer(skip_special_tokens=False)
     eos = set(tokenizer.eos_token_ids)
-
+    calls_stream = ToolCallStream() if tools else None
     emitted: list[str] = []
 
     def chunk(text: str, token: int | None, finish: str | None, n: int) -> GenerationChunk:
         now = time.perf_counter()
         emitted.append(text)
-        calls = None
-        if finish and tools:
-            calls = parse_tool_calls("".join(emitted))[1]
-            finish = "tool_calls" if calls and finish == "stop" else finish
+        calls = deltas = None
+        if calls_stream is not None:
+            deltas = calls_stream.feed(text)[1]
+            if finish:
+                deltas += calls_stream.finish()[1]
+                calls = parse_tool_calls("".join(emitted))[1]
+                finish = "tool_calls" if calls and finish == "stop" else finish
         tps = (n / (now - t_first)) if n > 1 and now > t_first else 0.0
-        return GenerationChunk(text, token, finish, len(ids), n, len(ids) / prompt_time, tps, mx.get_peak_memory() / 1e9, calls)
+        return GenerationChunk(
+            text, token, finish, len(ids), n, len(ids) / prompt_time, tps, mx.get_peak_memory() / 1e9, calls, deltas
+        )
 
     t0 = time.perf_counter()
     n = 0
@@ -261,7 +312,7 @@ def stream_generate(
         if max_tokens <= 0:
             yield GenerationChunk("", None, "length", len(ids), 0)
             return
-        for token in decode(model, logits, cache, sampler, processors, history):
+        for token in decode(model, logits, cache, sampler, processors, history, constraint):
             if n == 0:
                 t_first = time.perf_counter()
                 prompt_time = max(t_first - t0, 1e-9)

@@ -85,44 +85,31 @@ def _compile_template(source: str):
 
 
 class _UserTextMarker:
-    """Wraps user strings in unguessable ASCII markers that survive `tojson`."""
+    """Wraps the user strings that could form control tokens in unguessable ASCII markers.
 
-    def __init__(self) -> None:
+    Only strings that contain an added token's text, or could join the template's text into one
+    (they start with the end of one or end with its beginning), are wrapped; every other string
+    renders exactly as given, so templates behave as they do in transformers (empty content stays
+    falsy, `required` lists still match property names, slicing sees the real text).
+    """
+
+    def __init__(self, risky: Callable[[str], bool]) -> None:
         nonce = secrets.token_hex(8)
         self.open, self.close = f"NESSOUSEROPEN{nonce}Q", f"NESSOUSERCLOSE{nonce}Q"
+        self.risky = risky
 
     def wrap(self, text: str) -> str:
-        return f"{self.open}{text}{self.close}"
+        return f"{self.open}{text}{self.close}" if self.risky(text) else text
 
-    def wrap_strings(self, obj: Any, keep: frozenset[str] = frozenset({"type"})) -> Any:
+    def wrap_strings(self, obj: Any) -> Any:
+        """`obj` with every risky string wrapped, dictionary keys included."""
         if isinstance(obj, str):
             return self.wrap(obj)
         if isinstance(obj, dict):
-            return {k: v if k in keep else self.wrap_strings(v, keep) for k, v in obj.items()}
-        if isinstance(obj, list):
-            return [self.wrap_strings(v, keep) for v in obj]
+            return {self.wrap(k) if isinstance(k, str) else k: self.wrap_strings(v) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return [self.wrap_strings(v) for v in obj]
         return obj
-
-    def message(self, message: dict[str, Any]) -> dict[str, Any]:
-        out = dict(message)
-        content = message.get("content")
-        if isinstance(content, str):
-            out["content"] = self.wrap(content)
-        elif isinstance(content, list):
-            out["content"] = [
-                {**part, "text": self.wrap(part["text"])}
-                if isinstance(part, dict) and isinstance(part.get("text"), str)
-                else part
-                for part in content
-            ]
-        if message.get("tool_calls"):
-            out["tool_calls"] = [self._tool_call(c) for c in message["tool_calls"]]
-        return out
-
-    def _tool_call(self, call: dict[str, Any]) -> dict[str, Any]:
-        fn = call.get("function", call)
-        wrapped = {**fn, "arguments": self.wrap_strings(fn.get("arguments", {}))}
-        return {**call, "function": wrapped} if "function" in call else wrapped
 
     def split(self, rendered: str) -> list[tuple[str, bool]]:
         """Split rendered text into (text, is_user_text) segments, markers removed."""
@@ -162,8 +149,15 @@ class Tokenizer:
         added = tokenizer.get_added_tokens_decoder()
         self.special_ids = {i for i, t in added.items() if t.special}
         self._added_text = {i: t.content for i, t in added.items()}
-        specials = sorted({added[i].content for i in self.special_ids}, key=len, reverse=True)
-        self._special_re = re.compile("|".join(map(re.escape, specials))) if specials else None
+        # Control texts: every added token, special or not (`<tool_call>` may be a plain added
+        # token); user text never produces them.
+        controls = sorted(set(self._added_text.values()), key=len, reverse=True)
+        self._control_re = re.compile("|".join(map(re.escape, controls))) if controls else None
+        self._control_heads = {t[:k] for t in controls for k in range(1, len(t))}
+        self._control_tails = {t[-k:] for t in controls for k in range(1, len(t))}
+        self._control_len = max(map(len, controls), default=0)
+        self._plain_added = any(not t.special for t in added.values())
+        self._plain_tokenizer: Any = None
         self.eos_token_ids = list(eos_token_ids or [])
         eos = self.special_tokens.get("eos_token")
         if eos is not None and (eos_id := tokenizer.token_to_id(eos)) is not None:
@@ -212,15 +206,42 @@ class Tokenizer:
         return self._tokenizer.token_to_id(token)
 
     def encode(self, text: str, *, add_special_tokens: bool = True, parse_special: bool = True) -> list[int]:
-        """Token ids of `text`. With `parse_special=False`, `<|im_start|>` etc. stay plain text."""
+        """Token ids of `text`. With `parse_special=False`, `<|im_start|>`, `<tool_call>` and every
+        other added token stay plain text."""
         if parse_special:
             return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
         with self._lock:
-            self._tokenizer.encode_special_tokens = True
+            tokenizer = self._without_added_tokens()
+            tokenizer.encode_special_tokens = True
             try:
-                return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+                return tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
             finally:
-                self._tokenizer.encode_special_tokens = False
+                tokenizer.encode_special_tokens = False
+
+    def _without_added_tokens(self) -> Any:
+        """The tokenizer, or when it has non-special added tokens a copy without them (built once).
+
+        `encode_special_tokens` stops special tokens from matching in text, but not plain added
+        tokens such as a tool-tuned tokenizer's `<tool_call>`.
+        """
+        if not self._plain_added:
+            return self._tokenizer
+        if self._plain_tokenizer is None:
+            from tokenizers import Tokenizer as HFTokenizer
+
+            data = json.loads(self._tokenizer.to_str())
+            data["added_tokens"] = [t for t in data["added_tokens"] if t.get("special")]
+            self._plain_tokenizer = HFTokenizer.from_str(json.dumps(data))
+        return self._plain_tokenizer
+
+    def _is_risky(self, text: str) -> bool:
+        """Whether `text` contains a control token's text or could join the template's into one."""
+        if not text or self._control_re is None:
+            return False
+        if self._control_re.search(text):
+            return True
+        n = min(len(text), self._control_len)
+        return any(text[-k:] in self._control_heads or text[:k] in self._control_tails for k in range(1, n + 1))
 
     def decode(self, ids: list[int], *, skip_special_tokens: bool = False) -> str:
         return self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -243,7 +264,7 @@ class Tokenizer:
             raise TokenizerError("messages must be a list of {'role': ..., 'content': ...} dicts")
         tools = tool_schemas(tools)
         if marker is not None:
-            messages = [marker.message(m) for m in messages]
+            messages = [marker.wrap_strings(m) for m in messages]
             tools = marker.wrap_strings(tools) if tools else None
         from jinja2 import TemplateError
 
@@ -293,28 +314,16 @@ class Tokenizer:
         by the template itself, never by message content or tool schemas. If the model's template
         ignores `tools`, the built-in Hermes-style ChatML template renders the request instead.
         """
-        marker = _UserTextMarker()
+        marker = _UserTextMarker(self._is_risky)
         rendered = self.render_chat(messages, tools, add_generation_prompt, marker, **kwargs)
         segments = marker.split(rendered)
         if not tokenize:
             return "".join(text for text, _ in segments)
+        # The template's text is encoded as transformers does (its control tokens parsed); the
+        # few user strings that could form control tokens are encoded as plain text.
         ids: list[int] = []
-        pending: list[str] = []
         for text, is_user in segments:
-            if is_user or self._special_re is None:
-                pending.append(text)
-                continue
-            pos = 0
-            for match in self._special_re.finditer(text):
-                pending.append(text[pos : match.start()])
-                if plain := "".join(pending):
-                    ids += self.encode(plain, add_special_tokens=False, parse_special=False)
-                pending = []
-                ids.append(self._tokenizer.token_to_id(match.group()))
-                pos = match.end()
-            pending.append(text[pos:])
-        if plain := "".join(pending):
-            ids += self.encode(plain, add_special_tokens=False, parse_special=False)
+            ids += self.encode(text, add_special_tokens=False, parse_special=not is_user)
         return ids
 
     def detokenizer(self, skip_special_tokens: bool = True) -> StreamingDetokenizer:
@@ -352,7 +361,8 @@ def _bytes_to_unicode() -> dict[int, str]:
     return table
 
 
-_BYTE_DECODER = {c: b for b, c in _bytes_to_unicode().items()}
+BYTE_SYMBOLS = _bytes_to_unicode()  # byte -> the character byte-level BPE writes it as
+_BYTE_DECODER = {c: b for b, c in BYTE_SYMBOLS.items()}
 
 
 def _is_byte_level(tokenizer: Any) -> bool:

@@ -71,6 +71,160 @@ def parse_tool_calls(text: str) -> tuple[str, list[ToolCall]]:
     return content, calls
 
 
+# --- streaming ------------------------------------------------------------------------------
+
+
+@dataclass
+class ToolCallDelta:
+    """A piece of a tool call as it is generated: the call's index, its name once (first), then
+    fragments of its arguments' JSON text, which concatenated are the call's arguments."""
+
+    index: int
+    name: str | None = None
+    arguments: str = ""
+
+
+_NAME_FIRST = re.compile(r'^\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments|parameters)"\s*:\s*')
+
+
+class _ValueEnd:
+    """Finds where a JSON value ends, fed a character at a time (objects, arrays, strings, scalars)."""
+
+    def __init__(self) -> None:
+        self.depth, self.in_string, self.escaped, self.kind = 0, False, False, ""
+
+    def feed(self, c: str) -> bool:
+        """Feed `c` (part of the value); True when `c` completed it."""
+        if not self.kind:
+            self.kind = c
+            if c in "{[":
+                self.depth = 1
+            self.in_string = c == '"'
+            return False
+        if self.in_string:
+            if self.escaped:
+                self.escaped = False
+            elif c == "\\":
+                self.escaped = True
+            elif c == '"':
+                self.in_string = False
+                return self.kind == '"'
+            return False
+        if c == '"':
+            self.in_string = True
+        elif c in "{[":
+            self.depth += 1
+        elif c in "}]":
+            self.depth -= 1
+            return self.depth == 0
+        return False
+
+
+class ToolCallStream:
+    """Splits streamed model text into content and tool-call deltas, as they are generated.
+
+    `feed(text)` returns the content that is certainly not part of a `<tool_call>` block (a
+    possible partial tag is held back) and the deltas: for each call, its index and name as soon
+    as the name is written, then its arguments' JSON text fragment by fragment (for calls written
+    as `{"name": ..., "arguments": ...}`; other orders are sent whole when the block closes).
+    """
+
+    def __init__(self) -> None:
+        self.pending = ""  # text not yet classified
+        self.body: str | None = None  # inside a block: its text so far
+        self.index = -1
+        self._named = False
+        self._args_at = 0  # where the arguments value starts in `body`, once known
+        self._sent = 0  # how much of the arguments value was sent
+        self._end: _ValueEnd | None = None
+        self._done = False
+
+    def feed(self, text: str) -> tuple[str, list[ToolCallDelta]]:
+        self.pending += text
+        content, deltas = [], []
+        while self.pending:
+            if self.body is None:
+                at = self.pending.find("<tool_call>")
+                if at == -1:
+                    keep = _partial_suffix(self.pending, "<tool_call>")
+                    content.append(self.pending[: len(self.pending) - keep])
+                    self.pending = self.pending[len(self.pending) - keep :]
+                    break
+                content.append(self.pending[:at])
+                self.pending = self.pending[at + len("<tool_call>") :]
+                self._open()
+            else:
+                at = self.pending.find("</tool_call>")
+                keep = 0 if at != -1 else _partial_suffix(self.pending, "</tool_call>")
+                upto = at if at != -1 else len(self.pending) - keep
+                self.body += self.pending[:upto]
+                self.pending = self.pending[upto:]
+                deltas += self._progress()
+                if at == -1:
+                    break
+                self.pending = self.pending[len("</tool_call>") :]
+                deltas += self._close()
+        return "".join(content), deltas
+
+    def finish(self) -> tuple[str, list[ToolCallDelta]]:
+        """Flush at the end of generation (an unclosed block is closed as it stands)."""
+        if self.body is None:
+            content, self.pending = self.pending, ""
+            return content, []
+        self.body += self.pending
+        self.pending = ""
+        return "", self._progress() + self._close()
+
+    def _open(self) -> None:
+        self.index += 1
+        self.body, self._named, self._args_at, self._sent, self._end, self._done = "", False, 0, 0, None, False
+
+    def _progress(self) -> list[ToolCallDelta]:
+        deltas = []
+        if not self._named:
+            match = _NAME_FIRST.match(self.body)
+            if match is None:
+                return []
+            try:
+                name = json.loads(f'"{match.group(1)}"')
+            except json.JSONDecodeError:
+                return []
+            self._named, self._args_at, self._end = True, match.end(), _ValueEnd()
+            deltas.append(ToolCallDelta(self.index, name=name))
+        if not self._done:
+            value = self.body[self._args_at :]
+            new = value[self._sent :]
+            for i, c in enumerate(new):
+                if self._end.feed(c):
+                    new, self._done = new[: i + 1], True
+                    break
+            if new:
+                self._sent += len(new)
+                if deltas:
+                    deltas[0].arguments = new
+                else:
+                    deltas.append(ToolCallDelta(self.index, arguments=new))
+        return deltas
+
+    def _close(self) -> list[ToolCallDelta]:
+        body, named = self.body or "", self._named
+        self.body = None
+        if named:
+            return []
+        call = parse_tool_call(body)  # not in name-first form: send it whole
+        if not call.ok:
+            return []
+        return [ToolCallDelta(self.index, name=call.name, arguments=json.dumps(call.arguments, ensure_ascii=False))]
+
+
+def _partial_suffix(text: str, tag: str) -> int:
+    """The length of the longest end of `text` that is a proper beginning of `tag`."""
+    for k in range(min(len(text), len(tag) - 1), 0, -1):
+        if tag.startswith(text[-k:]):
+            return k
+    return 0
+
+
 # --- schemas --------------------------------------------------------------------------------
 
 _JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean", type(None): "null"}
