@@ -158,8 +158,9 @@ class GrammarProcessor:
     completes; then generation is free again (so "auto" tool calls can be interleaved with text).
 
     With `max_tokens` and `last_block_grammar` (one block of a grammar of repeated tagged
-    blocks), no block is begun that the budget could not finish, judging by the longest so far. The object also works as a plain logits processor
-    `f(tokens, logits)`, as mlx-lm's are, at the cost of a host sync per token.
+    blocks), no block is begun that the budget could not finish, judging by the longest so far.
+    The object also works as a plain logits processor `f(tokens, logits)`, as mlx-lm's are, at
+    the cost of a host sync per token.
     """
 
     def __init__(
@@ -307,8 +308,8 @@ def build_processor(
     if tool_choice == "auto":
         return GrammarProcessor(tokenizer, tool_body_grammar(tokenizer, tools), vocab_size, trigger=OPEN)
     if tool_choice == "required":
-        last = tool_calls_grammar(tokenizer, tools, single=True)
-        return GrammarProcessor(tokenizer, tool_calls_grammar(tokenizer, tools), vocab_size, max_tokens=max_tokens, last_block_grammar=last)
+        grammar, last = tool_calls_grammar(tokenizer, tools), tool_calls_grammar(tokenizer, tools, single=True)
+        return GrammarProcessor(tokenizer, grammar, vocab_size, max_tokens=max_tokens, last_block_grammar=last)
     name = tool_choice.get("function", {}).get("name") if isinstance(tool_choice, dict) else tool_choice
     chosen = [t for t in tools if t["function"]["name"] == name]
     if not chosen:
