@@ -11,31 +11,42 @@ Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 
 
-def _top_k(logprobs: mx.array, k: int) -> mx.array:
-    if k <= 0 or k >= logprobs.shape[-1]:
-        return logprobs
-    kth = mx.sort(mx.argpartition(-logprobs, k - 1, axis=-1)[..., :k], axis=-1)
-    threshold = mx.min(mx.take_along_axis(logprobs, kth, axis=-1), axis=-1, keepdims=True)
-    return mx.where(logprobs < threshold, -mx.inf, logprobs)
+def _filter(logprobs: mx.array, top_k: int, top_p: float, min_p: float) -> mx.array:
+    """Mask with -inf the tokens that top-k, then top-p, then min-p remove (llama.cpp's order).
+
+    `logprobs` are untempered log-probabilities (batch, vocab). top-k keeps exactly the k most
+    likely tokens; top-p keeps the smallest set of the most likely survivors whose probability,
+    renormalized over the survivors, reaches p; min-p keeps the tokens whose probability is at
+    least `min_p` times the most likely one's. Everything stays in the graph: no host sync.
+    """
+    vocab = logprobs.shape[-1]
+    use_k = 0 < top_k < vocab
+    if use_k:
+        # argpartition is O(vocab); only the k candidates are ever sorted.
+        index = mx.argpartition(-logprobs, top_k - 1, axis=-1)[..., :top_k]
+        candidates = mx.take_along_axis(logprobs, index, axis=-1)
+        logprobs = mx.put_along_axis(mx.full(logprobs.shape, -mx.inf, logprobs.dtype), index, candidates, axis=-1)
+    else:
+        candidates = logprobs
+    if top_p < 1.0:
+        ranked = -mx.sort(-candidates, axis=-1)  # most likely first
+        probs = mx.exp(ranked - mx.logsumexp(ranked, axis=-1, keepdims=True))  # over the survivors
+        # A token stays while the mass of the tokens ranked above it is below p: the smallest
+        # prefix reaching p, always at least the most likely token.
+        kept = mx.sum((mx.cumsum(probs, axis=-1) - probs) < top_p, axis=-1, keepdims=True)
+        threshold = mx.take_along_axis(ranked, mx.maximum(kept, 1) - 1, axis=-1)
+        logprobs = mx.where(logprobs < threshold, -mx.inf, logprobs)
+    if min_p > 0.0:
+        threshold = mx.max(logprobs, axis=-1, keepdims=True) + math.log(min_p)
+        logprobs = mx.where(logprobs < threshold, -mx.inf, logprobs)
+    return logprobs
 
 
-def _top_p(logprobs: mx.array, p: float) -> mx.array:
-    if p >= 1.0:
-        return logprobs
-    order = mx.argsort(-logprobs, axis=-1)
-    sorted_lp = mx.take_along_axis(logprobs, order, axis=-1)
-    cumulative = mx.cumsum(mx.exp(sorted_lp), axis=-1)
-    # Keep the smallest prefix whose mass reaches p (the first token is always kept).
-    keep_sorted = (cumulative - mx.exp(sorted_lp)) < p
-    keep = mx.put_along_axis(mx.zeros_like(keep_sorted), order, keep_sorted, axis=-1)
-    return mx.where(keep, logprobs, -mx.inf)
-
-
-def _min_p(logprobs: mx.array, min_p: float) -> mx.array:
-    if min_p <= 0.0:
-        return logprobs
-    threshold = mx.max(logprobs, axis=-1, keepdims=True) + math.log(min_p)
-    return mx.where(logprobs < threshold, -mx.inf, logprobs)
+def filter_logprobs(logits: mx.array, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> mx.array:
+    """Untempered log-probabilities of `logits` with the tokens the filters remove set to -inf."""
+    logprobs = logits.astype(mx.float32)
+    logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
+    return _filter(logprobs, top_k, top_p, min_p)
 
 
 def make_sampler(
@@ -47,8 +58,15 @@ def make_sampler(
 ) -> Sampler:
     """A function from logits (batch, vocab) to token ids (batch,).
 
-    `temperature` 0 is greedy. With a `seed`, sampling uses its own key sequence, so the same
-    seed gives the same tokens regardless of any other use of MLX's global random state.
+    The order is llama.cpp's and mlx-lm's: logits processors (repetition penalty, grammar masks)
+    run before the sampler; then top-k, top-p and min-p select tokens on the untempered
+    distribution, and only then is `temperature` applied to what is left. So temperature
+    changes how the survivors are weighted, never which tokens survive. (Where mlx-lm applies
+    top-p before top-k, we apply top-p to the k survivors, renormalized, as llama.cpp does.)
+
+    `temperature` 0 is greedy (the filters cannot change the most likely token). With a `seed`,
+    sampling uses its own key sequence, so the same seed gives the same tokens regardless of any
+    other use of MLX's global random state.
     """
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
@@ -62,15 +80,14 @@ def make_sampler(
         return lambda logits: mx.argmax(logits, axis=-1)
 
     state = {"key": mx.random.key(seed)} if seed is not None else None
+    inverse_temperature = 1.0 / temperature
 
     def sample(logits: mx.array) -> mx.array:
-        logprobs = logits.astype(mx.float32) / temperature
-        logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
-        logprobs = _min_p(_top_p(_top_k(logprobs, top_k), top_p), min_p)
+        scaled = filter_logprobs(logits, top_k, top_p, min_p) * inverse_temperature
         if state is None:
-            return mx.random.categorical(logprobs)
+            return mx.random.categorical(scaled)
         state["key"], key = mx.random.split(state["key"])
-        return mx.random.categorical(logprobs, key=key)
+        return mx.random.categorical(scaled, key=key)
 
     return sample
 
