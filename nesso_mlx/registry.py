@@ -42,10 +42,13 @@ def conversions_dir() -> Path:
 
 
 def is_downloaded(repo_id: str) -> bool:
-    """Whether the Hugging Face cache holds this repo's config.json (no network)."""
-    from huggingface_hub import try_to_load_from_cache
+    """Whether the Hugging Face cache holds all of this repo's model files (no network).
 
-    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    A partial download (interrupted) counts as not downloaded: loading it would go online.
+    """
+    from .hub import cached_snapshot
+
+    return cached_snapshot(repo_id) is not None
 
 
 @dataclass(frozen=True)

@@ -263,6 +263,87 @@ def test_unreachable_hub_is_one_line(monkeypatch):
     assert "*.safetensors" in calls["allow_patterns"] and not any(".bin" in p for p in calls["allow_patterns"])
 
 
+@pytest.fixture
+def hanging_hub(monkeypatch):
+    """The network made to hang: an online `snapshot_download` or any socket connection blocks.
+
+    `.online` lists what went online; `.hang` is how long it blocks (short, so that a failure is
+    quick; 0 where going online is expected). Cache look-ups (`local_files_only=True`) work.
+    """
+    import socket
+    import threading
+    from types import SimpleNamespace
+
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    real = huggingface_hub.snapshot_download
+    hub = SimpleNamespace(online=[], hang=3.0)
+
+    def snapshot_download(repo_id, **kwargs):
+        if kwargs.get("local_files_only"):
+            return real(repo_id, **kwargs)
+        hub.online.append(repo_id)
+        threading.Event().wait(hub.hang)  # a hub that does not answer
+        raise LocalEntryNotFoundError("connection timed out")
+
+    def connect(*args, **kwargs):
+        hub.online.append("socket")
+        threading.Event().wait(hub.hang)
+        raise OSError("network unreachable")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket, "create_connection", connect)
+    return hub
+
+
+def test_cached_repo_id_starts_without_the_network(hf_cache, hanging_hub, tmp_path):
+    """Offline first: a complete cached snapshot is used with no request to the Hub, even when online."""
+    import time
+
+    from nesso_mlx.registry import is_downloaded
+
+    snapshot = hf_cache_with(hf_cache, "mii-llm/tiny-test", write_model_folder(tmp_path / "src"))
+    start = time.perf_counter()
+    model, _ = load("mii-llm/tiny-test")
+    assert time.perf_counter() - start < 2.5 and hanging_hub.online == []
+    assert model.path.resolve() == snapshot.resolve()
+    assert is_downloaded("mii-llm/tiny-test") and hanging_hub.online == []
+
+
+@pytest.mark.parametrize("missing", ["model.safetensors", "config.json", "tokenizer.json", "model-00002-of-00002.safetensors"])
+def test_partial_cached_snapshot_goes_online(hf_cache, hanging_hub, tmp_path, missing):
+    """An interrupted download is not trusted: without its config, tokenizer or every shard, ask the Hub."""
+    from nesso_mlx.registry import is_downloaded
+
+    hanging_hub.hang = 0.0
+    source = write_model_folder(tmp_path / "src")
+    if missing.startswith("model-"):  # a sharded checkpoint whose second shard never arrived
+        weights = mx.load(str(source / "model.safetensors"))
+        (source / "model.safetensors").unlink()
+        names = sorted(weights)
+        shards = {"model-00001-of-00002.safetensors": names[:5], "model-00002-of-00002.safetensors": names[5:]}
+        for shard, keys in shards.items():
+            mx.save_safetensors(str(source / shard), {k: weights[k] for k in keys})
+        index = {"weight_map": {k: shard for shard, keys in shards.items() for k in keys}}
+        (source / "model.safetensors.index.json").write_text(json.dumps(index))
+    snapshot = hf_cache_with(hf_cache, "mii-llm/partial", source)
+    (snapshot / missing).unlink()
+    assert not is_downloaded("mii-llm/partial")
+    with pytest.raises(HubError) as e:
+        load("mii-llm/partial")
+    assert hanging_hub.online == ["mii-llm/partial"] and "cannot be reached" in one_line(e.value)
+
+
+def test_partial_cached_snapshot_offline_says_so(hf_cache, tmp_path):
+    snapshot = hf_cache_with(hf_cache, "mii-llm/partial", write_model_folder(tmp_path / "src"))
+    (snapshot / "model.safetensors").unlink()
+    with pytest.raises(HubError) as e:
+        load("mii-llm/partial")
+    assert "only partly" in one_line(e.value) and "HF_HUB_OFFLINE" in str(e.value)
+
+
 def test_not_a_folder_nor_repo_id(tmp_path):
     with pytest.raises(HubError, match="not a Hugging Face repo id"):
         load(str(tmp_path / "does" / "not" / "exist"))
