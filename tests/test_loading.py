@@ -83,9 +83,27 @@ def test_loads_mlx_lm_quantized_folder_and_matches_mlx_lm(tmp_path, mixed):
     assert mx.allclose(model(tokens()), theirs(tokens()), atol=1e-4).item()
 
 
-def test_rows_beyond_tokenizer_are_allowed(tmp_path):
-    model, tokenizer = load(write_model_folder(tmp_path / "m"))
-    assert model.args.vocab_size > tokenizer.vocab_size
+def test_rows_beyond_tokenizer_load_and_are_never_generated(tmp_path):
+    """Checkpoints pad the embedding past the tokenizer (Nesso: 49152 rows for fewer tokens).
+
+    Loading must accept the extra rows, and generation must never pick one, even when the model
+    ranks them first: here the LM head's padding rows are large, so they win every argmax.
+    """
+    from nesso_mlx import generate
+
+    config = {**TINY_CONFIG, "tie_word_embeddings": False}
+    weights = random_weights(config)
+    head = weights["lm_head.weight"]
+    rows = mx.arange(head.shape[0])[:, None]
+    tokenizer_size = 265  # the tiny tokenizer: 256 bytes, 6 merges, 3 special tokens
+    weights["lm_head.weight"] = mx.where(rows >= tokenizer_size, 5.0 * head, 0.01 * head)
+    model, tokenizer = load(write_model_folder(tmp_path / "m", config, weights))
+    assert tokenizer.vocab_size == tokenizer_size < model.args.vocab_size == 320
+    prompt = tokenizer.encode("the weather in Rome")
+    assert mx.argmax(model(mx.array([prompt]))[0], axis=-1).min().item() >= tokenizer_size  # padding wins unbanned
+    for settings in ({"temperature": 0.0}, {"temperature": 1.0, "seed": 1}, {"temperature": 2.0, "top_k": 5, "seed": 2}):
+        out = generate(model, tokenizer, prompt, max_tokens=24, **settings)
+        assert out.tokens and max(out.tokens) < tokenizer_size, settings
 
 
 # --- config parsing -------------------------------------------------------------------------
