@@ -114,12 +114,8 @@ def tool_calls_grammar(tokenizer: Tokenizer, tools: Sequence[dict[str, Any]], si
 
 
 def tool_body_grammar(tokenizer: Tokenizer, tools: Sequence[dict[str, Any]]) -> str:
-    """What follows an opening `<tool_call>`: a newline, the call's JSON, a newline, the closing tag.
-
-    A few spaces may come before the first newline: the token that completed the opening tag
-    was chosen freely and may carry them.
-    """
-    return f'start: /[ \\t]{{0,4}}/ "\\n" call "\\n" {_literal(tokenizer, CLOSE)}\ncall: {_json(call_schema(tools))}\n'
+    """What follows an opening `<tool_call>`: a newline, the call's JSON, a newline, the closing tag."""
+    return f'start: "\\n" call "\\n" {_literal(tokenizer, CLOSE)}\ncall: {_json(call_schema(tools))}\n'
 
 
 def response_format_grammar(response_format: dict[str, Any]) -> str:
@@ -224,7 +220,9 @@ class GrammarProcessor:
                 self.tail = window[-len(self.trigger) :]
                 return False
             self.matcher, self.tail = self._matcher(self.grammar), b""
-            if rest := window[at + len(self.trigger) :]:  # the bytes past the tag, in the same token
+            # The bytes past the tag in the same token go to the grammar (spaces, chosen freely
+            # before the grammar applied, are left out: the call's text is stripped when parsed).
+            if rest := window[at + len(self.trigger) :].lstrip(b" \t"):
                 self.matcher.consume_tokens(_byte_tokens(self.tokenizer, rest))
             return True
         if token in self.eos:

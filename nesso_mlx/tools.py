@@ -84,7 +84,8 @@ class ToolCallDelta:
     arguments: str = ""
 
 
-_NAME_FIRST = re.compile(r'^\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments|parameters)"\s*:\s*')
+_NAME_FIRST = re.compile(r'^\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"')
+_ARGUMENTS_NEXT = re.compile(r'\s*,\s*"(?:arguments|parameters)"\s*:\s*(?=\S)')
 
 
 class _ValueEnd:
@@ -189,11 +190,15 @@ class ToolCallStream:
                 name = json.loads(f'"{match.group(1)}"')
             except json.JSONDecodeError:
                 return []
-            self._named, self._args_at, self._end = True, match.end(), _ValueEnd()
+            self._named, self._args_at = True, -match.end()  # negative: the name's end, arguments not found yet
             deltas.append(ToolCallDelta(self.index, name=name))
+        if self._args_at < 0:
+            match = _ARGUMENTS_NEXT.match(self.body, -self._args_at)
+            if match is None:
+                return deltas
+            self._args_at, self._end = match.end(), _ValueEnd()
         if not self._done:
-            value = self.body[self._args_at :]
-            new = value[self._sent :]
+            new = self.body[self._args_at + self._sent :]
             for i, c in enumerate(new):
                 if self._end.feed(c):
                     new, self._done = new[: i + 1], True
@@ -207,14 +212,15 @@ class ToolCallStream:
         return deltas
 
     def _close(self) -> list[ToolCallDelta]:
-        body, named = self.body or "", self._named
+        body, named, sent = self.body or "", self._named, self._sent
         self.body = None
-        if named:
+        if sent:
             return []
-        call = parse_tool_call(body)  # not in name-first form: send it whole
+        call = parse_tool_call(body)  # not written name first: send what was not sent, whole
         if not call.ok:
             return []
-        return [ToolCallDelta(self.index, name=call.name, arguments=json.dumps(call.arguments, ensure_ascii=False))]
+        arguments = json.dumps(call.arguments, ensure_ascii=False)
+        return [ToolCallDelta(self.index, arguments=arguments) if named else ToolCallDelta(self.index, call.name, arguments)]
 
 
 def _partial_suffix(text: str, tag: str) -> int:
