@@ -1,11 +1,24 @@
-"""What constrained decoding costs per generated token.
+"""What constrained decoding costs per generated token, at Nesso's 128k vocabulary.
 
-    python benchmarks/bench_constrained.py [--model PATH] [--tokens 48]
+    python benchmarks/bench_constrained.py                    # Nesso's shape, random weights
+    python benchmarks/bench_constrained.py --shape tiny       # Nesso's vocabulary, 2 narrow layers
+    python benchmarks/bench_constrained.py --model PATH       # a real checkpoint
 
-Runs the same chat prompt free and under a JSON schema (llguidance), greedy, and reports decode
-tokens/s of each plus the grammar processor's own time per token (mask computation, advancing
-the parser, applying the mask). The processor reads each sampled token back from the device,
-which also removes the decode loop's one-step overlap: that shows in the tokens/s difference.
+By default the model has Nesso-0.4B's dimensions (hidden 960, 32 layers, 15/5 heads, 2560 MLP)
+with random bf16 weights, and the Nesso-vocabulary tokenizer from tests/nesso_fixture.py (the
+real Llama-3.2 BPE, ChatML and the tool tags as added tokens: 128,262 entries). Greedy runs,
+alternating, of the same prompt:
+
+- free: no constraint;
+- auto: tools offered with tool_choice="auto" (the grammar waits for a `<tool_call>` that a
+  random model never writes: this is the cost of being ready);
+- json: a JSON schema (every token masked);
+- required: tool_choice="required" (every token masked).
+
+It reports decode tokens/s and the ratio to free decode, the grammar's host time per token
+(advancing the parser plus computing the mask), and the cost of applying a 128k mask to the
+logits two ways: unpacking the bitmask on the host into a boolean array (what nesso-mlx does),
+and llguidance.mlx's bitmask kernel (a Metal kernel: measured on a Mac only).
 """
 
 from __future__ import annotations
@@ -16,6 +29,15 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+NESSO_SHAPE = {
+    "hidden_size": 960,
+    "intermediate_size": 2560,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 15,
+    "num_key_value_heads": 5,
+}
 SCHEMA = {
     "type": "object",
     "properties": {
@@ -26,63 +48,144 @@ SCHEMA = {
     },
     "required": ["city", "country", "landmarks", "population_millions"],
 }
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+                "required": ["city"],
+            },
+        },
+    }
+]
+
+
+def nesso_shaped_model(shape: str):
+    import mlx.core as mx
+    from mlx.utils import tree_map
+    from nesso_fixture import nesso_folder
+
+    from nesso_mlx import load
+    from nesso_mlx.config import ModelArgs
+    from nesso_mlx.model import Model
+
+    folder = nesso_folder("added")
+    model, tokenizer = load(folder)
+    if shape == "nesso":
+        import json
+
+        config = {**json.loads((folder / "config.json").read_text()), **NESSO_SHAPE}
+        mx.random.seed(0)
+        model = Model(ModelArgs.from_dict(config))
+        model.update(tree_map(lambda p: p.astype(mx.bfloat16), model.parameters()))
+        mx.eval(model.parameters())
+    return model, tokenizer, f"{shape} shape, vocabulary {model.args.vocab_size}"
+
+
+def instrument():
+    """Time the grammar's host work per token: advance() plus mask()."""
+    import nesso_mlx.constrained as constrained
+
+    timings: list[float] = []
+    for name in ("advance", "mask"):
+        original = getattr(constrained.GrammarProcessor, name)
+
+        def timed(self, *args, _original=original):
+            t0 = time.perf_counter()
+            out = _original(self, *args)
+            timings.append(time.perf_counter() - t0)
+            return out
+
+        setattr(constrained.GrammarProcessor, name, timed)
+    return timings
+
+
+def mask_application(vocab: int, repeats: int = 200) -> dict[str, float]:
+    """µs to apply a 128k-token mask: host unpack vs llguidance.mlx's kernel (Metal only)."""
+    import mlx.core as mx
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    bits = rng.integers(0, 256, size=(vocab + 31) // 32 * 4, dtype=np.uint8)
+    logits = mx.random.normal((1, vocab)).astype(mx.bfloat16)
+    mx.eval(logits)
+    out = {}
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        allowed = np.unpackbits(bits, count=vocab, bitorder="little").view(bool)
+        mx.eval(mx.where(mx.array(allowed), logits, -mx.inf))
+        times.append(time.perf_counter() - t0)
+    out["host unpack + mx.where"] = statistics.median(times) * 1e6
+    if mx.metal.is_available():
+        from llguidance.mlx import apply_token_bitmask
+
+        words = bits.view(np.int32)[None]
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            mx.eval(apply_token_bitmask(logits, words))
+            times.append(time.perf_counter() - t0)
+        out["llguidance.mlx kernel"] = statistics.median(times) * 1e6
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="model folder (default: the SmolLM2 test fixture)")
-    parser.add_argument("--tokens", type=int, default=48)
+    parser.add_argument("--model", help="a model folder (default: a Nesso-shaped random model)")
+    parser.add_argument("--shape", choices=["nesso", "tiny"], default="nesso")
+    parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    if args.model is None:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-        from smollm2_fixture import smollm2_path
 
-        args.model = str(smollm2_path())
-
-    import nesso_mlx.constrained as constrained
     from nesso_mlx import generate, load
 
-    model, tokenizer = load(args.model)
-    messages = [{"role": "user", "content": "Describe Paris as a JSON object."}]
-    timings: list[float] = []
-    waits: list[float] = []
-    original, original_new_tokens = constrained.GrammarProcessor.__call__, constrained.GrammarProcessor._new_tokens
-
-    def new_tokens(self, tokens):  # reading the sampled token waits for the forward pass: not grammar work
-        t0 = time.perf_counter()
-        out = original_new_tokens(self, tokens)
-        waits.append(time.perf_counter() - t0)
-        return out
-
-    def timed(self, tokens, logits):
-        t0 = time.perf_counter()
-        n = len(waits)
-        out = original(self, tokens, logits)  # host work: parser, bitmask, unpacking (mx.where stays lazy)
-        timings.append(time.perf_counter() - t0 - sum(waits[n:]))
-        return out
-
-    constrained.GrammarProcessor.__call__ = timed
-    constrained.GrammarProcessor._new_tokens = new_tokens
-    fmt = {"type": "json_schema", "json_schema": {"schema": SCHEMA}}
-    generate(model, tokenizer, messages=messages, max_tokens=4, response_format=fmt)  # warm-up, tokenizer build
-    free, constrained_tps = [], []
+    if args.model:
+        model, tokenizer = load(args.model)
+        label = args.model
+    else:
+        model, tokenizer, label = nesso_shaped_model(args.shape)
+    timings = instrument()
+    messages = [{"role": "user", "content": "Descrivi Roma in JSON."}]
+    modes = {
+        "free": {},
+        "auto": {"tools": TOOLS, "tool_choice": "auto"},
+        "json": {"response_format": {"type": "json_schema", "json_schema": {"schema": SCHEMA}}},
+        "required": {"tools": TOOLS, "tool_choice": "required"},
+    }
+    for options in modes.values():  # warm-up: compiles, builds llguidance's tokenizer once
+        generate(model, tokenizer, messages=messages, max_tokens=4, **options)
+    tps: dict[str, list[float]] = {m: [] for m in modes}
+    tokens: dict[str, list[int]] = {m: [] for m in modes}
+    host: dict[str, list[float]] = {m: [] for m in modes}
     for _ in range(args.repeats):
-        free.append(generate(model, tokenizer, messages=messages, max_tokens=args.tokens).generation_tps)
-        timings.clear()
-        result = generate(model, tokenizer, messages=messages, max_tokens=args.tokens, response_format=fmt)
-        constrained_tps.append(result.generation_tps)
-        per_token = statistics.median(timings) * 1e6
-    print(f"model {args.model}, {args.tokens} tokens, median of {args.repeats}")
-    print(f"free decode        {statistics.median(free):8.2f} tok/s")
-    print(
-        f"constrained decode {statistics.median(constrained_tps):8.2f} tok/s "
-        f"({statistics.median(constrained_tps) / statistics.median(free):.2f}x)"
-    )
-    print(
-        f"grammar processor  {per_token:8.0f} µs per token (median), "
-        f"{max(timings) * 1e6:.0f} µs max; {100 * per_token / 1e6 * statistics.median(free):.1f}% of a free step"
-    )
+        for mode, options in modes.items():
+            timings.clear()
+            result = generate(model, tokenizer, messages=messages, max_tokens=args.tokens, **options)
+            tps[mode].append(result.generation_tps)
+            tokens[mode].append(result.generation_tokens)
+            host[mode].append(sum(timings) / max(result.generation_tokens, 1))
+    free = statistics.median(tps["free"])
+    print(f"{label}; greedy, up to {args.tokens} tokens, median of {args.repeats}")
+    print("| mode | tokens | decode tok/s | vs free | grammar host µs/token |")
+    print("|---|---:|---:|---:|---:|")
+    for mode in modes:
+        rate = statistics.median(tps[mode])
+        print(
+            f"| {mode} | {statistics.median(tokens[mode]):.0f} | {rate:.2f} | {rate / free:.2f}x | "
+            f"{statistics.median(host[mode]) * 1e6:.0f} |"
+        )
+    print()
+    print(f"applying a {model.args.vocab_size}-token mask, median µs:")
+    for name, micros in mask_application(model.args.vocab_size).items():
+        print(f"  {name:28s} {micros:8.0f}")
+    import mlx.core as mx
+
+    if not mx.metal.is_available():
+        print("  llguidance.mlx kernel        (Metal only: to measure on a Mac)")
 
 
 if __name__ == "__main__":
