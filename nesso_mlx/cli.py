@@ -1,34 +1,190 @@
-"""The `nesso-mlx` command line: a thin layer over the Python API (heavy imports happen lazily)."""
+"""The `nesso-mlx` command line: a thin layer over the Python API (heavy imports happen lazily).
+
+Bad input never shows a traceback: every number is checked while the command line is parsed,
+before any model is loaded, and a usage error is one line on stderr with exit code 2.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import sys
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 import typer
+from typer.core import TyperGroup
 
 from .registry import DEFAULT_CHAT_MODEL
 
+# click's UsageError: the base of every command-line error (newer typer vendors click).
+UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+
+
+class BadNumber(typer.BadParameter):
+    """A number option out of range; the message names the option and what it allows."""
+
+
+class OneLineErrors(TyperGroup):
+    """Usage errors (bad numbers, unknown or missing options) as one line: `error: ...`, exit 2."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().make_context(*args, **kwargs)
+        except UsageError as e:
+            usage_error(e)
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except UsageError as e:
+            usage_error(e)
+
+
+def usage_error(e: Exception) -> NoReturn:
+    if type(e).__name__ == "NoArgsIsHelpError":  # `nesso-mlx eval` alone prints its help
+        raise e
+    message = e.message if isinstance(e, BadNumber) else e.format_message()
+    typer.echo(f"error: {' '.join(message.split())}", err=True)
+    raise typer.Exit(2)
+
+
 app = typer.Typer(
-    help="Run Nesso models locally with MLX.", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False
+    help="Run Nesso models locally with MLX.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    cls=OneLineErrors,
 )
 
 HUB_HINT = "run `nesso-mlx pull MODEL` on a connected machine or pass --model PATH"
 
+
+def number(
+    kind: type,
+    name: str,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+    choices: tuple[int, ...] | None = None,
+    words: str | None = None,
+) -> tuple[Callable[[Any], Any], str]:
+    """A parser for option `name` that accepts a `kind` (int or float) in a range, and the range in words."""
+    if words:
+        allowed = words
+    elif choices:
+        allowed = " or ".join(map(str, choices))
+    elif low is not None and high is not None:
+        allowed = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    elif low is not None:
+        allowed = f"{'>' if low_open else '>='} {low}"
+    else:
+        allowed = ""
+    what = allowed if choices else f"{'an integer' if kind is int else 'a number'} {allowed}".strip()
+
+    def parse(value: Any) -> Any:
+        try:
+            parsed = kind(value.strip()) if isinstance(value, str) else kind(value)
+        except (TypeError, ValueError):
+            raise BadNumber(f"{name} must be {what}, got {value!r}") from None
+        ok = (
+            (kind is int or math.isfinite(parsed))
+            and (choices is None or parsed in choices)
+            and (low is None or (parsed > low if low_open else parsed >= low))
+            and (high is None or (parsed < high if high_open else parsed <= high))
+        )
+        if not ok:
+            raise BadNumber(f"{name} must be {what}, got {value}")
+        return parsed
+
+    return parse, allowed
+
+
+def NumberOption(default: Any, name: str, *aliases: str, kind: type = int, help: str = "", **limits: Any) -> Any:  # noqa: N802
+    """A typer option for a checked number; its help says what it allows."""
+    parse, allowed = number(kind, name, **limits)
+    return typer.Option(
+        default,
+        name,
+        *aliases,
+        parser=parse,
+        metavar="INTEGER" if kind is int else "FLOAT",
+        help=f"{help}; {allowed}" if help and allowed else help or allowed,
+    )
+
+
+# What `chat` and `generate` do when no sampling option is given. They differ on purpose: `generate`
+# is for scripts (greedy: the same prompt gives the same text), `chat` for people (sampling, as
+# `SamplingSettings` in chat.py defines; a test checks that these agree). Each --help says so.
+CHAT_DEFAULTS = {"temperature": 0.7, "top_p": 0.9, "top_k": 0, "min_p": 0.0, "max_tokens": 1024}
+GENERATE_DEFAULTS = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "max_tokens": 256}
+
+
+def defaults_text(d: dict[str, Any]) -> str:
+    sampling = "greedy (temperature 0)" if d["temperature"] == 0 else f"sampling at temperature {d['temperature']}"
+    return (
+        f"{sampling}, top-p {d['top_p']}, top-k {d['top_k']} (0 = off), min-p {d['min_p']} (0 = off), "
+        f"up to {d['max_tokens']} tokens"
+    )
+
+
+SAMPLING_ORDER = "Sampling: repetition penalty, then top-k, top-p and min-p on the untempered probabilities, then temperature."
+
 ModelOption = typer.Option(DEFAULT_CHAT_MODEL, "--model", "-m", help="alias, Hugging Face repo id or local folder")
-TemperatureOption = typer.Option(None, "--temperature", "--temp", help="0 = greedy")
-TopPOption = typer.Option(None, "--top-p")
-TopKOption = typer.Option(None, "--top-k")
-MinPOption = typer.Option(None, "--min-p")
-RepetitionOption = typer.Option(None, "--repetition-penalty")
-SeedOption = typer.Option(None, "--seed")
 SystemOption = typer.Option(None, "--system", "-s", help="system prompt")
 
 
-def fail(message: str, code: int = 1) -> None:
+def shown(help: str, default: Any) -> str:
+    return help if default is None else f"{help}; default {default}"
+
+
+def TemperatureOption(default: float | None, chat_default: float | None = None) -> Any:  # noqa: N802
+    return NumberOption(default, "--temperature", "--temp", kind=float, help=shown("0 = greedy", chat_default), low=0)
+
+
+def TopPOption(default: float | None, chat_default: float | None = None) -> Any:  # noqa: N802
+    return NumberOption(default, "--top-p", kind=float, help=shown("1 = off", chat_default), low=0, high=1, low_open=True)
+
+
+def TopKOption(default: int | None, chat_default: int | None = None) -> Any:  # noqa: N802
+    return NumberOption(default, "--top-k", help=shown("0 = off", chat_default), low=0)
+
+
+def MinPOption(default: float | None, chat_default: float | None = None) -> Any:  # noqa: N802
+    return NumberOption(default, "--min-p", kind=float, help=shown("0 = off", chat_default), low=0, high=1, high_open=True)
+
+
+RepetitionOption = NumberOption(None, "--repetition-penalty", kind=float, help="1 = off", low=0, low_open=True)
+SeedOption = NumberOption(None, "--seed", low=0, high=2**64 - 1, words=">= 0 (below 2^64)")
+QuantizeOption = NumberOption(None, "--quantize", help="quantize float weights on load", choices=(4, 8))
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
     """Print a one-line error and exit."""
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
+
+
+def as_text(data: bytes | str, what: str) -> str:
+    """Text from bytes (or from a str with undecodable bytes, as Python reads argv): invalid UTF-8
+    becomes U+FFFD, with a one-line warning on stderr. For prompts: the model still gets the text."""
+    if isinstance(data, str):
+        try:
+            data.encode("utf-8")
+            return data
+        except UnicodeEncodeError:
+            data = data.encode("utf-8", "surrogateescape")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        typer.echo(
+            f"warning: {what} is not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}); "
+            "invalid bytes were replaced with U+FFFD",
+            err=True,
+        )
+        return data.decode("utf-8", "replace")
 
 
 def load_or_fail(model: str, quantize: int | None = None):
@@ -64,9 +220,11 @@ def read_json_or_fail(path: str, kind: type):
     from pathlib import Path
 
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = json.loads(Path(path).read_bytes().decode("utf-8"))
     except FileNotFoundError:
         fail(f"{path}: file not found")
+    except UnicodeDecodeError as e:  # files that define tools or schemas are refused, not guessed at
+        fail(f"{path}: not valid UTF-8 (byte 0x{e.object[e.start]:02x} at offset {e.start}); save it as UTF-8")
     except (OSError, ValueError) as e:
         fail(f"{path}: not valid JSON ({e})")
     if not isinstance(data, kind):
@@ -87,41 +245,54 @@ def display_name(model: str) -> str:
     return Path(model.rstrip("/")).name if "/" in model else model
 
 
-@app.command()
+CHAT_HELP = (
+    "Chat in the terminal: streamed Markdown replies, history, slash commands (/help).\n\n"
+    "With --tools, the model may call the file's functions: each call is shown, confirmed (unless --yes), run, "
+    "and its result fed back until the model answers in text.\n\n"
+    f"Defaults: {defaults_text(CHAT_DEFAULTS)}; `generate` is greedy instead. {SAMPLING_ORDER}"
+)
+
+GENERATE_HELP = (
+    "Generate once and exit. Exit codes: 0 done, 1 error, 2 bad usage, 130 interrupted.\n\n"
+    f"Defaults: {defaults_text(GENERATE_DEFAULTS)}, so the same prompt gives the same text; `chat` samples instead. "
+    f"{SAMPLING_ORDER}\n\n"
+    "A prompt that is not valid UTF-8 (on stdin) is read with U+FFFD for the bad bytes, and a warning; "
+    "--tools and --json-schema files that are not UTF-8 are refused."
+)
+
+
+@app.command(help=CHAT_HELP)
 def chat(
     model: str = ModelOption,
     system: str | None = SystemOption,
-    temperature: float | None = TemperatureOption,
-    top_p: float | None = TopPOption,
-    top_k: int | None = TopKOption,
-    min_p: float | None = MinPOption,
+    temperature: float | None = TemperatureOption(None, CHAT_DEFAULTS["temperature"]),
+    top_p: float | None = TopPOption(None, CHAT_DEFAULTS["top_p"]),
+    top_k: int | None = TopKOption(None, CHAT_DEFAULTS["top_k"]),
+    min_p: float | None = MinPOption(None, CHAT_DEFAULTS["min_p"]),
     repetition_penalty: float | None = RepetitionOption,
-    max_tokens: int = typer.Option(1024, "--max-tokens", help="longest reply"),
+    max_tokens: int | None = NumberOption(None, "--max-tokens", help=shown("longest reply", CHAT_DEFAULTS["max_tokens"]), low=1),
     seed: int | None = SeedOption,
-    quantize: int | None = typer.Option(None, "--quantize", help="quantize float weights on load: 4 or 8"),
-    max_context: int | None = typer.Option(None, "--max-context", help="context window to use (default: model's)"),
+    quantize: int | None = QuantizeOption,
+    max_context: int | None = NumberOption(None, "--max-context", help="context window to use (default: model's)", low=1),
     tools: str | None = typer.Option(None, "--tools", help="Python file whose functions the model may call"),
     yes: bool = typer.Option(False, "--yes", "-y", help="run tool calls without asking"),
-    max_steps: int = typer.Option(5, "--max-steps", help="most rounds of tool calls per message"),
+    max_steps: int = NumberOption(5, "--max-steps", help="most rounds of tool calls per message", low=1),
 ) -> None:
-    """Chat in the terminal: streamed Markdown replies, history, slash commands (/help).
-
-    With --tools, the model may call the file's functions: each call is shown, confirmed (unless
-    --yes), run, and its result fed back until the model answers in text.
-    """
-    if quantize not in (None, 4, 8):
-        fail(f"--quantize must be 4 or 8, got {quantize}", 2)
     from .chat import ChatSession, SamplingSettings
     from .registry import home
     from .repl import ChatREPL
 
-    settings = SamplingSettings(max_tokens=max_tokens, seed=seed, repetition_penalty=repetition_penalty)
-    for name, value in {"temperature": temperature, "top_p": top_p, "top_k": top_k, "min_p": min_p}.items():
-        if value is not None:
-            try:
-                settings.set(name, str(value))
-            except ValueError as e:
-                fail(str(e), 2)
+    given = {
+        "temperature": temperature,
+        "top_p": top_p,
+        "top_k": top_k,
+        "min_p": min_p,
+        "max_tokens": max_tokens,
+        "seed": seed,
+        "repetition_penalty": repetition_penalty,
+    }
+    settings = SamplingSettings(**{name: value for name, value in given.items() if value is not None})
+    system = as_text(system, "--system") if system is not None else None
     functions = load_functions_or_fail(tools) if tools else None
     loaded, tokenizer = load_or_fail(model, quantize)
     session = ChatSession(
@@ -138,30 +309,35 @@ def chat(
     raise typer.Exit(repl.run())
 
 
-@app.command()
+@app.command(help=GENERATE_HELP)
 def generate(
     prompt: str = typer.Option(..., "--prompt", "-p", help="the prompt, or - to read it from stdin"),
     model: str = ModelOption,
     system: str | None = SystemOption,
-    temperature: float = typer.Option(0.0, "--temperature", "--temp", help="0 = greedy"),
-    top_p: float = typer.Option(1.0, "--top-p"),
-    top_k: int = typer.Option(0, "--top-k"),
-    min_p: float = typer.Option(0.0, "--min-p"),
+    temperature: float = TemperatureOption(GENERATE_DEFAULTS["temperature"]),
+    top_p: float = TopPOption(GENERATE_DEFAULTS["top_p"]),
+    top_k: int = TopKOption(GENERATE_DEFAULTS["top_k"]),
+    min_p: float = MinPOption(GENERATE_DEFAULTS["min_p"]),
     repetition_penalty: float | None = RepetitionOption,
-    max_tokens: int = typer.Option(256, "--max-tokens", "-n"),
+    max_tokens: int = NumberOption(GENERATE_DEFAULTS["max_tokens"], "--max-tokens", "-n", low=1),
     seed: int | None = SeedOption,
     stop: list[str] | None = typer.Option(None, "--stop", help="stop string (repeatable)"),
     raw: bool = typer.Option(False, "--raw", help="send the prompt as is, without the chat template"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object with text, tokens and speeds"),
-    quantize: int | None = typer.Option(None, "--quantize", help="quantize float weights on load: 4 or 8"),
+    quantize: int | None = QuantizeOption,
     json_schema: str | None = typer.Option(None, "--json-schema", help="JSON schema file: the output always matches"),
     tools: str | None = typer.Option(None, "--tools", help="tools: a Python file's functions or a JSON list of schemas"),
     tool_choice: str = typer.Option("auto", "--tool-choice", help="auto, required, none or a tool name"),
     no_constrain: bool = typer.Option(False, "--no-constrain", help="do not constrain tool calls to their schemas"),
 ) -> None:
-    """Generate once and exit. Exit codes: 0 done, 1 error, 2 bad usage, 130 interrupted."""
     if prompt == "-":
-        prompt = sys.stdin.read().rstrip("\n")  # like $(...): the final newline is not part of the prompt
+        stdin = getattr(sys.stdin, "buffer", None)
+        data = stdin.read() if stdin is not None else sys.stdin.read()
+        prompt = as_text(data, "the prompt on stdin").rstrip("\n")  # like $(...): the final newline is not part of it
+    else:
+        prompt = as_text(prompt, "--prompt")
+    system = as_text(system, "--system") if system is not None else None
+    stop = [as_text(s, "--stop") for s in stop] if stop else stop
     if not prompt.strip():
         fail("the prompt is empty", 2)
     if raw and system:
@@ -173,6 +349,15 @@ def generate(
     if json_schema:
         response_format = {"type": "json_schema", "json_schema": {"schema": read_json_or_fail(json_schema, dict)}}
     tool_list = read_tools_or_fail(tools) if tools else None
+    if tool_choice not in ("auto", "required", "none"):
+        from .tools import tool_names, tool_schemas
+
+        try:
+            names = tool_names(tool_schemas(tool_list) or [])
+        except (ValueError, KeyError, TypeError) as e:
+            fail(f"{tools}: not a list of tool schemas ({e})")
+        if tool_choice not in names:
+            fail(f"--tool-choice must be auto, required, none or the name of a tool in --tools, got {tool_choice!r}", 2)
     loaded, tokenizer = load_or_fail(model, quantize)
     messages = None
     if not raw:
@@ -304,8 +489,8 @@ def eval_tools(
     model: str = typer.Option("nesso-agentic", "--model", "-m", help="alias, repo id or folder"),
     mode: str = typer.Option("both", "--mode", help="constrained, free, or both (side by side)"),
     report: str | None = typer.Option(None, "--report", help="write the JSON report here"),
-    max_tokens: int = typer.Option(256, "--max-tokens"),
-    limit: int | None = typer.Option(None, "--limit", help="only the first N cases"),
+    max_tokens: int = NumberOption(256, "--max-tokens", low=1),
+    limit: int | None = NumberOption(None, "--limit", help="only the first N cases", low=1),
 ) -> None:
     """Score tool calling per category and language (greedy; all tools offered; tool_choice auto)."""
     if mode not in ("constrained", "free", "both"):

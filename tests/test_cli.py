@@ -209,6 +209,28 @@ def test_help_lists_every_command(env):
     assert shutil.which("nesso-mlx")
 
 
+def test_chat_and_generate_defaults_are_stated_in_help():
+    """`chat` samples and `generate` is greedy: each --help says so, with the numbers actually used."""
+    import inspect
+
+    from typer.testing import CliRunner
+
+    from nesso_mlx.chat import SamplingSettings
+    from nesso_mlx.cli import CHAT_DEFAULTS, GENERATE_DEFAULTS, app, defaults_text
+    from nesso_mlx.generation import stream_generate
+
+    settings = SamplingSettings()
+    assert CHAT_DEFAULTS == {name: getattr(settings, name) for name in CHAT_DEFAULTS}
+    parameters = inspect.signature(stream_generate).parameters
+    assert GENERATE_DEFAULTS == {name: parameters[name].default for name in GENERATE_DEFAULTS}
+    for command, defaults in (("chat", CHAT_DEFAULTS), ("generate", GENERATE_DEFAULTS)):
+        result = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "200", "NO_COLOR": "1"})
+        assert result.exit_code == 0
+        text = " ".join(result.output.split())
+        assert defaults_text(defaults) in text and "then temperature" in text
+        assert ("`generate` is greedy" if command == "chat" else "`chat` samples") in text
+
+
 def test_repl_input_multiline_paste_unicode_and_history(tiny_folder, env, tmp_path):
     child = spawn_chat(tiny_folder, env, "--max-tokens", "2")
     assert "/retry" in command(child, "/help")
