@@ -27,6 +27,15 @@ generation_stream = mx.new_stream(mx.default_device())
 
 
 @dataclass
+class TokenLogprobs:
+    """A generated token's log-probability and the most likely alternatives at its position
+    (the model's distribution after logits processors, before temperature and constraints)."""
+
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, logprob), most likely first
+
+
+@dataclass
 class GenerationChunk:
     """One step of `stream_generate`: the new text and the statistics so far."""
 
@@ -40,6 +49,7 @@ class GenerationChunk:
     peak_memory: float = 0.0  # GB
     tool_calls: list[ToolCall] | None = None  # on the last chunk, when tools were given
     tool_call_deltas: list[ToolCallDelta] | None = None  # with tools: call pieces completed by this chunk
+    logprobs: TokenLogprobs | None = None  # with `top_logprobs`: this chunk's token
 
 
 @dataclass
@@ -104,7 +114,8 @@ def decode(
     processors: Sequence[LogitsProcessor] = (),
     history: mx.array | None = None,
     constraint: TokenConstraint | None = None,
-) -> Iterator[int]:
+    top_logprobs: int | None = None,
+) -> Iterator[int] | Iterator[tuple[int, TokenLogprobs]]:
     """Yield sampled tokens forever, starting from `logits`; the caller decides when to stop.
 
     Step n+1 is queued with `mx.async_eval` before token n is handed to Python, so the
@@ -116,48 +127,62 @@ def decode(
     computes the mask while the accelerator runs the model; only the masked sampling waits for
     the mask. When token n switches the constraint on (a trigger), the unmasked sample already
     queued for step n+1 is discarded and drawn again, masked, from the same logits.
+
+    With `top_logprobs` (k >= 0), yields `(token, TokenLogprobs)` with the k best alternatives.
     """
     history = history if history is not None else mx.array([], dtype=mx.int32)
 
-    def sample(logits: mx.array, history: mx.array, mask: mx.array | None) -> tuple[mx.array, mx.array]:
+    def sample(logits: mx.array, history: mx.array, mask: mx.array | None) -> tuple[mx.array, mx.array, list[mx.array]]:
         for process in processors:
             logits = process(history, logits)
-        if mask is not None:
-            logits = mx.where(mask, logits, -mx.inf)
-        token = sampler(logits)
-        return token, mx.concatenate([history, token.astype(history.dtype)]) if processors else history
+        token = sampler(logits if mask is None else mx.where(mask, logits, -mx.inf))
+        extra = []
+        if top_logprobs is not None:
+            scores = logits.astype(mx.float32)
+            scores = scores - mx.logsumexp(scores, axis=-1, keepdims=True)
+            extra = [mx.take_along_axis(scores, token[:, None], axis=-1)[0]]
+            if top_logprobs > 0:
+                best = mx.argpartition(-scores, top_logprobs - 1, axis=-1)[0, :top_logprobs]
+                extra += [best, scores[0, best]]
+        return token, mx.concatenate([history, token.astype(history.dtype)]) if processors else history, extra
+
+    def output(token: mx.array, extra: list[mx.array]):
+        value = token.item()
+        if top_logprobs is None:
+            return value
+        top = sorted(zip(extra[1].tolist(), extra[2].tolist(), strict=True), key=lambda t: -t[1]) if len(extra) > 1 else []
+        return value, TokenLogprobs(extra[0].item(), top)
 
     with mx.stream(generation_stream):
+        first_mask = None
         if constraint is not None and constraint.active:
             mx.async_eval(logits)
             first_mask = constraint.mask()
-        else:
-            first_mask = None
-        token, history = sample(logits, history, first_mask)
-    mx.async_eval(token)
+        token, history, extra = sample(logits, history, first_mask)
+    mx.async_eval(token, *extra)
     while True:
         before = history
         with mx.stream(generation_stream):
             next_logits = model(token[:, None], cache)[:, -1, :]
             if constraint is None or not constraint.active:
-                next_token, history = sample(next_logits, history, None)
+                next_token, history, next_extra = sample(next_logits, history, None)
         if constraint is None or not constraint.active:
-            mx.async_eval(next_token)
+            mx.async_eval(next_token, *next_extra)
             value = token.item()
             if constraint is not None and constraint.advance(value):
                 with mx.stream(generation_stream):
-                    next_token, history = sample(next_logits, before, constraint.mask())
-                mx.async_eval(next_token)
+                    next_token, history, next_extra = sample(next_logits, before, constraint.mask())
+                mx.async_eval(next_token, *next_extra)
         else:
             mx.async_eval(next_logits)
             value = token.item()
             constraint.advance(value)
             with mx.stream(generation_stream):
                 mask = constraint.mask() if constraint.active else None
-                next_token, history = sample(next_logits, history, mask)
-            mx.async_eval(next_token)
-        yield value
-        token = next_token
+                next_token, history, next_extra = sample(next_logits, history, mask)
+            mx.async_eval(next_token, *next_extra)
+        yield output(token, extra)
+        token, extra = next_token, next_extra
 
 
 class _StopMatcher:
@@ -230,6 +255,7 @@ def stream_generate(
     logits_processors: Sequence[LogitsProcessor] | None = None,
     cache: list[KVCache] | None = None,
     prefill_chunk_size: int = 512,
+    top_logprobs: int | None = None,
 ) -> Iterator[GenerationChunk]:
     """Generate text token by token from `prompt` (str or ids) or chat `messages`.
 
@@ -244,6 +270,9 @@ def stream_generate(
     (`tool_choice`: "auto", "required", "none" or a tool name). `response_format`
     ({"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": ...}}) makes
     the whole reply valid JSON.
+
+    `top_logprobs` (k >= 0) adds each token's log-probability and its k best alternatives to
+    its chunk (`chunk.logprobs`).
     """
     tools = tool_schemas(tools)
     ids = prompt_tokens(tokenizer, prompt, messages, tools)
@@ -286,7 +315,7 @@ def stream_generate(
     calls_stream = ToolCallStream() if tools else None
     emitted: list[str] = []
 
-    def chunk(text: str, token: int | None, finish: str | None, n: int) -> GenerationChunk:
+    def chunk(text: str, token: int | None, finish: str | None, n: int, logprobs: TokenLogprobs | None) -> GenerationChunk:
         now = time.perf_counter()
         emitted.append(text)
         calls = deltas = None
@@ -298,7 +327,7 @@ def stream_generate(
                 finish = "tool_calls" if calls and finish == "stop" else finish
         tps = (n / (now - t_first)) if n > 1 and now > t_first else 0.0
         return GenerationChunk(
-            text, token, finish, len(ids), n, len(ids) / prompt_time, tps, mx.get_peak_memory() / 1e9, calls, deltas
+            text, token, finish, len(ids), n, len(ids) / prompt_time, tps, mx.get_peak_memory() / 1e9, calls, deltas, logprobs
         )
 
     t0 = time.perf_counter()
@@ -312,14 +341,17 @@ def stream_generate(
         if max_tokens <= 0:
             yield GenerationChunk("", None, "length", len(ids), 0)
             return
-        for token in decode(model, logits, cache, sampler, processors, history, constraint):
+        logprobs = None
+        for token in decode(model, logits, cache, sampler, processors, history, constraint, top_logprobs):
+            if top_logprobs is not None:
+                token, logprobs = token
             if n == 0:
                 t_first = time.perf_counter()
                 prompt_time = max(t_first - t0, 1e-9)
             n += 1
             if token in eos:
                 finish = "stop"
-                yield chunk(matcher.flush() + detokenizer.finalize(), token, finish, n)
+                yield chunk(matcher.flush() + detokenizer.finalize(), token, finish, n, logprobs)
                 return
             text, hit = matcher.feed(detokenizer.add_token(token))
             if hit:
@@ -327,7 +359,7 @@ def stream_generate(
             elif n >= max_tokens:
                 text += matcher.feed(detokenizer.finalize())[0] + matcher.flush()
                 finish = "length"
-            yield chunk(text, token, finish, n)
+            yield chunk(text, token, finish, n, logprobs)
             if finish:
                 return
     finally:

@@ -39,6 +39,29 @@ def test_greedy_tokens_equal_mlx_lm(smollm2, smollm2_path):
     assert ours == theirs
 
 
+def test_logprobs_equal_mlx_lm(smollm2, smollm2_path):
+    """Each token's logprob and its top alternatives, against mlx-lm's own generate_step (float32)."""
+    from mlx.utils import tree_map
+    from mlx_lm.generate import generate_step
+    from mlx_lm.utils import load_model
+
+    model, tokenizer = load(smollm2_path, dtype="float32")
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Dimmi un colore."}])
+    chunks = list(stream_generate(model, tokenizer, prompt, max_tokens=8, top_logprobs=4))
+    reference, _ = load_model(smollm2_path)
+    reference.update(tree_map(lambda p: p.astype(mx.float32), reference.parameters()))
+    steps = generate_step(mx.array(prompt), reference, max_tokens=len(chunks), sampler=lambda lp: mx.argmax(lp, axis=-1))
+    for chunk, (token, logprobs) in zip(chunks, steps, strict=True):
+        assert chunk.token == int(token)
+        assert chunk.logprobs.logprob == pytest.approx(logprobs[chunk.token].item(), abs=1e-3)
+        best = mx.argsort(-logprobs)[:4].tolist()
+        assert [t for t, _ in chunk.logprobs.top][:2] == best[:2]  # ties among the rest may order either way
+        for token_id, value in chunk.logprobs.top:
+            assert value == pytest.approx(logprobs[token_id].item(), abs=1e-3)
+    assert chunks[0].logprobs.top[0][0] == chunks[0].token  # greedy takes the best
+    assert generate(model, tokenizer, prompt, max_tokens=2).tokens == [c.token for c in chunks[:2]]
+
+
 def test_italian_stream_equals_decode(smollm2):
     model, tokenizer = smollm2
     messages = [{"role": "user", "content": "Scrivi una frase sulla città di Napoli, con accenti."}]
