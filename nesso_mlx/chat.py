@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from .cache import trim_cache
+from .cache import rollback_cache
 from .errors import NessoError
 from .generation import GenerationChunk, stream_generate
 from .model import Model
@@ -68,12 +68,35 @@ class TurnStats:
     finish_reason: str | None = None
 
 
+LOW_WATER = 0.5
+"""When old exchanges must go, drop down to this fraction of the prompt budget (the window less the
+room kept for the reply), not just below the budget: the next turns then extend the cached prefix
+again instead of each dropping one more exchange and re-prefilling the whole conversation."""
+
+
 class ChatSession:
     """Messages, settings and the KV cache of one conversation.
 
-    `send(text)` yields `GenerationChunk`s of the reply. Closing the generator early (Ctrl-C)
-    keeps the partial reply in the history, and the cache stays consistent with it.
+    `send(text)` yields `GenerationChunk`s of the reply; nothing happens until it is iterated.
+
+    Interruption (Ctrl-C, closing the generator early, or any exception) at any point of a turn
+    leaves `messages`, `cached_tokens` and every cache layer consistent:
+
+    - once a token has been handed out, the partial reply is kept in the history (and the cache
+      holds the conversation up to it);
+    - before that (during the prompt's prefill, or on a refused message), the conversation is as
+      before the turn: the message is not added, a retried reply is put back, dropped turns are
+      restored, and the cache keeps the prefix it shares with the conversation.
+
+    Context policy: a message that cannot fit the window even with only the system prompt is
+    refused (NessoError) before anything is dropped. Otherwise, when the prompt would leave less
+    than `min(max_tokens, max_context // 2)` tokens for the reply, whole exchanges (a user
+    message with every reply, tool call and tool result after it) are dropped, oldest first,
+    until the prompt takes at most `low_water` of that budget; the system prompt and the current
+    exchange are never dropped, and a notice says so in `notices`.
     """
+
+    prefill_chunk_size = 512  # tokens per forward pass when prefilling the prompt
 
     def __init__(
         self,
@@ -83,11 +106,15 @@ class ChatSession:
         settings: SamplingSettings | None = None,
         max_context: int | None = None,
         tools: list[ToolSpec] | None = None,
+        low_water: float = LOW_WATER,
     ) -> None:
+        if not 0 < low_water <= 1:
+            raise ValueError(f"low_water must be in (0, 1], got {low_water}")
         self.model, self.tokenizer = model, tokenizer
         self.system = system
         self.settings = settings or SamplingSettings()
         self.max_context = min(max_context or model.args.max_position_embeddings, model.args.max_position_embeddings)
+        self.low_water = low_water
         self.tools = tool_schemas(tools)
         self.messages: list[dict[str, Any]] = []
         self.cache = model.make_cache()
@@ -100,81 +127,143 @@ class ChatSession:
     def _all_messages(self) -> list[dict[str, Any]]:
         return ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
 
+    def _tokens(self, messages: list[dict[str, Any]]) -> list[int]:
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return self.tokenizer.apply_chat_template(system + messages, tools=self.tools)
+
     def context_used(self) -> int:
         return len(self.cached_tokens)
 
     def _prompt(self) -> list[int]:
-        """The conversation's tokens, dropping the oldest turns if the reply would not fit."""
+        """The conversation's tokens, after dropping the oldest exchanges if the reply would not fit.
+
+        Refuses (NessoError, `messages` unchanged) when the current exchange (the last user message
+        and what follows it) cannot fit the window even with only the system prompt.
+        """
+        ids = self._tokens(self.messages)
         budget = self.max_context - min(self.settings.max_tokens, self.max_context // 2)
-        dropped = 0
-        while True:
-            ids = self.tokenizer.apply_chat_template(self._all_messages(), tools=self.tools)
-            if len(ids) <= budget or len(self.messages) <= 1:
-                break
-            # Drop the oldest exchange: everything up to (not including) the next user message.
-            cut = next((i for i, m in enumerate(self.messages[1:], 1) if m["role"] == "user"), len(self.messages) - 1)
-            dropped += cut
-            self.messages = self.messages[cut:]
-        if dropped:
-            self.notices.append(f"context almost full: dropped the {dropped} oldest messages (system prompt kept)")
-        if len(ids) >= self.max_context:
-            raise NessoError(f"the message needs {len(ids)} tokens but the context window is {self.max_context}; shorten it")
+        if len(ids) <= budget:
+            return ids
+        # Where an exchange may start: a user message (never a `tool` or an assistant reply).
+        cuts = [i for i, m in enumerate(self.messages) if m["role"] == "user" and i > 0]
+        minimal = self._tokens(self.messages[cuts[-1] :]) if cuts else ids
+        if len(minimal) >= self.max_context:
+            raise NessoError(
+                f"the message needs {len(minimal)} tokens (with the system prompt) but the context window is "
+                f"{self.max_context}; shorten it"
+            )
+        if not cuts:
+            return ids  # the current exchange alone: the reply gets what room is left
+        # The oldest cut that brings the prompt down to the low-water mark (the current exchange
+        # is kept even when it alone is above it). Prompts shrink as the cut moves on: bisect.
+        target = int(self.low_water * budget)
+        low, high, found = 0, len(cuts) - 1, {len(cuts) - 1: minimal}
+        while low < high:
+            middle = (low + high) // 2
+            found[middle] = self._tokens(self.messages[cuts[middle] :])
+            if len(found[middle]) <= target:
+                high = middle
+            else:
+                low = middle + 1
+        cut, ids = cuts[low], found[low]
+        self.messages = self.messages[cut:]
+        self.notices.append(
+            f"context almost full: dropped the {cut} oldest messages (system prompt kept); "
+            f"the conversation now takes {len(ids)} of {self.max_context} tokens"
+        )
         return ids
+
+    def _settle(self, known: list[int]) -> None:
+        """Make every cache layer and `cached_tokens` agree.
+
+        `known` are the tokens the cache's positions hold, in order, as far as they go. Each layer
+        holds a prefix of them (layers are only appended to, and `stream_generate` rolls every layer
+        back to one offset), so the cache keeps the longest prefix all layers and `known` share.
+        """
+        keep = min([layer.offset for layer in self.cache] + [len(known)])
+        rollback_cache(self.cache, keep)
+        self.cached_tokens = known[:keep]
 
     def _reuse_cache(self, ids: list[int]) -> list[int]:
         """Roll the cache back to the longest common prefix with `ids`; returns the tokens to prefill."""
+        self._settle(self.cached_tokens)
         common = 0
         for a, b in zip(self.cached_tokens, ids, strict=False):
             if a != b:
                 break
             common += 1
         common = min(common, len(ids) - 1)  # at least one token must go through the model
-        trim_cache(self.cache, len(self.cached_tokens) - common)
+        rollback_cache(self.cache, common)  # the cache first: `cached_tokens` stays a valid description
         self.cached_tokens = self.cached_tokens[:common]
         return ids[common:]
 
     def send(self, text: str) -> Iterator[GenerationChunk]:
         """Add a user message and stream the assistant's reply."""
-        self.messages.append({"role": "user", "content": text})
-        return self._reply()
+        return self._reply({"role": "user", "content": text})
 
-    def _reply(self) -> Iterator[GenerationChunk]:
-        ids = self._prompt()
-        new = self._reuse_cache(ids)
-        self.last = TurnStats(prompt_tokens=len(ids), prefilled_tokens=len(new))
+    def _reply(self, message: dict[str, Any] | None = None, retry: bool = False) -> Iterator[GenerationChunk]:
+        """Add `message` (or take back the last reply, to `retry`), then stream a new reply."""
+        before, notices = list(self.messages), len(self.notices)
+        self.last = TurnStats()
+        ids: list[int] | None = None  # set once the prompt's prefill may start
         pieces: list[str] = []
         tokens: list[int] = []
+        stream = None
+        finished = interrupted = False
         try:
-            for chunk in self._stream(new):
-                if not tokens and chunk.token is not None:
-                    self.last.prompt_tps = chunk.prompt_tps
-                    self.last.time_to_first_token = len(new) / chunk.prompt_tps if chunk.prompt_tps else 0.0
+            if retry:
+                if not self.messages or self.messages[-1]["role"] != "assistant":
+                    raise NessoError("there is no reply to retry yet")
+                self.messages.pop()
+            if message is not None:
+                self.messages.append(message)
+            prompt = self._prompt()
+            new = self._reuse_cache(prompt)
+            self.last = TurnStats(prompt_tokens=len(prompt), prefilled_tokens=len(new))
+            ids = prompt
+            stream = self._stream(new)
+            for chunk in stream:
                 if chunk.token is not None:
+                    if not tokens:
+                        self.last.prompt_tps = chunk.prompt_tps
+                        self.last.time_to_first_token = len(new) / chunk.prompt_tps if chunk.prompt_tps else 0.0
                     tokens.append(chunk.token)
                 pieces.append(chunk.text)
                 self.last.generated_tokens = chunk.generation_tokens
                 self.last.generation_tps = chunk.generation_tps
                 self.last.finish_reason = chunk.finish_reason
                 yield chunk
+            finished = True
+        except (KeyboardInterrupt, GeneratorExit):
+            interrupted = True
+            raise
         finally:
-            # stream_generate leaves prompt + reply[:-1] in the cache, also when interrupted.
-            self.cached_tokens = ids + tokens[:-1]
-            if self.cache[0].offset != len(self.cached_tokens):  # interrupted before the first token
-                trim_cache(self.cache, self.cache[0].offset)
-                self.cached_tokens = []
-            if self.last.finish_reason is None:
+            if stream is not None and hasattr(stream, "close"):
+                stream.close()  # its own `finally` rolls every layer back to one offset
+            # The cache holds `ids` and the reply's tokens (stream_generate leaves all but the last),
+            # or, if the prefill never started, a prefix of the old `cached_tokens`.
+            self._settle(self.cached_tokens if ids is None else ids + tokens)
+            if ids is not None and self.last.finish_reason is None:
                 self.last.finish_reason = "interrupted"
-            self.messages.append({"role": "assistant", "content": "".join(pieces)})
+            if finished or pieces:
+                self.messages.append({"role": "assistant", "content": "".join(pieces)})
+            else:  # no reply at all: the conversation is as before the turn
+                self.messages = before
+                del self.notices[notices:]
+                if interrupted and ids is not None:
+                    what = "the message was not added" if message is not None else "the conversation is unchanged"
+                    self.notices.append(f"interrupted before the reply began: {what}")
 
     def _stream(self, new_tokens: list[int]) -> Iterator[GenerationChunk]:
         """Generate from the cache plus `new_tokens` (the one place the model is called)."""
         s = self.settings
+        room = self.max_context - len(self.cached_tokens) - len(new_tokens)  # the reply stays in the window
         return stream_generate(
             self.model,
             self.tokenizer,
             new_tokens,
             cache=self.cache,
-            max_tokens=s.max_tokens,
+            max_tokens=max(1, min(s.max_tokens, room)),
             temperature=s.temperature,
             top_p=s.top_p,
             top_k=s.top_k,
@@ -182,6 +271,7 @@ class ChatSession:
             repetition_penalty=s.repetition_penalty,
             seed=s.seed,
             tools=self.tools,
+            prefill_chunk_size=self.prefill_chunk_size,
         )
 
     def add_tool_result(self, content: str) -> None:
@@ -193,11 +283,10 @@ class ChatSession:
         return self._reply()
 
     def retry(self) -> Iterator[GenerationChunk]:
-        """Regenerate the last reply."""
+        """Regenerate the last reply (it is replaced once the new one starts)."""
         if not self.messages or self.messages[-1]["role"] != "assistant":
             raise NessoError("there is no reply to retry yet")
-        self.messages.pop()
-        return self._reply()
+        return self._reply(retry=True)
 
     def undo(self) -> bool:
         """Remove the last exchange (user message and reply); False if there is none."""

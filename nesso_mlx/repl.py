@@ -139,7 +139,8 @@ class ChatREPL:
             if live is not None:
                 live.stop()
             events.close()
-            self.console.print("[yellow]⏹ interrupted[/yellow] (the partial reply is kept)")
+            kept = " (the partial reply is kept)" if self.session.last.generated_tokens else ""
+            self.console.print(f"[yellow]⏹ interrupted[/yellow]{kept}")
         except NessoError as e:
             if live is not None:
                 live.stop()
