@@ -77,7 +77,7 @@ def test_interrupted_reply_is_kept_and_cache_stays_consistent(tiny):
     stream.close()  # what Ctrl-C does
     assert chat.messages[-1] == {"role": "assistant", "content": partial}
     assert chat.last.finish_reason == "interrupted"
-    assert chat.cache[0].offset == len(chat.cached_tokens)
+    assert [layer.offset for layer in chat.cache] == [len(chat.cached_tokens)] * len(chat.cache)
     chat.settings.max_tokens = 6
     after = reply(chat.send("go on"))
     fresh = generate(model, tokenizer, messages=chat.messages[:-1], max_tokens=6).text
@@ -93,8 +93,70 @@ def test_context_overflow_drops_oldest_turns_keeps_system(tiny):
     assert chat.messages[0] == {"role": "user", "content": chat.messages[0]["content"]}
     assert "message number 0" not in json.dumps(chat.messages) and "message number 7" in json.dumps(chat.messages)
     assert chat.system == "SYSTEM PROMPT"
+    before, cached, notices = list(chat.messages), list(chat.cached_tokens), list(chat.notices)
     with pytest.raises(NessoError, match="context window"):
         list(chat.send("x " * 200))
+    # Refused before anything is dropped: the history, the cache and the notices are as they were.
+    assert chat.messages == before and chat.cached_tokens == cached and chat.notices == notices
+    assert [layer.offset for layer in chat.cache] == [len(cached)] * len(chat.cache)
+    reply(chat.send("a short one"))
+    assert chat.messages[-2] == {"role": "user", "content": "a short one"}
+
+
+def exchange(i: int, tools: bool) -> list[dict]:
+    question = {"role": "user", "content": f"question {i} asks about something"}
+    if not tools:
+        return [question, {"role": "assistant", "content": f"answer {i} says something back"}]
+    return [
+        question,
+        {"role": "assistant", "content": f'<tool_call>{{"name": "look", "arguments": {{"n": {i}}}}}</tool_call>'},
+        {"role": "tool", "content": f"result {i} of the tool"},
+        {"role": "assistant", "content": f"answer {i} from the result"},
+    ]
+
+
+def test_trimming_drops_whole_exchanges_with_their_tool_calls_and_results(tiny):
+    chat = session(tiny, system="SYSTEM", max_context=700)
+    history = [m for i in range(8) for m in exchange(i, tools=i % 2 == 0)]
+    chat.messages = list(history)
+    reply(chat.send("the new question"))
+    budget = 700 - chat.settings.max_tokens
+    assert chat.notices and "dropped" in chat.notices[-1]
+    cut = len(history) - (len(chat.messages) - 2)
+    assert cut > 0 and history[cut]["role"] == "user" and chat.messages[: len(history) - cut] == history[cut:]
+    assert chat.last.prompt_tokens <= chat.low_water * budget  # down to the low-water mark, not just below the budget
+    # The current exchange is never cut, even while the model is reading its tool results.
+    current = exchange(99, tools=True)[:3]  # question, tool call, tool result
+    chat.messages = history + current
+    reply(chat.continue_reply())
+    kept = chat.messages[:-1]
+    assert kept[-3:] == current and kept[0]["role"] == "user"
+    assert kept[:-3] == history[len(history) - len(kept) + 3 :]  # whole exchanges: no lone tool result
+    assert chat.last.prompt_tokens <= chat.low_water * budget
+
+
+def test_a_full_window_drops_to_the_low_water_mark_so_later_turns_reuse_the_cache(tiny):
+    chat = session(tiny, system="SYSTEM PROMPT", max_context=400)
+    budget = 400 - chat.settings.max_tokens
+    drops, previous = [], None
+    for turn in range(30):
+        reply(chat.send(f"message {turn} with a few words"))
+        if chat.notices:
+            drops.append(turn)
+            chat.notices.clear()
+            assert chat.last.prompt_tokens <= int(chat.low_water * budget)
+        elif previous is not None:  # the cache held the whole previous prompt: only the reply and new message are new
+            assert chat.last.prefilled_tokens <= chat.last.prompt_tokens - previous
+        previous = chat.last.prompt_tokens
+        assert chat.context_used() <= 400 and chat.messages[0]["role"] == "user"
+        if turn == 20:  # retry and undo after drops
+            first = reply(chat.retry())
+            assert chat.last.prefilled_tokens == 1 and reply(chat.retry()) == first
+            count = len(chat.messages)
+            assert chat.undo() and len(chat.messages) == count - 2
+            previous = None
+    assert len(drops) >= 2
+    assert min(b - a for a, b in zip(drops, drops[1:], strict=False)) >= 3  # several turns reuse the cache between drops
 
 
 def test_retry_undo_reset(tiny):
