@@ -299,15 +299,50 @@ def test_the_authors_case_file_loads(tmp_path):
         load_cases(tmp_path / "bad.json")
 
 
-def test_eval_runs_end_to_end_on_a_tiny_model(tiny_folder):
+def test_eval_runs_end_to_end_on_a_tiny_model(tiny_folder, monkeypatch):
+    from types import SimpleNamespace
+
+    import nesso_mlx.generation
+
     model, tokenizer = load(tiny_folder)
     data = load_cases(CASES)
-    data["cases"] = data["cases"][:3]
+    # 1. The real path: what the eval records is what the model writes for the case's messages.
+    real = run_tool_eval(model, tokenizer, {**data, "cases": data["cases"][:2]}, constrain=False, max_tokens=4)
+    for case, result in zip(data["cases"][:2], real.results, strict=True):
+        direct = generate(model, tokenizer, messages=case["messages"], tools=data["tools"], constrain=False, max_tokens=4)
+        assert result.output == direct.raw_text and result.id == case["id"]
+    # 2. The scripted path: each case's hand-written output must get its known verdict, per
+    # case, per category and per language, and the request must carry the case's tools.
+    outputs = {json.dumps(c["messages"]): HAND_WRITTEN[c["id"]][0] for c in data["cases"]}
+
+    def scripted(model_, tokenizer_, *, messages, tools, constrain, max_tokens, temperature):
+        assert tools == data["tools"] and constrain is True and max_tokens == 7 and temperature == 0.0
+        return SimpleNamespace(raw_text=outputs[json.dumps(messages)])
+
+    monkeypatch.setattr(nesso_mlx.generation, "generate", scripted)
     seen = []
-    report = run_tool_eval(model, tokenizer, data, constrain=True, max_tokens=4, progress=lambda d, t: seen.append(d))
-    assert seen == [1, 2, 3] and len(report.results) == 3
+    report = run_tool_eval(model, tokenizer, data, constrain=True, max_tokens=7, progress=lambda d, t: seen.append((d, t)))
+    expected = {c["id"]: HAND_WRITTEN[c["id"]][1] for c in data["cases"]}
+    assert {r.id: r.passed for r in report.results} == expected
+    assert seen == [(i, 20) for i in range(1, 21)]
+    by_lang = {lang: (sum(expected[c["id"]] for c in data["cases"] if c["lang"].lower() == lang), 10) for lang in ("it", "en")}
+    assert report.accuracy("lang") == by_lang and report.passed == sum(expected.values())
     summary = report.to_dict()
-    assert summary["total"] == 3 and set(summary["by_language"]) <= {"it", "en"}
+    assert summary["by_category"] == {cat: (sum(expected[i] for i in (f"{p}-it", f"{p}-en")), 2) for p, cat in PREFIXES.items()}
+
+
+PREFIXES = {
+    "s": "single",
+    "ps": "par_same",
+    "pd": "par_diff",
+    "ma": "multiarg",
+    "d": "disamb",
+    "mi": "missing",
+    "u": "unavail",
+    "k": "notool",
+    "o": "obs",
+    "m": "multistep",
+}
 
 
 def test_eval_command_runs_the_authors_file_as_is(smollm2_path, tmp_path):
@@ -345,5 +380,14 @@ def test_eval_command_runs_the_authors_file_as_is(smollm2_path, tmp_path):
     assert "by category" in run.stdout and "multistep" in run.stdout and "by language" in run.stdout
     runs = json.loads(report.read_text())["runs"]
     assert [r["constrained"] for r in runs] == [True, False]
-    assert all(r["total"] == 100 and len(r["cases"]) == 100 for r in runs)
-    assert set(runs[0]["by_language"]) == {"it", "en"} and len(runs[0]["by_category"]) == 10
+    cases = load_cases(shared)["cases"]
+    for run_report in runs:
+        assert [c["id"] for c in run_report["cases"]] == [str(c["id"]) for c in cases]
+        # every verdict is the scorer's on the recorded output, and the tables add up
+        for case, recorded in zip(cases, run_report["cases"], strict=True):
+            assert recorded["passed"] == score(case, recorded["output"]).passed
+        passed = sum(c["passed"] for c in run_report["cases"])
+        assert run_report["passed"] == passed and run_report["total"] == 100
+        assert sum(p for p, _ in run_report["by_category"].values()) == passed
+        assert {k: t for k, (_, t) in run_report["by_language"].items()} == {"it": 50, "en": 50}
+        assert sorted(run_report["by_category"]) == sorted({c["cat"] for c in cases})
