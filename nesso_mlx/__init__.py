@@ -26,13 +26,14 @@ _EXPORTS = {
     "save_cache": "cache",
     "load_cache": "cache",
     "trim_cache": "cache",
+    "rollback_cache": "cache",
     "Tokenizer": "tokenizer",
     "make_sampler": "sampling",
     "NessoError": "errors",
 }
 
 if TYPE_CHECKING:
-    from .cache import KVCache, load_cache, make_cache, save_cache, trim_cache
+    from .cache import KVCache, load_cache, make_cache, rollback_cache, save_cache, trim_cache
     from .config import ModelArgs
     from .errors import NessoError
     from .generation import GenerationChunk, GenerationResult, generate, stream_generate
@@ -61,6 +62,7 @@ __all__ = [
     "load_cache",
     "make_cache",
     "make_sampler",
+    "rollback_cache",
     "save_cache",
     "stream_generate",
     "trim_cache",
