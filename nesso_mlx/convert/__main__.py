@@ -19,7 +19,7 @@ def build_parser(prog: str = "python -m nesso_mlx.convert") -> argparse.Argument
     p.add_argument("--q-group-size", type=int, default=64, choices=[32, 64, 128])
     p.add_argument("--q-recipe", choices=list(RECIPES), help="mixed precision: sensitive layers and embedding get more bits")
     p.add_argument("--dequantize", action="store_true", help="turn a quantized MLX folder back into float weights")
-    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--force", action="store_true", help="replace an earlier nesso-mlx conversion (never anything else)")
     p.add_argument("--no-eval", action="store_true", help="skip the quality report")
     p.add_argument("--eval-tokens", type=int, default=256, help="tokens per language in the quality report")
     p.add_argument("--max-shard-gb", type=float, default=5.0)
@@ -56,20 +56,23 @@ def main(argv: list[str] | None = None, prog: str = "python -m nesso_mlx.convert
         "evaluate": "Evaluating quality",
     }
     tasks: dict[str, int] = {}
-    with Progress(
+    bar = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         TextColumn("{task.completed}/{task.total}"),
         TimeElapsedColumn(),
         console=console,
         transient=False,
-    ) as bar:
+    )
 
-        def progress(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(labels.get(stage, stage), total=total)
-            bar.update(tasks[stage], completed=done, total=total)
+    def progress(stage: str, done: int, total: int) -> None:
+        if not tasks:
+            bar.start()  # only once the work starts: an early error stays one line
+        if stage not in tasks:
+            tasks[stage] = bar.add_task(labels.get(stage, stage), total=total)
+        bar.update(tasks[stage], completed=done, total=total)
 
+    try:
         try:
             result = convert(
                 args.hf_path,
@@ -87,14 +90,15 @@ def main(argv: list[str] | None = None, prog: str = "python -m nesso_mlx.convert
                 revision=args.revision,
                 progress=progress,
             )
-        except NessoError as e:
-            bar.stop()
-            print(f"error: {e}", file=sys.stderr)  # one line: no wrapping, no markup
-            return 1
-        except KeyboardInterrupt:
-            bar.stop()
-            print("interrupted: nothing was written to the output folder", file=sys.stderr)
-            return 130
+        finally:
+            if tasks:  # Progress.stop prints a blank line even when it never started
+                bar.stop()
+    except NessoError as e:
+        print(f"error: {e}", file=sys.stderr)  # one line: no wrapping, no markup
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written to the output folder", file=sys.stderr)
+        return 130
 
     from .card import precision_label
 

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from . import ConversionResult
 
+CARD_SIGNATURE = "converted with nesso-mlx"  # how --force recognises outputs written before the marker file
+
 
 def precision_label(result: ConversionResult, recipe: str | None = None) -> str:
     q = result.quantization
@@ -56,7 +58,7 @@ pipeline_tag: text-generation
 
 # {name}
 
-MLX weights of {source}, converted with nesso-mlx.
+MLX weights of {source}, {CARD_SIGNATURE}.
 
 | | |
 | --- | --- |
