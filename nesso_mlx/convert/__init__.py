@@ -418,6 +418,7 @@ def convert(
         (tmp / WRITER).write_text(json.dumps(_writer_stamp(os.getpid())))  # first: other conversions leave it alone
         files = save_weights(tmp, model, int(max_shard_gb * 1e9), progress)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        files.append("config.json")
         for name in TOKENIZER_FILES:
             if (src / name).exists():
                 shutil.copyfile(src / name, tmp / name)
