@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import mlx.core as mx
@@ -17,7 +21,7 @@ from mlx_lm.generate import generate_step
 from mlx_lm.utils import load_model as mlx_lm_load_model
 
 from nesso_mlx import generate, load
-from nesso_mlx.convert import ConvertError, convert
+from nesso_mlx.convert import KILL_AT, MARKER, WRITER, ConvertError, _started, convert
 from nesso_mlx.convert.__main__ import main as convert_main
 from nesso_mlx.errors import NessoError
 from nesso_mlx.quality import compare, reference_logprobs
@@ -328,3 +332,203 @@ def test_sigterm_mid_conversion_leaves_nothing(smollm2_path, tmp_path):
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130 and "nothing was written" in err
     assert nothing_written(dest)
+
+
+# --- --force replaces only earlier conversions; a kill at any point loses nothing ---------------
+
+
+def contents(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def tree(root: Path) -> dict[str, tuple]:
+    """Everything under `root`, byte for byte, with modification times (to see that nothing was touched)."""
+    out: dict[str, tuple] = {}
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = Path(folder, name)
+            if path.is_symlink():
+                out[str(path)] = ("link", os.readlink(path))
+            elif path.is_dir():
+                out[str(path)] = ("dir", path.stat().st_mtime_ns)
+            else:
+                out[str(path)] = ("file", path.read_bytes(), path.stat().st_mtime_ns)
+    return out
+
+
+def leftovers(dest: Path) -> list[str]:
+    return sorted(p.name for p in dest.parent.glob(f".{dest.name}.*"))
+
+
+def run_converter(source: Path, dest: Path, *args: str, env: dict[str, str] | None = None):
+    command = [sys.executable, "-m", "nesso_mlx.convert", "--hf-path", str(source), "--mlx-path", str(dest), "--no-eval", *args]
+    return subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(env or {})})
+
+
+NEW = {"dtype": "bfloat16", "max_shard_gb": 0.00005}  # five shards: a kill can land between two of them
+NEW_ARGS = ["--force", "--dtype", "bfloat16", "--max-shard-gb", "0.00005"]
+
+
+@pytest.mark.parametrize("point", ["shard", "before-renames", "between-renames", "after-renames"])
+def test_sigkill_at_each_point_loses_nothing_and_the_next_run_cleans_up(tmp_path, point):
+    source = write_model_folder(tmp_path / "source")
+    dest = tmp_path / "out"
+    old = contents(convert(source, dest, evaluate=False).path)
+    (tmp_path / "reference").mkdir()
+    new = contents(convert(source, tmp_path / "reference" / "out", evaluate=False, **NEW).path)
+    assert len([n for n in new if n.endswith(".safetensors")]) == 5 and old.keys() != new.keys()
+
+    run = run_converter(source, dest, *NEW_ARGS, env={KILL_AT: point})
+    assert run.returncode == -signal.SIGKILL, run.stderr
+    left = leftovers(dest)
+    if point == "between-renames":  # the previous conversion, whole, moved aside; the new one whole beside it
+        assert not dest.exists() and [n.split("-")[0] for n in left] == [".out.old", ".out.partial"]
+        assert contents(tmp_path / left[0]) == old and contents(tmp_path / left[1]) == new
+    else:
+        assert contents(dest) == (new if point == "after-renames" else old)
+        load(dest)
+        assert [n.split("-")[0] for n in left] == [".out.old" if point == "after-renames" else ".out.partial"]
+
+    # The next run to the same destination puts the old conversion back or clears the leftovers, even one
+    # that then stops because the destination exists.
+    with pytest.raises(ConvertError, match="already exists; pass --force"):
+        convert(source, dest, evaluate=False)
+    assert contents(dest) == (new if point == "after-renames" else old) and leftovers(dest) == []
+    load(dest)
+    convert(source, dest, force=True, evaluate=False, **NEW)
+    assert contents(dest) == new and leftovers(dest) == []
+
+
+def refusal_cases(source: Path, tmp_path: Path) -> list[tuple[Path, str]]:
+    thesis = tmp_path / "thesis"
+    thesis.mkdir(parents=True)
+    (thesis / "thesis.docx").write_bytes(b"PK\x03\x04 three years of work")
+    added = convert(source, tmp_path / "conversion-plus-thesis", evaluate=False).path
+    (added / "thesis.docx").write_bytes(b"PK\x03\x04 three years of work")
+    nested = convert(source, tmp_path / "conversion-plus-folder", evaluate=False).path
+    (nested / "checkpoints").mkdir()
+    finetuned = write_model_folder(tmp_path / "finetuned")  # our file names, but neither marker nor model card
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "README.md").write_text("my notes")
+    a_file = tmp_path / "model.bin"
+    a_file.write_bytes(b"not a folder")
+    link = tmp_path / "link"
+    link.symlink_to(convert(source, tmp_path / "target", evaluate=False).path)
+    return [
+        (thesis, "it holds thesis.docx"),
+        (added, "it holds thesis.docx"),
+        (nested, "it holds checkpoints"),
+        (finetuned, "no nesso-mlx model card"),
+        (notes, "no config.json"),
+        (a_file, "a file"),
+        (link, "a symbolic link"),
+    ]
+
+
+def test_force_refuses_what_nesso_mlx_did_not_write_and_touches_nothing(source, tmp_path, capsys):
+    for dest, reason in refusal_cases(source, tmp_path / "cases"):
+        before = tree(tmp_path)
+        code = convert_main(["--hf-path", str(source), "--mlx-path", str(dest), "--force", "--no-eval"])
+        err = capsys.readouterr().err
+        assert code == 1 and err.count("\n") == 1 and "Traceback" not in err, err
+        assert err.startswith(f"error: {dest}: exists and is not a nesso-mlx conversion ({reason}); it was left as it is"), err
+        assert tree(tmp_path) == before, dest
+    thesis = tmp_path / "cases" / "thesis"
+    before = tree(tmp_path)
+    run = subprocess.run(
+        ["nesso-mlx", "convert", "--hf-path", str(source), "--mlx-path", str(thesis), "--force"], capture_output=True, text=True
+    )
+    assert run.returncode == 1 and run.stderr.count("\n") == 1 and "thesis.docx" in run.stderr, run.stderr
+    assert tree(tmp_path) == before and (thesis / "thesis.docx").read_bytes() == b"PK\x03\x04 three years of work"
+
+
+def test_force_replaces_earlier_conversions_and_leaves_nothing_behind(source, tmp_path):
+    marked = convert(source, tmp_path / "marked", evaluate=False).path
+    legacy = convert(source, tmp_path / "legacy", evaluate=False, max_shard_gb=0.0003).path
+    (legacy / MARKER).unlink()  # as nesso-mlx 0.1.0 wrote it, and macOS's Finder was there
+    (legacy / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for dest in (marked, legacy, empty):
+        result = convert(source, dest, force=True, quantize=True, q_bits=8, evaluate=False)
+        assert sorted(p.name for p in dest.iterdir()) == sorted(result.files) and MARKER in result.files
+        assert json.loads((dest / MARKER).read_text())["files"]["config.json"] == (dest / "config.json").stat().st_size
+        assert json.loads((dest / "config.json").read_text())["quantization"]["bits"] == 8
+        assert leftovers(dest) == [] and WRITER not in result.files
+        load(dest)
+
+
+def test_destination_checked_again_before_the_replace(source, tmp_path):
+    dest = convert(source, tmp_path / "out", evaluate=False).path
+    before = contents(dest)
+
+    def save_meanwhile(stage: str, done: int, total: int) -> None:
+        if stage == "write":
+            (dest / "thesis.docx").write_bytes(b"saved while the conversion ran")
+
+    with pytest.raises(ConvertError, match=r"not a nesso-mlx conversion \(it holds thesis.docx\)"):
+        convert(source, dest, force=True, evaluate=False, progress=save_meanwhile)
+    assert contents(dest) == {**before, "thesis.docx": b"saved while the conversion ran"} and leftovers(dest) == []
+
+
+def test_stale_partial_cleanup_touches_only_dead_writers(source, tmp_path):
+    dest = tmp_path / "out"
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead_pid = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True).stdout)
+    stamp = {"pid": sleeper.pid, "host": socket.gethostname(), "started": _started(sleeper.pid)}
+
+    def leftover(kind: str, pid: int | str, writer: dict | None) -> Path:
+        folder = tmp_path / f".out.{kind}-{pid}-{uuid.uuid4().hex[:8]}"
+        folder.mkdir()
+        (folder / "model-00001-of-00002.safetensors").write_bytes(b"half of the weights")
+        if writer is not None:
+            (folder / WRITER).write_text(json.dumps(writer))
+        return folder
+
+    try:
+        live = leftover("partial", sleeper.pid, stamp)
+        live_unstamped = leftover("partial", sleeper.pid, None)  # a writer before its stamp, or renaming
+        live_old = leftover("old", sleeper.pid, None)  # moved aside by a live writer an instant ago: not put back
+        other_host = leftover("partial", dead_pid, {**stamp, "pid": dead_pid, "host": "another-mac.local"})
+        legacy = tmp_path / ".out.partial-0123abcd"  # nesso-mlx 0.1.0 wrote no PID: its writer is unknown
+        legacy.mkdir()
+        kept = {p: contents(p) for p in (live, live_unstamped, live_old, other_host, legacy)}
+        dead = leftover("partial", dead_pid, {**stamp, "pid": dead_pid})
+        dead_unstamped = leftover("partial", dead_pid, None)
+        reused = leftover("partial", sleeper.pid, {**stamp, "started": "an earlier process"})  # its PID was reused
+        (dead / "thesis.docx").write_bytes(b"not ours")  # someone's file in a dead writer's folder stays
+
+        convert(source, dest, evaluate=False)
+        assert {p: contents(p) for p in kept} == kept
+        assert not dead_unstamped.exists() and not reused.exists() and contents(dead) == {"thesis.docx": b"not ours"}
+        assert sleeper.poll() is None and contents(dest)["config.json"]
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_files_then_parent_fsynced_around_the_renames(source, tmp_path, monkeypatch):
+    import nesso_mlx.convert as converter
+
+    dest = convert(source, tmp_path / "out", evaluate=False).path
+    events: list[tuple[str, Path]] = []
+    real_fsync, real_replace = converter._fsync, os.replace
+
+    def fsync(path):
+        events.append(("fsync", Path(path)))
+        real_fsync(path)
+
+    def replace(src, dst):
+        events.append(("rename", Path(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(converter, "_fsync", fsync)
+    monkeypatch.setattr(converter.os, "replace", replace)
+    convert(source, dest, force=True, evaluate=False, **NEW)
+    renames = [i for i, (kind, _) in enumerate(events) if kind == "rename"]
+    assert [events[i][1].name.split("-")[0] for i in renames] == [".out.old", "out"]
+    synced = [path for kind, path in events[: renames[0]] if kind == "fsync"]
+    assert {p.name for p in synced if p.parent.name.startswith(".out.partial-")} == set(os.listdir(dest))
+    assert synced[-1] == tmp_path and synced[-2].name.startswith(".out.partial-")  # the folder, then the parent
+    assert ("fsync", tmp_path) in events[renames[0] : renames[1]] and events[renames[1] + 1] == ("fsync", tmp_path)
