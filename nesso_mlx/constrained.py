@@ -270,6 +270,36 @@ class GrammarProcessor:
             allowed[self.eos] = True
         return allowed
 
+    # --- for speculative decoding: looking ahead without moving ---------------------------------
+
+    def free_prefix(self, tokens: Sequence[int]) -> int:
+        """How many of `tokens` are free text that would not switch the constraint on."""
+        if self.matcher is not None:
+            return 0
+        if not self.trigger:
+            return len(tokens)
+        window, trigger = self.tail, self.trigger.encode()
+        for i, token in enumerate(tokens):
+            window += self.tokenizer.token_bytes(token)
+            if trigger in window:
+                return i
+            window = window[-len(trigger) :]
+        return len(tokens)
+
+    def lookahead(self, tokens: Sequence[int]) -> list[mx.array]:
+        """The masks after each leading token of `tokens` that the grammar takes, in the middle of
+        the grammar only (it stops where the output could end); the state is left unchanged."""
+        if self.matcher is None or self.finished:
+            return []
+        masks = []
+        for token in tokens:
+            if self.matcher.is_stopped() or self.matcher.is_accepting() or not self.matcher.try_consume_tokens([token]):
+                break
+            masks.append(self.mask())
+        if masks:
+            self.matcher.rollback(len(masks))
+        return masks
+
     def mask(self) -> mx.array:
         """`allowed()` as an MLX array, for `mx.where(mask, logits, -inf)`."""
         return mx.array(self.allowed())

@@ -19,6 +19,7 @@ from .sampling import (
     make_sampler,
     vocab_limit_processor,
 )
+from .speculative import PromptLookup
 from .tokenizer import Tokenizer
 from .tools import ToolCall, ToolCallDelta, ToolCallStream, ToolSpec, parse_tool_calls, tool_schemas
 
@@ -115,6 +116,7 @@ def decode(
     history: mx.array | None = None,
     constraint: TokenConstraint | None = None,
     top_logprobs: int | None = None,
+    lookup: PromptLookup | None = None,
 ) -> Iterator[int] | Iterator[tuple[int, TokenLogprobs]]:
     """Yield sampled tokens forever, starting from `logits`; the caller decides when to stop.
 
@@ -129,12 +131,19 @@ def decode(
     queued for step n+1 is discarded and drawn again, masked, from the same logits.
 
     With `top_logprobs` (k >= 0), yields `(token, TokenLogprobs)` with the k best alternatives.
+    With `lookup`, prompt-lookup speculative decoding (see `speculative.py`): after token n, if
+    the text so far predicts what follows and step n+1 confirms the first predicted token, the
+    rest of the prediction is verified in one forward pass.
     """
     history = history if history is not None else mx.array([], dtype=mx.int32)
 
+    def process(logits: mx.array, history: mx.array) -> mx.array:
+        for processor in processors:
+            logits = processor(history, logits)
+        return logits
+
     def sample(logits: mx.array, history: mx.array, mask: mx.array | None) -> tuple[mx.array, mx.array, list[mx.array]]:
-        for process in processors:
-            logits = process(history, logits)
+        logits = process(logits, history)
         token = sampler(logits if mask is None else mx.where(mask, logits, -mx.inf))
         extra = []
         if top_logprobs is not None:
@@ -144,7 +153,10 @@ def decode(
             if top_logprobs > 0:
                 best = mx.argpartition(-scores, top_logprobs - 1, axis=-1)[0, :top_logprobs]
                 extra += [best, scores[0, best]]
-        return token, mx.concatenate([history, token.astype(history.dtype)]) if processors else history, extra
+        return token, grow(history, token), extra
+
+    def grow(history: mx.array, token: mx.array) -> mx.array:
+        return mx.concatenate([history, token.astype(history.dtype)]) if processors else history
 
     def output(token: mx.array, extra: list[mx.array]):
         value = token.item()
@@ -152,6 +164,40 @@ def decode(
             return value
         top = sorted(zip(extra[1].tolist(), extra[2].tolist(), strict=True), key=lambda t: -t[1]) if len(extra) > 1 else []
         return value, TokenLogprobs(extra[0].item(), top)
+
+    def verify(first: int, draft: list[int], history: mx.array) -> tuple[list[int], int, mx.array]:
+        """Check `draft` after the confirmed token `first` in one pass; returns the kept draft
+        tokens, the token that follows them (not yet in the cache) and the history."""
+        if constraint is not None:
+            constraint.advance(first)
+            if constraint.active:
+                masks = [constraint.mask(), *constraint.lookahead(draft)]
+            else:
+                masks = []
+                draft = draft[: constraint.free_prefix(draft)]
+            draft = draft[: max(len(masks) - 1, 0)] if masks else draft
+        start = cache[0].offset
+        t0 = time.perf_counter()
+        with mx.stream(generation_stream):  # `history` already ends with `first`
+            rows_logits = model(mx.array([[first, *draft]], dtype=mx.int32), cache)[0]
+            rows = []
+            for i in range(len(draft) + 1):
+                row = process(rows_logits[i : i + 1], history)
+                if constraint is not None and constraint.active:
+                    row = mx.where(masks[i], row, -mx.inf)
+                rows.append(row)
+                if i < len(draft):
+                    history = grow(history, mx.array([draft[i]]))
+            accepted, following = lookup.accept(mx.concatenate(rows), draft)
+        lookup.controller.verified(len(draft), accepted, time.perf_counter() - t0)
+        kept = draft[:accepted]
+        rollback_cache(cache, start + 1 + accepted)
+        if processors:
+            history = grow(history[: history.size - (len(draft) - accepted)], mx.array([following]))
+        if constraint is not None:
+            for token in kept:
+                constraint.advance(token)
+        return kept, following, history
 
     with mx.stream(generation_stream):
         first_mask = None
@@ -183,6 +229,20 @@ def decode(
             mx.async_eval(next_token, *next_extra)
         yield output(token, extra)
         token, extra = next_token, next_extra
+        if lookup is None:
+            continue
+        lookup.index.append(value)
+        lookup.controller.plain_step()
+        if not lookup.controller.wants_draft() or not (draft := lookup.index.draft(lookup.controller.k + 1)):
+            continue
+        first = token.item()  # wait for step n+1: it confirms the draft's first token or not
+        if first != draft[0] or len(draft) < 2:
+            continue
+        kept, following, history = verify(first, draft[1:], history)
+        for value in (first, *kept):
+            yield value
+            lookup.index.append(value)
+        token = mx.array([following], dtype=mx.int32)
 
 
 class _StopMatcher:
@@ -256,6 +316,7 @@ def stream_generate(
     cache: list[KVCache] | None = None,
     prefill_chunk_size: int = 512,
     top_logprobs: int | None = None,
+    prompt_lookup: bool = False,
 ) -> Iterator[GenerationChunk]:
     """Generate text token by token from `prompt` (str or ids) or chat `messages`.
 
@@ -272,7 +333,9 @@ def stream_generate(
     the whole reply valid JSON.
 
     `top_logprobs` (k >= 0) adds each token's log-probability and its k best alternatives to
-    its chunk (`chunk.logprobs`).
+    its chunk (`chunk.logprobs`). `prompt_lookup` turns on prompt-lookup speculative decoding
+    (same output greedy, same distribution sampling; see `speculative.py`); it is not combined
+    with `top_logprobs`.
     """
     tools = tool_schemas(tools)
     ids = prompt_tokens(tokenizer, prompt, messages, tools)
@@ -342,7 +405,10 @@ def stream_generate(
             yield GenerationChunk("", None, "length", len(ids), 0)
             return
         logprobs = None
-        for token in decode(model, logits, cache, sampler, processors, history, constraint, top_logprobs):
+        lookup = None
+        if prompt_lookup and top_logprobs is None:
+            lookup = PromptLookup(ids, temperature, top_p, top_k, min_p, seed)
+        for token in decode(model, logits, cache, sampler, processors, history, constraint, top_logprobs, lookup):
             if top_logprobs is not None:
                 token, logprobs = token
             if n == 0:

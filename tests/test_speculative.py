@@ -1,0 +1,156 @@
+"""Prompt-lookup speculative decoding: the same tokens greedy, the same distribution sampling."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import write_model_folder
+from nesso_fixture import nesso_folder
+
+import nesso_mlx.speculative as speculative
+from nesso_mlx import generate, load
+from nesso_mlx.speculative import NgramIndex, accept_draft
+
+
+@pytest.fixture
+def always_draft(monkeypatch):
+    """Draft at every match, never pause: every verify path is exercised. Counts the verifies."""
+    stats = {"verifies": 0, "drafted": 0, "accepted": 0}
+    original = speculative.LookupController.verified
+
+    def verified(self, drafted, accepted, seconds):
+        stats["verifies"] += 1
+        stats["drafted"] += drafted
+        stats["accepted"] += accepted
+        original(self, drafted, accepted, seconds)
+        self.paused = 0
+
+    monkeypatch.setattr(speculative.LookupController, "wants_draft", lambda self: True)
+    monkeypatch.setattr(speculative.LookupController, "verified", verified)
+    return stats
+
+
+def test_ngram_index_drafts_what_followed_the_latest_earlier_match():
+    index = NgramIndex([1, 2, 3, 4, 9, 1, 2, 3, 5, 6, 7])
+    assert index.draft(3) == []  # (6, 7) never came before
+    for token in (1, 2, 3):
+        index.append(token)
+    assert index.draft(3) == [5, 6, 7]  # the latest earlier "1 2 3" was followed by 5 6 7
+    index.append(9)
+    assert index.draft(2) == []  # "2 3 9" and "3 9" are new
+    index = NgramIndex([5, 8, 5, 8])
+    assert index.draft(4) == [5, 8, 5, 8]  # a repetition continues with its period
+
+
+COPYING = [
+    "Ripeti esattamente: il gatto nero dorme sul divano rosso, il gatto nero dorme sul divano rosso.",
+    "Copy this list: apple, banana, cherry, apple, banana, cherry, apple, banana",
+    "Mario Rossi abita a Città di Castello. Dove abita Mario Rossi? Mario Rossi abita a",
+    "1 2 3 4 5 6 7 8 9 10 1 2 3 4 5 6 7 8 9 10 1 2 3",
+]
+
+
+def induction(tokens: mx.array, logits: mx.array) -> mx.array:
+    """Make a random model copy: favour the token that followed the last earlier occurrence of the
+    latest token (what induction heads do in trained models), so drafts get confirmed."""
+    seen = tokens.tolist()
+    for j in range(len(seen) - 2, -1, -1):
+        if seen[j] == seen[-1]:
+            return logits + 40.0 * (mx.arange(logits.shape[-1]) == seen[j + 1])
+    return logits
+
+
+@pytest.mark.parametrize("kind", ["tiny", "nesso-text"])
+def test_greedy_output_is_identical(always_draft, tmp_path, kind):
+    folder = write_model_folder(tmp_path / "m", seed=5) if kind == "tiny" else nesso_folder("text")
+    model, tokenizer = load(folder, dtype="float32")
+    for text in COPYING:
+        for options in ({}, {"repetition_penalty": 1.3}, {"logits_processors": [induction]}):
+            messages = [{"role": "user", "content": text}]
+            plain = generate(model, tokenizer, messages=messages, max_tokens=40, **options)
+            fast = generate(model, tokenizer, messages=messages, max_tokens=40, prompt_lookup=True, **options)
+            assert fast.tokens == plain.tokens, (kind, text, options)
+            assert fast.finish_reason == plain.finish_reason
+    assert always_draft["verifies"] > 10 and always_draft["accepted"] > 0, always_draft  # the path really ran
+
+
+def test_greedy_on_smollm2_with_stop_strings(always_draft, smollm2_path):
+    model, tokenizer = load(smollm2_path, dtype="float32")
+    messages = [{"role": "user", "content": "Repeat exactly: the quick brown fox jumps over the lazy dog. The quick brown"}]
+    plain = generate(model, tokenizer, messages=messages, max_tokens=24)
+    fast = generate(model, tokenizer, messages=messages, max_tokens=24, prompt_lookup=True)
+    assert fast.tokens == plain.tokens and always_draft["accepted"] > 0
+    stop = plain.text.split()[3]
+    cut = generate(model, tokenizer, messages=messages, max_tokens=24, stop=[stop], prompt_lookup=True)
+    assert cut.text == plain.text[: plain.text.index(stop)] and cut.finish_reason == "stop"
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"nome": {"type": "string", "maxLength": 30}, "città": {"type": "string", "maxLength": 30}},
+    "required": ["nome", "città"],
+    "additionalProperties": False,
+}
+TOOL = {
+    "type": "function",
+    "function": {
+        "name": "trova",
+        "parameters": {"type": "object", "properties": {"testo": {"type": "string", "maxLength": 40}}, "required": ["testo"]},
+    },
+}
+
+
+@pytest.mark.parametrize("variant", ["text", "added"])
+def test_constrained_greedy_output_is_identical(always_draft, variant):
+    """Drafted tokens go through the grammar: the same JSON and calls as without drafting."""
+    model, tokenizer = load(nesso_folder(variant), dtype="float32")
+    text = 'Nome: "Anna Bianchi", città: "Bari". {"nome": "Anna Bianchi", "città": "Bari"} <tool_call>\n{"name": "trova", '
+    messages = [{"role": "user", "content": text * 2}]
+    copy = {"logits_processors": [induction]}
+    requests = [
+        {"response_format": {"type": "json_schema", "json_schema": {"schema": SCHEMA}}},
+        {"tools": [TOOL], "tool_choice": "required"},
+        {"tools": [TOOL], "tool_choice": "auto"},
+    ]
+    for request in requests:
+        plain = generate(model, tokenizer, messages=messages, max_tokens=60, **request, **copy)
+        fast = generate(model, tokenizer, messages=messages, max_tokens=60, prompt_lookup=True, **request, **copy)
+        assert fast.tokens == plain.tokens, request
+        if "response_format" in request and fast.finish_reason == "stop":
+            jsonschema.validate(json.loads(fast.text), SCHEMA)
+    assert always_draft["verifies"] > 0 and always_draft["accepted"] > 0, always_draft
+
+
+def test_acceptance_rule_keeps_the_sampling_distribution():
+    """Monte Carlo on fixed rows: the first token follows p0; after an accepted draft, the second follows p1."""
+    rng = np.random.default_rng(0)
+    vocab, temperature = 6, 0.8
+    rows = mx.array(rng.normal(size=(3, vocab)) * 1.5, dtype=mx.float32)
+    draft = [2, 4]
+    p = np.exp(np.array(rows) / temperature)
+    p /= p.sum(axis=-1, keepdims=True)
+    n = 4000
+    first = np.zeros(vocab)
+    second = np.zeros(vocab)
+    key = mx.random.key(1)
+    for _ in range(n):
+        key, sub = mx.random.split(key)
+        accepted, following = accept_draft(rows, draft, temperature, key=sub)
+        out = [*draft[:accepted], following]
+        first[out[0]] += 1
+        if out[0] == draft[0]:
+            second[out[1]] += 1
+    # Pearson chi-square against the exact distributions (5 degrees of freedom; 20.5 is p=0.001)
+    chi_first = ((first - n * p[0]) ** 2 / (n * p[0])).sum()
+    m = second.sum()
+    chi_second = ((second - m * p[1]) ** 2 / (m * p[1])).sum()
+    assert chi_first < 20.5 and chi_second < 20.5, (chi_first, chi_second)
+    # and greedy keeps exactly the argmax chain
+    greedy = mx.array([[0, 5, 1], [0, 1, 9], [7, 0, 0]], dtype=mx.float32)
+    assert accept_draft(greedy, [1, 2], 0.0) == (2, 0)  # both are their rows' argmax; then row 2's
+    assert accept_draft(greedy, [1, 1], 0.0) == (1, 2)  # row 1's argmax is 2, not 1: it follows instead
+    assert accept_draft(greedy, [0, 2], 0.0) == (0, 1)
