@@ -479,6 +479,73 @@ def convert(ctx: typer.Context) -> None:
     raise typer.Exit(convert_main(ctx.args, prog="nesso-mlx convert"))
 
 
+@app.command()
+def bench(
+    model: str = ModelOption,
+    prompt_tokens: int = NumberOption(512, "--prompt-tokens", "-p", help="prompt length of the pp test", low=1),
+    gen_tokens: int = NumberOption(128, "--gen-tokens", "-n", help="tokens to generate", low=2),
+    repetitions: int = NumberOption(3, "--repetitions", "-r", help="runs of each test", low=1),
+    workloads: str = typer.Option("pp,tg,chat,extract,tool,turn2", "--workloads", "-w", help="comma-separated tests"),
+    vs: str | None = typer.Option(None, "--vs", help="mlx-lm: run it too, on the same weights, alternating"),
+    prompt_lookup: bool = typer.Option(
+        True, "--prompt-lookup/--no-prompt-lookup", help="speculative decoding in chat/extract/tool"
+    ),
+    output: str = typer.Option("md", "--output", "-o", help="md, json or csv"),
+) -> None:
+    """Measure prompt processing, generation and request workloads (llama-bench style).
+
+    Tests: pp (prefill), tg (decode, EOS ignored), chat, extract (JSON schema), tool (forced call),
+    turn2 (time to first token of a cached second turn). With --vs mlx-lm, the ratio column is
+    nesso-mlx over mlx-lm: decode speed, prefill speed for pp, time to first token for turn2.
+    """
+    from .bench import WORKLOADS
+
+    chosen = [w.strip() for w in workloads.split(",") if w.strip()]
+    if not chosen or any(w not in WORKLOADS for w in chosen):
+        fail(f"--workloads must name some of {', '.join(WORKLOADS)}, got {workloads!r}", 2)
+    if vs not in (None, "mlx-lm"):
+        fail(f"--vs must be mlx-lm, got {vs!r}", 2)
+    if output not in ("md", "json", "csv"):
+        fail(f"--output must be md, json or csv, got {output!r}", 2)
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .bench import render, run_bench
+    from .errors import HubError, NessoError
+    from .hub import resolve_model_path
+
+    try:
+        path = str(resolve_model_path(model))
+    except HubError as e:
+        fail(f"{e} ({HUB_HINT})")
+    if vs:
+        try:
+            import mlx_lm  # noqa: F401
+        except ImportError:
+            fail("--vs mlx-lm needs mlx-lm: pip install mlx-lm")
+    columns = (TextColumn("bench"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("bench", total=None)
+        try:
+            rows = run_bench(
+                path,
+                chosen,
+                prompt_tokens,
+                gen_tokens,
+                repetitions,
+                vs_mlx_lm=bool(vs),
+                prompt_lookup=prompt_lookup,
+                progress=lambda done, total: bar.update(task, completed=done, total=total),
+            )
+        except NessoError as e:
+            fail(str(e))
+    import mlx.core as mx
+
+    if output == "md":
+        typer.echo(f"model: {display_name(model)}  device: {mx.default_device()}  repetitions: {repetitions}\n")
+    typer.echo(render(rows, output, prompt_tokens, gen_tokens))
+
+
 eval_app = typer.Typer(help="Evaluate a model.", no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
 
