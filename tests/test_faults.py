@@ -81,11 +81,11 @@ def assert_consistent(session: ChatSession) -> None:
         assert mx.allclose(got.values[..., :n, :], want.values[..., :n, :], atol=1e-4).item()
 
 
-def assert_next_turn_equals_a_fresh_session(tiny, session: ChatSession) -> None:
+def assert_next_turn_equals_a_fresh_session(tiny, session: ChatSession, text: str = THIRD) -> None:
     fresh = new_session(tiny, max_context=session.max_context)
     fresh.messages = [dict(m) for m in session.messages]
-    got = [c.token for c in session.send(THIRD)]
-    want = [c.token for c in fresh.send(THIRD)]
+    got = [c.token for c in session.send(text)]
+    want = [c.token for c in fresh.send(text)]
     assert got == want
     assert session.messages == fresh.messages
     assert_consistent(session)
@@ -195,3 +195,22 @@ def test_ctrl_c_while_reading_tool_results_keeps_them_and_the_cache(tiny):
     reply = list(session.continue_reply())
     assert reply and session.messages[-1]["role"] == "assistant"
     assert_consistent(session)
+
+
+def test_ctrl_c_before_the_reply_begins_restores_the_exchanges_a_drop_removed(tiny):
+    model, _ = tiny
+    session = new_session(tiny, max_context=300)
+    next_prompt = [{"role": "user", "content": SECOND}]
+    while len(session._tokens(session.messages + next_prompt)) <= 300 - session.settings.max_tokens:
+        list(session.send(FIRST))
+    assert not session.notices and len(session.messages) >= 4
+    before = [dict(m) for m in session.messages]
+    with interrupt_layer(model, 2, 1):  # the prompt of this turn needs a drop; the prefill is interrupted
+        got, error = consume(session.send(SECOND))
+    assert isinstance(error, KeyboardInterrupt) and not got
+    assert session.messages == before
+    assert session.notices == ["interrupted before the reply began: the message was not added"]
+    assert_consistent(session)
+    session.notices.clear()
+    assert_next_turn_equals_a_fresh_session(tiny, session, SECOND)  # this time the drop happens
+    assert "dropped" in session.notices[0]
