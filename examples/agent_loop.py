@@ -19,6 +19,7 @@ def main() -> None:
     parser.add_argument("question")
     parser.add_argument("--model", default="nesso-agentic")
     parser.add_argument("--tools", default=str(Path(__file__).with_name("tools.py")))
+    parser.add_argument("--tool-choice", default=None, help="for the first reply: auto, required or a tool name")
     args = parser.parse_args()
 
     functions = load_tools_file(args.tools)
@@ -27,7 +28,8 @@ def main() -> None:
     session = ChatSession(
         model, tokenizer, tools=list(functions.values()), settings=SamplingSettings(temperature=0.0, max_tokens=512)
     )
-    for event in agent_turn(session, args.question, functions, confirm=lambda call: True, max_steps=5):
+    steps = agent_turn(session, args.question, functions, confirm=lambda call: True, max_steps=5, tool_choice=args.tool_choice)
+    for event in steps:
         if isinstance(event, GenerationChunk):
             print(event.text, end="", flush=True)
         elif isinstance(event, ToolRun):

@@ -80,34 +80,66 @@ def run_tool(call: ToolCall, functions: dict[str, Callable[..., Any]]) -> tuple[
         return str(value), "ok"
 
 
+def reply_calls(message: dict[str, Any]) -> list[ToolCall]:
+    """The tool calls of an assistant message: its `tool_calls`, or calls written in its text."""
+    if not message.get("tool_calls"):
+        return parse_tool_calls(message.get("content") or "")[1]
+    calls = []
+    for call in message["tool_calls"]:
+        fn = call.get("function", call)
+        name, arguments = fn.get("name"), fn.get("arguments", {})
+        if isinstance(arguments, str):  # OpenAI style: the arguments' JSON text
+            try:
+                arguments = json.loads(arguments)
+            except json.JSONDecodeError:
+                calls.append(ToolCall(name, {}, fn["arguments"], "arguments are not valid JSON"))
+                continue
+        calls.append(
+            ToolCall(name, arguments)
+            if isinstance(arguments, dict)
+            else ToolCall(name, {}, str(arguments), '"arguments" is not a JSON object')
+        )
+    return calls
+
+
 def agent_turn(
     session: ChatSession,
     text: str,
     functions: dict[str, Callable[..., Any]],
     confirm: Callable[[ToolCall], bool] = lambda call: True,
     max_steps: int = 5,
+    tool_choice: str | dict[str, Any] | None = None,
 ) -> Iterator[AgentEvent]:
     """Send `text`, then run the model's tool calls and feed results back until it answers in text.
 
     Yields the reply chunks of every step, a `ToolRun` per call, and `StepLimit` if the model is
     still calling tools after `max_steps` rounds. `confirm(call)` may decline a call; the model is
-    told so.
+    told so. `tool_choice` applies to the first reply only (e.g. "required" to make the model
+    call a tool first); the replies after tool results use the session's own (usually "auto"),
+    so the model can answer in text.
     """
-    chunks: Iterator[GenerationChunk] = session.send(text)
-    for _ in range(max_steps):
-        yield from chunks
-        _, calls = parse_tool_calls(session.messages[-1]["content"])
-        if not calls or session.last.finish_reason not in ("tool_calls", "stop", "length"):
-            return
-        for call in calls:
-            if call.ok and not confirm(call):
-                result, status = "the user declined to run this tool", "declined"
-            else:
-                result, status = run_tool(call, functions)
-            session.add_tool_result(result)
-            yield ToolRun(call, result, status)
-        chunks = session.continue_reply()
-    yield StepLimit(max_steps)
+    own = session.tool_choice
+    if tool_choice is not None:
+        session.tool_choice = tool_choice
+    try:
+        chunks: Iterator[GenerationChunk] = session.send(text)
+        for _ in range(max_steps):
+            yield from chunks
+            session.tool_choice = own
+            calls = reply_calls(session.messages[-1])
+            if not calls or session.last.finish_reason not in ("tool_calls", "stop", "length"):
+                return
+            for call in calls:
+                if call.ok and not confirm(call):
+                    result, status = "the user declined to run this tool", "declined"
+                else:
+                    result, status = run_tool(call, functions)
+                session.add_tool_result(result)
+                yield ToolRun(call, result, status)
+            chunks = session.continue_reply()
+        yield StepLimit(max_steps)
+    finally:
+        session.tool_choice = own
 
 
-__all__ = ["AgentEvent", "StepLimit", "ToolRun", "agent_turn", "load_tools_file", "run_tool"]
+__all__ = ["AgentEvent", "StepLimit", "ToolRun", "agent_turn", "load_tools_file", "reply_calls", "run_tool"]

@@ -14,7 +14,7 @@ from .errors import NessoError
 from .generation import GenerationChunk, stream_generate
 from .model import Model
 from .tokenizer import Tokenizer
-from .tools import ToolSpec, tool_schemas
+from .tools import ToolSpec, parse_tool_calls, tool_schemas
 
 
 @dataclass
@@ -116,6 +116,7 @@ class ChatSession:
         self.max_context = min(max_context or model.args.max_position_embeddings, model.args.max_position_embeddings)
         self.low_water = low_water
         self.tools = tool_schemas(tools)
+        self.tool_choice: str | dict[str, Any] = "auto"  # for the next replies: "auto", "required", "none" or a tool
         self.messages: list[dict[str, Any]] = []
         self.cache = model.make_cache()
         self.cached_tokens: list[int] = []  # the tokens whose keys/values are in the cache
@@ -246,13 +247,24 @@ class ChatSession:
             if ids is not None and self.last.finish_reason is None:
                 self.last.finish_reason = "interrupted"
             if finished or pieces:
-                self.messages.append({"role": "assistant", "content": "".join(pieces)})
+                self.messages.append(self._assistant_message("".join(pieces)))
             else:  # no reply at all: the conversation is as before the turn
                 self.messages = before
                 del self.notices[notices:]
                 if interrupted and ids is not None:
                     what = "the message was not added" if message is not None else "the conversation is unchanged"
                     self.notices.append(f"interrupted before the reply began: {what}")
+
+    def _assistant_message(self, text: str) -> dict[str, Any]:
+        """The reply as a message. Well-formed tool calls become `tool_calls`, so the template
+        renders them as the model wrote them (and the next turn reuses their cached tokens); a
+        reply with a malformed call keeps its raw text, for the caller to report it."""
+        if not self.tools:
+            return {"role": "assistant", "content": text}
+        content, calls = parse_tool_calls(text)
+        if not calls or not all(call.ok for call in calls):
+            return {"role": "assistant", "content": text}
+        return {"role": "assistant", "content": content, "tool_calls": [call.to_message() for call in calls]}
 
     def _stream(self, new_tokens: list[int]) -> Iterator[GenerationChunk]:
         """Generate from the cache plus `new_tokens` (the one place the model is called)."""
@@ -271,6 +283,7 @@ class ChatSession:
             repetition_penalty=s.repetition_penalty,
             seed=s.seed,
             tools=self.tools,
+            tool_choice=self.tool_choice,
             prefill_chunk_size=self.prefill_chunk_size,
         )
 

@@ -41,7 +41,8 @@ arguments inside <tool_call></tool_call> XML tags:\\n<tool_call>\\n{"name": <fun
 {{- '\\n<tool_response>\\n' + message.content + '\\n</tool_response>' }}
 {%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}
 {%- else %}
-{{- '<|im_start|>' + message.role + '\\n' + (message.content or '') }}
+{{- '<|im_start|>' + message.role }}
+{%- if message.content or not message.tool_calls %}{{- '\\n' + (message.content or '') }}{%- endif %}
 {%- for call in message.tool_calls or [] %}
 {%- set fn = call.function if call.function is defined else call %}
 {{- '\\n<tool_call>\\n{"name": "' + fn.name + '", "arguments": ' }}

@@ -330,3 +330,53 @@ def test_auto_mode_computes_no_mask_before_the_trigger(models, kind):
     reference_cache = model.make_cache()
     plain = list(islice(decode(model, prefill(model, ids, reference_cache), reference_cache, make_sampler()), 30))
     assert free == plain
+
+
+# --- the agent loop with real generation -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["nesso-text", "nesso-added"])
+def test_agent_loop_runs_a_real_call_and_reuses_the_cache(models, kind):
+    """required -> a call -> the tool runs -> its result goes back as <tool_response> -> the next reply,
+    with the first turn's prompt and the call's tokens reused from the KV cache."""
+    from nesso_mlx.agent import ToolRun, agent_turn
+    from nesso_mlx.chat import ChatSession, SamplingSettings
+
+    model, tokenizer = models[kind]
+    ran = []
+
+    def get_weather(city: str, unit: str = "celsius", days: int = 1) -> dict:
+        ran.append(city)
+        return {"city": city, "sky": "sereno", "unit": unit}
+
+    session = ChatSession(model, tokenizer, tools=TOOLS, settings=SamplingSettings(temperature=0.0, top_p=1.0, max_tokens=80))
+    events = list(agent_turn(session, "Che tempo fa a Roma?", {"get_weather": get_weather}, tool_choice="required", max_steps=2))
+    runs = [e for e in events if isinstance(e, ToolRun)]
+    assert runs and all(valid_call(r.call) for r in runs), session.messages
+    assert session.tool_choice == "auto"  # "required" was for the first reply only
+    roles = [m["role"] for m in session.messages]
+    assert roles[:2] == ["user", "assistant"] and "tool" in roles and roles[-1] == "assistant"
+    call_message = session.messages[1]
+    assert call_message["tool_calls"] and call_message["content"] == ""  # the calls, structured
+    weather_runs = [r for r in runs if r.call.name == "get_weather"]
+    assert ran == [r.call.arguments["city"] for r in weather_runs]
+    for run in weather_runs:
+        assert json.loads(run.result)["sky"] == "sereno"
+    rendered = tokenizer.apply_chat_template(session._all_messages(), tools=session.tools, tokenize=False)
+    assert f"<tool_response>\n{runs[0].result}\n</tool_response>" in rendered
+    # The reply after the tool results prefilled only what was new: the first prompt and the
+    # call's tokens (the template renders the call as the grammar made the model write it) are
+    # reused from the cache, up to the first token a random model chose non-canonically.
+    reply = []
+    for event in events:
+        if isinstance(event, ToolRun):
+            break
+        if event.token is not None:
+            reply.append(event.token)
+    first_ids = tokenizer.apply_chat_template(session.messages[:1], tools=session.tools)
+    prompt = tokenizer.apply_chat_template(session._all_messages()[:-1], tools=session.tools)
+    assert session.last.prompt_tokens == len(prompt)
+    cached = first_ids + reply[:-1]  # what the cache held after the first reply
+    common = next((i for i, (a, b) in enumerate(zip(prompt, cached, strict=False)) if a != b), len(cached))
+    assert session.last.prefilled_tokens == len(prompt) - common
+    assert common >= len(first_ids) + 4  # the prompt and at least the opening of the call were reused
