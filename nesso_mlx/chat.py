@@ -315,6 +315,48 @@ class ChatSession:
         """Forget the conversation (the system prompt stays)."""
         self.messages = []
 
+    # --- prompt-cache files -----------------------------------------------------------------
+
+    def static_prefix(self) -> list[int]:
+        """The tokens every conversation of this session starts with: the system prompt and the
+        tool schemas as the template renders them, up to where the first user message's text begins."""
+        a = self._tokens([{"role": "user", "content": "a"}])
+        b = self._tokens([{"role": "user", "content": "b"}])
+        common = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+        return a[:common]
+
+    def save_prompt_cache(self, path: str | Path) -> int:
+        """Prefill the static prefix (system prompt and tools) once and save its keys and values,
+        with the model's identity and the token ids, to a .safetensors file. Returns its length."""
+        import mlx.core as mx
+
+        from .cache import save_cache
+        from .generation import prefill
+
+        ids = self.static_prefix()
+        if not ids:
+            raise NessoError("nothing to cache: the conversation has no fixed beginning (no system prompt or tools)")
+        cache = self.model.make_cache()
+        mx.eval(prefill(self.model, mx.array(ids, dtype=mx.int32), cache, self.prefill_chunk_size))
+        save_cache(path, cache, {"kind": "prompt"}, model=self.model, tokens=ids)
+        return len(ids)
+
+    def load_prompt_cache(self, path: str | Path) -> int:
+        """Start from a prompt cache saved by `save_prompt_cache` (refused, in one line, if another
+        model made it): the turns that begin with its tokens prefill only what follows them.
+        Returns how many of its tokens this session's conversation starts with."""
+        from .cache import load_cache
+
+        loaded = load_cache(path, self.model)
+        if loaded.tokens is None or loaded.metadata.get("kind") != "prompt":
+            raise NessoError(f"{path}: not a prompt cache made by `nesso-mlx chat --prompt-cache`")
+        self.cache, self.cached_tokens = loaded.cache, loaded.tokens
+        prefix = self.static_prefix()
+        return next(
+            (i for i, (x, y) in enumerate(zip(prefix, loaded.tokens, strict=False)) if x != y),
+            min(len(prefix), len(loaded.tokens)),
+        )
+
     # --- persistence ------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:

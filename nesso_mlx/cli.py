@@ -277,6 +277,9 @@ def chat(
     tools: str | None = typer.Option(None, "--tools", help="Python file whose functions the model may call"),
     yes: bool = typer.Option(False, "--yes", "-y", help="run tool calls without asking"),
     max_steps: int = NumberOption(5, "--max-steps", help="most rounds of tool calls per message", low=1),
+    prompt_cache: str | None = typer.Option(
+        None, "--prompt-cache", help="file with the system prompt and tools prefilled: used if it fits, (re)built if not"
+    ),
 ) -> None:
     from .chat import ChatSession, SamplingSettings
     from .registry import home
@@ -303,10 +306,34 @@ def chat(
         max_context=max_context,
         tools=list(functions.values()) if functions else None,
     )
+    if prompt_cache:
+        use_prompt_cache(session, prompt_cache)
     repl = ChatREPL(
         session, display_name(model), precision_of(loaded), home() / "history", functions=functions, yes=yes, max_steps=max_steps
     )
     raise typer.Exit(repl.run())
+
+
+def use_prompt_cache(session, path: str) -> None:
+    """Start `session` from the prompt-cache file at `path`, building it first if it is missing or
+    was made for another system prompt or tools. Another model's file is refused, not replaced."""
+    from pathlib import Path
+
+    from .errors import NessoError
+
+    file = Path(path).expanduser()
+    try:
+        if file.exists():
+            reused = session.load_prompt_cache(file)
+            if reused == len(session.cached_tokens) == len(session.static_prefix()):
+                typer.echo(f"prompt cache: {reused} tokens from {file}", err=True)
+                return
+            typer.echo(f"prompt cache: {file} was made for another system prompt or tools; rebuilding it", err=True)
+        count = session.save_prompt_cache(file)
+        session.load_prompt_cache(file)
+        typer.echo(f"prompt cache: {count} tokens prefilled and saved to {file}", err=True)
+    except NessoError as e:
+        fail(str(e))
 
 
 @app.command(help=GENERATE_HELP)
