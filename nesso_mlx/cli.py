@@ -648,6 +648,110 @@ def eval_tools(
         console.print(f"report written to {path}")
 
 
+EVAL_LM_HELP = (
+    "Run lm-evaluation-harness tasks (MMLU, ARC, HellaSwag, IFEval, ...) on the MLX weights, with lm-eval's own "
+    "prompts and metrics: the numbers of `lm-eval --model hf` (tested item by item on the same weights).\n\n"
+    "Needs lm-eval (pip install 'nesso-mlx[eval]'); each task's data set is downloaded from the Hugging Face Hub "
+    "on first use and cached. --include-path adds folders of task YAML files (local tasks, a fork's tasks)."
+)
+
+
+@eval_app.command("lm", help=EVAL_LM_HELP)
+def eval_lm(
+    tasks: str = typer.Option(..., "--tasks", "-t", help="lm-eval tasks, groups or patterns, comma-separated"),
+    model: str = typer.Option("nesso-agentic", "--model", "-m", help="alias, repo id or folder"),
+    num_fewshot: int | None = NumberOption(None, "--num-fewshot", help="examples in each prompt (default: the task's)", low=0),
+    limit: int | None = NumberOption(None, "--limit", help="only the first N documents of each task", low=1),
+    output: str | None = typer.Option(None, "--output", "-o", help="write lm-eval's results (JSON) here"),
+    apply_chat_template: bool = typer.Option(False, "--apply-chat-template", help="write prompts with the chat template"),
+    batch_size: int = NumberOption(1, "--batch-size", help="continuations of one context scored together", low=1),
+    include_path: str | None = typer.Option(None, "--include-path", help="folder of extra task YAML files"),
+    dtype: str | None = typer.Option(None, "--dtype", help="bfloat16, float16 or float32 (default: as stored)"),
+    log_samples: bool = typer.Option(False, "--log-samples", help="with --output: every document, prompt and answer"),
+) -> None:
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    if not names:
+        fail("--tasks needs at least one task name", 2)
+    if dtype not in (None, "bfloat16", "float16", "float32"):
+        fail(f"--dtype must be bfloat16, float16 or float32, got {dtype!r}", 2)
+    if log_samples and not output:
+        fail("--log-samples needs --output", 2)
+    from pathlib import Path
+
+    if include_path and not Path(include_path).is_dir():
+        fail(f"--include-path {include_path}: not a folder", 2)
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        fail("eval lm needs lm-eval: pip install 'nesso-mlx[eval]'")
+    import os
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from . import lm_eval_backend as backend
+    from .errors import HubError, NessoError
+    from .loading import load
+
+    manager = backend.task_manager(include_path)
+    unknown = backend.unknown_tasks(manager, names)
+    if unknown:
+        fail(f"unknown lm-eval task {', '.join(unknown)} (list them with `lm-eval ls tasks`; local tasks need --include-path)", 2)
+    try:
+        loaded, tokenizer = load(model, dtype=dtype)
+    except HubError as e:
+        fail(f"{e} ({HUB_HINT})")
+    except NessoError as e:
+        fail(str(e))
+    import logging
+
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # its retry warnings; a failure is reported below
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True)) as bar:
+        bars: dict[str, Any] = {}
+
+        def progress(kind: str, done: int, total: int) -> None:
+            if kind not in bars:
+                bars[kind] = bar.add_task(kind, total=total)
+            bar.update(bars[kind], completed=done, total=total)
+
+        try:
+            results = backend.evaluate(
+                loaded,
+                tokenizer,
+                names,
+                name=model,
+                num_fewshot=num_fewshot,
+                limit=limit,
+                apply_chat_template=apply_chat_template,
+                batch_size=batch_size,
+                manager=manager,
+                log_samples=log_samples,
+                progress=progress,
+            )
+        except KeyboardInterrupt:
+            typer.echo("\ninterrupted", err=True)
+            raise typer.Exit(130) from None
+        except (NessoError, OSError, ValueError, KeyError) as e:  # data sets that cannot be loaded, bad task configs
+            hint = (
+                " (data sets come from the Hugging Face Hub on first use, then from its cache)"
+                if isinstance(e, ConnectionError)
+                else ""
+            )
+            fail(f"lm-eval: {type(e).__name__}: {' '.join(str(e).split())}{hint}")
+    from lm_eval.utils import handle_non_serializable, make_table
+
+    typer.echo(make_table(results))
+    if "groups" in results:
+        typer.echo(make_table(results, "groups"))
+    if output:
+        path = Path(output)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(results, default=handle_non_serializable, ensure_ascii=False, indent=2))
+        os.replace(tmp, path)
+        typer.echo(f"results written to {path}", err=True)
+
+
 @app.command()
 def version() -> None:
     """Print the nesso-mlx version."""
