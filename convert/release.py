@@ -3,11 +3,14 @@
     python convert/release.py --out releases/
     python convert/release.py --out releases/ --models nesso-agentic --variants 4bit mixed
     python convert/release.py --out releases/ --upload-repo "mlx-community/{model}-{variant}-mlx"
+    python convert/release.py --out releases/ --lm-eval-tasks arc_it,hellaswag_it --lm-eval-limit 200
 
 Each variant is a complete folder (weights, config, tokenizer, model card with its quality report),
 written atomically by nesso-mlx's converter. The source model's log-probabilities on the quality
 sample are computed once per model and shared by its variants. SUMMARY.md and summary.json compare
 all variants. `--upload-repo` pushes each folder to the Hugging Face Hub (needs a login).
+`--lm-eval-tasks` adds lm-evaluation-harness scores of every variant (needs lm-eval and the tasks'
+data sets, downloaded or cached; `--lm-eval-include` adds folders of local task YAML files).
 """
 
 from __future__ import annotations
@@ -38,10 +41,20 @@ def model_name(model: str) -> str:
     return Path(model.rstrip("/")).name
 
 
-def summary_markdown(rows: list[tuple[str, str, ConversionResult]]) -> str:
+def lm_eval_cell(scores: dict[str, dict[str, float]] | None) -> str:
+    """`task metric value` pairs for a table cell (the main metrics: acc, acc_norm, exact_match...)."""
+    if not scores:
+        return "-"
+    return "; ".join(f"{task} {metric} {value:.4f}" for task, metrics in scores.items() for metric, value in metrics.items())
+
+
+def summary_markdown(
+    rows: list[tuple[str, str, ConversionResult]], lm_scores: dict[tuple[str, str], dict[str, dict[str, float]]] | None = None
+) -> str:
     lines = [
-        "| model | variant | precision | bits/weight | size (MB) | perplexity source → this | mean KL | top-1 agreement |",
-        "| --- | --- | --- | ---: | ---: | --- | ---: | ---: |",
+        "| model | variant | precision | bits/weight | size (MB) | perplexity source → this | mean KL | top-1 agreement |"
+        + (" lm-eval |" if lm_scores is not None else ""),
+        "| --- | --- | --- | ---: | ---: | --- | ---: | ---: |" + (" --- |" if lm_scores is not None else ""),
     ]
     for model, variant, r in rows:
         q = r.quality
@@ -54,6 +67,7 @@ def summary_markdown(rows: list[tuple[str, str, ConversionResult]]) -> str:
         lines.append(
             f"| {model} | {variant} | {precision_label(r, recipe)} | {r.bits_per_weight:.2f} | "
             f"{r.size_bytes / 1e6:.1f} | {quality} |"
+            + (f" {lm_eval_cell(lm_scores.get((model, variant)))} |" if lm_scores is not None else "")
         )
     return "\n".join(lines) + "\n"
 
@@ -72,6 +86,18 @@ def upload(folder: Path, repo_id: str) -> None:
     api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message="Upload MLX weights (nesso-mlx)")
 
 
+def lm_eval_scores(
+    path: Path, tasks: list[str], manager, limit: int | None, num_fewshot: int | None
+) -> dict[str, dict[str, float]]:
+    """lm-eval scores of one converted folder (nesso-mlx's lm-eval backend)."""
+    from nesso_mlx import load
+    from nesso_mlx.lm_eval_backend import evaluate, scores
+
+    model, tokenizer = load(path)
+    results = evaluate(model, tokenizer, tasks, name=str(path), limit=limit, num_fewshot=num_fewshot, manager=manager)
+    return scores(results)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, type=Path, help="folder for all variants")
@@ -86,7 +112,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-eval", action="store_true")
     parser.add_argument("--force", action="store_true", help="replace existing variant folders")
     parser.add_argument("--upload-repo", help='repo id template, e.g. "mlx-community/{model}-{variant}-mlx"')
+    parser.add_argument("--lm-eval-tasks", help="lm-eval tasks to score every variant on, comma-separated")
+    parser.add_argument("--lm-eval-include", help="folder of extra lm-eval task YAML files")
+    parser.add_argument("--lm-eval-limit", type=int, help="only the first N documents of each task")
+    parser.add_argument("--lm-eval-fewshot", type=int, help="few-shot examples (default: the task's)")
     args = parser.parse_args(argv)
+
+    manager, lm_tasks, lm_scores = None, [], None
+    if args.lm_eval_tasks:
+        lm_tasks = [t.strip() for t in args.lm_eval_tasks.split(",") if t.strip()]
+        try:
+            from nesso_mlx.lm_eval_backend import task_manager, unknown_tasks
+        except ImportError:
+            print("error: --lm-eval-tasks needs lm-eval: pip install 'nesso-mlx[eval]'", file=sys.stderr)
+            return 1
+        manager = task_manager(args.lm_eval_include)
+        unknown = unknown_tasks(manager, lm_tasks)
+        if unknown:
+            print(f"error: unknown lm-eval task {', '.join(unknown)}", file=sys.stderr)
+            return 1
+        lm_scores = {}
 
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[tuple[str, str, ConversionResult]] = []
@@ -112,6 +157,11 @@ def main(argv: list[str] | None = None) -> int:
                     **VARIANTS[variant],
                 )
                 rows.append((name, variant, result))
+                if lm_tasks:
+                    print(f"{name}: {variant}: lm-eval {', '.join(lm_tasks)}", file=sys.stderr)
+                    lm_scores[(name, variant)] = lm_eval_scores(
+                        result.path, lm_tasks, manager, args.lm_eval_limit, args.lm_eval_fewshot
+                    )
                 if args.upload_repo:
                     upload(result.path, args.upload_repo.format(model=name, variant=variant))
     except NessoError as e:
@@ -119,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         if rows:
-            write_atomic(args.out / "SUMMARY.md", summary_markdown(rows))
+            write_atomic(args.out / "SUMMARY.md", summary_markdown(rows, lm_scores))
             summary = [
                 {
                     "model": m,
@@ -128,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
                     "bits_per_weight": r.bits_per_weight,
                     "size_bytes": r.size_bytes,
                     "quality": r.quality.as_dict() if r.quality else None,
+                    **({"lm_eval": lm_scores.get((m, v))} if lm_scores is not None else {}),
                 }
                 for m, v, r in rows
             ]
