@@ -256,3 +256,36 @@ def test_repl_input_multiline_paste_unicode_and_history(tiny_folder, env, tmp_pa
     assert users == ["prima riga\nseconda riga", "continua \nqui", "incollato: uno\ndue", "Perché no? Città, caffè 😀"]
     history = (tmp_path / "home" / "history").read_text()
     assert "Perché no? Città, caffè 😀" in history  # kept for the next run
+
+
+def test_the_reply_is_not_reparsed_for_every_token(monkeypatch):
+    """Markdown is parsed per refresh and per finished block, not per token; fenced code stays whole."""
+    import io
+    from types import SimpleNamespace
+
+    from rich.console import Console
+    from rich.markdown import Markdown
+
+    import nesso_mlx.repl as repl
+    from nesso_mlx.generation import GenerationChunk
+
+    parsed = []
+
+    class CountingMarkdown(Markdown):
+        def __init__(self, text, *args, **kwargs):
+            parsed.append(text)
+            super().__init__(text, *args, **kwargs)
+
+    monkeypatch.setattr(repl, "Markdown", CountingMarkdown)
+    text = "Primo paragrafo.\n\n```python\nx = 1\n\ny = 2\n```\n\n" + "parola " * 500 + "\n\nFine."
+    pieces = [text[i : i + 5] for i in range(0, len(text), 5)]
+    chunks = [GenerationChunk(p, i, "stop" if i == len(pieces) - 1 else None) for i, p in enumerate(pieces)]
+    console = Console(file=io.StringIO(), force_terminal=True, width=80, record=True)
+    last = SimpleNamespace(generated_tokens=len(chunks), generation_tps=0.0, time_to_first_token=0.0)
+    session = SimpleNamespace(last=last, notices=[], context_used=lambda: 0, max_context=4096)
+    repl.ChatREPL(session, "m", "bf16", None, console=console).reply(iter(chunks))
+    assert len(pieces) > 700 and len(parsed) < 50, len(parsed)
+    assert "Primo paragrafo." in parsed  # printed once, for good
+    assert "```python\nx = 1\n\ny = 2\n```" in parsed  # the fence was not split at its blank line
+    assert "```python\nx = 1" not in parsed  # (what splitting the fence at its blank line would print)
+    assert parsed[-1] == "Fine."  # the last block is what the live area shows at the end
