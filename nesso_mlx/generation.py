@@ -397,6 +397,7 @@ def stream_generate(
     n = 0
     t_first = prompt_time = 0.0
     finish: str | None = None
+    wired = _wire_memory()
     try:
         prompt = mx.array(ids, dtype=mx.int32)
         logits = prefill(model, prompt, cache, prefill_chunk_size)
@@ -433,6 +434,17 @@ def stream_generate(
         # tokens handed out but the last (decode runs a step ahead), or nothing of this call
         # when no token was handed out (an interrupted prefill leaves no partial prompt).
         rollback_cache(cache, start + len(ids) + n - 1 if n else start)
+        if wired is not None:
+            mx.synchronize()
+            mx.set_wired_limit(wired)
+
+
+def _wire_memory() -> int | None:
+    """On Metal, keep the weights and caches wired while generating (as mlx-lm does): the limit is
+    raised to the recommended working set, and the returned old limit is restored afterwards."""
+    if not mx.metal.is_available():
+        return None
+    return mx.set_wired_limit(mx.metal.device_info()["max_recommended_working_set_size"])
 
 
 def generate(
