@@ -577,16 +577,33 @@ eval_app = typer.Typer(help="Evaluate a model.", no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
 
 
+AUTHORS_NOTE = "the Nesso authors' agentic_eval_100.py: their prompt, token budget, parsing and verdicts"
+STRICT_NOTE = "nesso-mlx's own: well-formed calls only, stricter on missing, obs, unavail and multistep"
+
+
 @eval_app.command("tools")
 def eval_tools(
     cases: str = typer.Option(..., "--cases", help='case file: {"tools": [...], "cases": [...]}'),
     model: str = typer.Option("nesso-agentic", "--model", "-m", help="alias, repo id or folder"),
-    mode: str = typer.Option("both", "--mode", help="constrained, free, or both (side by side)"),
+    mode: str | None = typer.Option(
+        None, "--mode", help="constrained, free, or both side by side (default: free with authors rules, both with strict)"
+    ),
     report: str | None = typer.Option(None, "--report", help="write the JSON report here"),
-    max_tokens: int = NumberOption(256, "--max-tokens", low=1),
+    max_tokens: int | None = NumberOption(
+        None, "--max-tokens", help="default: the authors' 260, or 320 for obs, multistep, notool; 256 with strict", low=1
+    ),
     limit: int | None = NumberOption(None, "--limit", help="only the first N cases", low=1),
+    rules: str = typer.Option(
+        "authors", "--rules", help="authors (the Nesso authors' script, as published) or strict (nesso-mlx's, stricter)"
+    ),
 ) -> None:
-    """Score tool calling per category and language (greedy; all tools offered; tool_choice auto)."""
+    """Score tool calling per category and language (greedy; all tools offered; tool_choice auto).
+
+    --rules authors (the default) reproduces the procedure and verdicts of the Nesso authors'
+    agentic_eval_100.py; --rules strict is nesso-mlx's own, stricter reading (see evaluation.py)."""
+    if rules not in ("authors", "strict"):
+        fail(f"--rules must be authors or strict, got {rules!r}", 2)
+    mode = mode or ("free" if rules == "authors" else "both")
     if mode not in ("constrained", "free", "both"):
         fail(f"--mode must be constrained, free or both, got {mode!r}", 2)
     from pathlib import Path
@@ -622,11 +639,14 @@ def eval_tools(
                     constrain=constrain,
                     max_tokens=max_tokens,
                     progress=lambda done, total, t=task: bar.update(t, completed=done),
+                    rules=rules,
                 )
             )
     names = ["constrained" if r.constrained else "free" for r in reports]
+    console.print(f"rules: {rules} ({AUTHORS_NOTE if rules == 'authors' else STRICT_NOTE})")
     for key, title, order in (("cat", "category", CATEGORIES), ("lang", "language", ("it", "en"))):
         table = Table(title=f"{display_name(model)}: tool calling by {title}")
+        table.min_width = len(table.title)  # one column is narrower than the title; keep it on one line
         table.add_column(title)
         for name in names:
             table.add_column(name, justify="right")
