@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import mlx.core as mx
 
@@ -79,17 +80,29 @@ def make_sampler(
     if temperature == 0:
         return lambda logits: mx.argmax(logits, axis=-1)
 
-    state = {"key": mx.random.key(seed)} if seed is not None else None
     inverse_temperature = 1.0 / temperature
 
-    def sample(logits: mx.array) -> mx.array:
-        scaled = filter_logprobs(logits, top_k, top_p, min_p) * inverse_temperature
-        if state is None:
-            return mx.random.categorical(scaled)
-        state["key"], key = mx.random.split(state["key"])
-        return mx.random.categorical(scaled, key=key)
+    def scaled(logits: mx.array) -> mx.array:
+        return filter_logprobs(logits, top_k, top_p, min_p) * inverse_temperature
 
-    return sample
+    # Compiled: the filters and the draw fuse into fewer kernels (measured on the CPU at Nesso's
+    # 128k vocabulary, min-p + temperature: 3.5 ms -> 2.8 ms per token).
+    if seed is None:  # MLX's global random state, threaded through the compiled function
+
+        @partial(mx.compile, inputs=mx.random.state, outputs=mx.random.state)
+        def sample(logits: mx.array) -> mx.array:
+            return mx.random.categorical(scaled(logits))
+
+        return sample
+
+    draw = mx.compile(lambda logits, key: mx.random.categorical(scaled(logits), key=key))
+    state = {"key": mx.random.key(seed)}
+
+    def sample_seeded(logits: mx.array) -> mx.array:
+        state["key"], key = mx.random.split(state["key"])
+        return draw(logits, key)
+
+    return sample_seeded
 
 
 def repetition_penalty_processor(penalty: float, context_size: int = 64) -> LogitsProcessor:
