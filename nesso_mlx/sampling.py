@@ -10,6 +10,7 @@ import mlx.core as mx
 
 Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
+TOP_P_CANDIDATES = 1024  # top-p without top-k looks for the nucleus among this many tokens
 
 
 def _filter(logprobs: mx.array, top_k: int, top_p: float, min_p: float) -> mx.array:
@@ -30,8 +31,17 @@ def _filter(logprobs: mx.array, top_k: int, top_p: float, min_p: float) -> mx.ar
     else:
         candidates = logprobs
     if top_p < 1.0:
-        ranked = -mx.sort(-candidates, axis=-1)  # most likely first
-        probs = mx.exp(ranked - mx.logsumexp(ranked, axis=-1, keepdims=True))  # over the survivors
+        if not use_k and vocab > TOP_P_CANDIDATES:
+            # No full sort of a 128k vocabulary every token: the nucleus is found among the most
+            # likely TOP_P_CANDIDATES tokens (argpartition, O(vocab)), with their probabilities
+            # over the whole vocabulary, so the result is exact whenever they hold p of the mass.
+            # When they hold less (a near-uniform distribution), all of them are kept.
+            index = mx.argpartition(-logprobs, TOP_P_CANDIDATES - 1, axis=-1)[..., :TOP_P_CANDIDATES]
+            ranked = -mx.sort(-mx.take_along_axis(logprobs, index, axis=-1), axis=-1)
+            probs = mx.exp(ranked)  # `logprobs` are normalized over the whole vocabulary
+        else:
+            ranked = -mx.sort(-candidates, axis=-1)  # most likely first
+            probs = mx.exp(ranked - mx.logsumexp(ranked, axis=-1, keepdims=True))  # over the survivors
         # A token stays while the mass of the tokens ranked above it is below p: the smallest
         # prefix reaching p, always at least the most likely token.
         kept = mx.sum((mx.cumsum(probs, axis=-1) - probs) < top_p, axis=-1, keepdims=True)

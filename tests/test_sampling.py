@@ -121,3 +121,21 @@ def test_sampled_frequencies_follow_the_distribution():
     live = expected > 0
     chi2 = (((counts - n * expected) ** 2)[live] / (n * expected[live])).sum()
     assert chi2 < 20.0, (counts / n, expected)  # 99.9th percentile of chi-square, 4 degrees of freedom: 18.5
+
+
+def test_top_p_at_128k_needs_no_full_sort(monkeypatch):
+    """Nesso's vocabulary: the nucleus from the top-1024 candidates equals the full sort's whenever
+    they hold p of the mass; a near-uniform distribution keeps exactly those candidates."""
+    import nesso_mlx.sampling as sampling
+
+    vocab = 128262
+    mx.random.seed(3)
+    peaked = mx.random.normal((4, vocab)) * 6
+    flat = mx.random.normal((1, vocab)) * 0.01
+    fast_peaked, fast_flat = sampling.filter_logprobs(peaked, top_p=0.9), sampling.filter_logprobs(flat, top_p=0.9)
+    monkeypatch.setattr(sampling, "TOP_P_CANDIDATES", 10**9)  # the full sort
+    full_peaked = sampling.filter_logprobs(peaked, top_p=0.9)
+    assert mx.array_equal(mx.isinf(fast_peaked), mx.isinf(full_peaked)).item()
+    assert mx.array_equal(mx.where(mx.isinf(fast_peaked), 0, fast_peaked), mx.where(mx.isinf(full_peaked), 0, full_peaked)).item()
+    kept = mx.sum(~mx.isinf(fast_flat)).item()
+    assert kept == 1024 and mx.sum(~mx.isinf(sampling.filter_logprobs(flat, top_p=0.9))).item() > 100_000
