@@ -752,6 +752,8 @@ def eval_lm(
         except KeyboardInterrupt:
             typer.echo("\ninterrupted", err=True)
             raise typer.Exit(130) from None
+        except ImportError as e:  # a task's own dependency, e.g. IFEval's langdetect
+            fail(f"lm-eval: {e}; the task needs it (IFEval: pip install 'lm-eval[ifeval]')")
         except (NessoError, OSError, ValueError, KeyError) as e:  # data sets that cannot be loaded, bad task configs
             hint = (
                 " (data sets come from the Hugging Face Hub on first use, then from its cache)"
