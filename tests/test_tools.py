@@ -372,6 +372,8 @@ def test_eval_command_runs_the_authors_file_as_is(smollm2_path, tmp_path):
             "2",
             "--report",
             str(report),
+            "--rules",
+            "strict",  # nesso-mlx's own rules, constrained and free side by side
         ],
         capture_output=True,
         text=True,
