@@ -160,3 +160,20 @@ def test_invalid_utf8_files_are_refused_in_one_line(tmp_path, no_model):
         lines = result.stderr.strip().splitlines()
         assert result.exit_code == 1 and len(lines) == 1, result.stderr
         assert lines[0].startswith("error: ") and args[-1] in lines[0] and "utf-8" in lines[0].lower()
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--hf-path", "x", "--q-bits", "7"], "--q-bits: invalid choice: 7"),
+        (["--hf-path", "x", "--q-group-size", "5"], "--q-group-size: invalid choice: 5"),
+        (["--hf-path", "x", "--eval-tokens", "many"], "--eval-tokens: invalid int value"),
+        (["--q-bits", "4"], "required: --hf-path"),
+        (["--hf-path", "x", "--frobnicate"], "unrecognized arguments: --frobnicate"),
+    ],
+)
+def test_convert_usage_errors_are_one_line(env, args, needle):
+    for command in (["nesso-mlx", "convert"], ["python", "-m", "nesso_mlx.convert"]):
+        result = subprocess.run([*command, *args], capture_output=True, env=env, timeout=120)
+        assert_one_line_error(result.returncode, result.stderr.decode(), needle)
+        assert result.stdout == b""

@@ -5,12 +5,20 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+from typing import NoReturn
 
 from ..quantize import RECIPES
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line (`error: ...`, exit 2), as the rest of the CLI prints them."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser(prog: str = "python -m nesso_mlx.convert") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="Convert a Hugging Face checkpoint into MLX weights.")
+    p = _OneLineParser(prog=prog, description="Convert a Hugging Face checkpoint into MLX weights.")
     p.add_argument("--hf-path", "--model", required=True, help="local folder, repo id or alias (nesso-agentic)")
     p.add_argument("--mlx-path", help="output folder (default: ~/.nesso-mlx/models/NAME-PRECISION)")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="float precision (default: as stored)")
