@@ -1,0 +1,1017 @@
+"""Requests in OpenAI's chat and completions formats, shared by `nesso-mlx serve` and the CLI.
+
+No HTTP here: a request body (a dict, as parsed from JSON) becomes a validated dataclass, the
+prompt's token ids, the keyword arguments for `stream_generate` (frequency, presence and
+repetition penalties and `logit_bias` as logits processors), and the reply is assembled from
+`stream_generate` chunks into OpenAI's shapes, streamed (`ChatReply.add` gives the deltas) or
+whole (`ChatReply.message`). Every bad field or value raises `RequestError`, whose message names
+the field; `server.py` turns it into a 400 with OpenAI's error object.
+
+Field policy (chat; completions take the same sampling fields):
+
+- supported: messages, model (any string: a server runs one model), stream, stream_options
+  (include_usage), temperature, top_p, seed, stop, max_tokens, max_completion_tokens,
+  frequency_penalty, presence_penalty, logit_bias, logprobs, top_logprobs, tools, tool_choice,
+  parallel_tool_calls, response_format, n (1 only); extensions as in vLLM and mlx-lm: top_k,
+  min_p, repetition_penalty, repetition_context_size.
+- accepted and ignored (they never change the output): user, metadata, store, service_tier,
+  safety_identifier, prompt_cache_key (prompts are cached automatically), modalities (["text"]
+  only), stream_options.include_obfuscation, and on messages `name` (the chat templates have no
+  place for it) and null `refusal`/`function_call`/`audio`, `annotations` (as the OpenAI SDK
+  echoes them back).
+- everything else is refused with a 400 naming the field: n > 1, audio, prediction,
+  reasoning_effort, verbosity, web_search_options, functions/function_call (the legacy API),
+  unknown fields, image/audio/file content parts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .errors import NessoError
+from .tools import ToolCallDelta, ToolCallStream
+
+if TYPE_CHECKING:
+    from .generation import GenerationChunk
+    from .tokenizer import Tokenizer
+
+MAX_TOP_LOGPROBS = 20
+MAX_STOP = 16
+MAX_PROMPTS = 64  # prompts in one /v1/completions request
+_TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+_SAMPLING_FIELDS = {
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "frequency_penalty",
+    "presence_penalty",
+    "repetition_penalty",
+    "repetition_context_size",
+    "logit_bias",
+}
+_IGNORED_FIELDS = {"user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key"}
+_CHAT_FIELDS = _SAMPLING_FIELDS | {
+    "model",
+    "messages",
+    "stream",
+    "stream_options",
+    "stop",
+    "max_tokens",
+    "max_completion_tokens",
+    "n",
+    "logprobs",
+    "top_logprobs",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "response_format",
+    "modalities",
+}
+_COMPLETION_FIELDS = _SAMPLING_FIELDS | {
+    "model",
+    "prompt",
+    "stream",
+    "stream_options",
+    "stop",
+    "max_tokens",
+    "n",
+    "best_of",
+    "logprobs",
+    "echo",
+    "suffix",
+}
+
+
+class RequestError(NessoError):
+    """A request that cannot be served as sent: `param` names the field, `code` is OpenAI's code."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+    def to_dict(self) -> dict[str, Any]:
+        """OpenAI's error object."""
+        return {"error": {"message": str(self), "type": "invalid_request_error", "param": self.param, "code": self.code}}
+
+
+# --- field checks ------------------------------------------------------------------------------
+
+
+def _number(body: dict, name: str, default: float | None, low: float, high: float, *, low_open: bool = False) -> float | None:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise RequestError(f"{name} must be a number, got {json.dumps(value)[:40]}", name, "invalid_type")
+    if value < low or value > high or (low_open and value == low):
+        bracket = "(" if low_open else "["
+        raise RequestError(f"{name} must be in {bracket}{low:g}, {high:g}], got {value}", name, "invalid_value")
+    return float(value)
+
+
+def _integer(body: dict, name: str, default: int | None, low: int, high: int) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RequestError(f"{name} must be an integer, got {json.dumps(value)[:40]}", name, "invalid_type")
+    if not low <= value <= high:
+        raise RequestError(f"{name} must be between {low} and {high}, got {value}", name, "invalid_value")
+    return value
+
+
+def _boolean(body: dict, name: str, default: bool) -> bool:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise RequestError(f"{name} must be true or false, got {json.dumps(value)[:40]}", name, "invalid_type")
+    return value
+
+
+def _refuse_unknown(body: dict, allowed: set[str], where: str = "") -> None:
+    for key in body:
+        if key not in allowed:
+            name = f"{where}.{key}" if where else key
+            raise RequestError(f"unsupported field {name!r}", name, "unsupported_parameter")
+
+
+def _single_choice(body: dict) -> None:
+    for name in ("n", "best_of"):
+        value = body.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise RequestError(f"{name} must be a positive integer", name, "invalid_value")
+        if value is not None and value != 1:
+            raise RequestError(f"{name} > 1 is not supported: send one request per choice", name, "unsupported_value")
+
+
+# --- the shared parts of a request -------------------------------------------------------------
+
+
+@dataclass
+class Sampling:
+    """How tokens are chosen: `stream_generate`'s sampler options and the logits processors'."""
+
+    temperature: float = 1.0  # OpenAI's default; 0 is greedy
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float | None = None
+    repetition_context_size: int = 64
+    logit_bias: dict[int, float] = field(default_factory=dict)
+
+
+def parse_sampling(body: dict, vocab_size: int) -> Sampling:
+    """The sampling fields of a chat or completions body."""
+    bias = body.get("logit_bias")
+    logit_bias: dict[int, float] = {}
+    if bias is not None:
+        if not isinstance(bias, dict):
+            raise RequestError("logit_bias must be an object mapping token ids to biases", "logit_bias", "invalid_type")
+        for key, value in bias.items():
+            try:
+                token = int(key)
+            except ValueError:
+                raise RequestError(f"logit_bias key {key!r} is not a token id", "logit_bias", "invalid_value") from None
+            if not 0 <= token < vocab_size:
+                raise RequestError(f"logit_bias token id {token} is outside the vocabulary (0-{vocab_size - 1})", "logit_bias")
+            if value is None:
+                raise RequestError(f"logit_bias for token {token} must be a number", "logit_bias", "invalid_type")
+            logit_bias[token] = _number({"logit_bias": value}, "logit_bias", None, -100, 100)
+    repetition = _number(body, "repetition_penalty", None, 0, 10, low_open=True)
+    return Sampling(
+        temperature=_number(body, "temperature", 1.0, 0, 2),
+        top_p=_number(body, "top_p", 1.0, 0, 1, low_open=True),
+        top_k=_integer(body, "top_k", 0, 0, vocab_size),
+        min_p=_number(body, "min_p", 0.0, 0, 0.999999),
+        seed=_integer(body, "seed", None, 0, 2**63 - 1),
+        frequency_penalty=_number(body, "frequency_penalty", 0.0, -2, 2),
+        presence_penalty=_number(body, "presence_penalty", 0.0, -2, 2),
+        repetition_penalty=None if repetition == 1.0 else repetition,
+        repetition_context_size=_integer(body, "repetition_context_size", 64, 1, 2**20),
+        logit_bias=logit_bias,
+    )
+
+
+def _parse_stop(body: dict) -> list[str]:
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise RequestError("stop must be a string or a list of strings", "stop", "invalid_type")
+    if len(stops) > MAX_STOP:
+        raise RequestError(f"stop takes at most {MAX_STOP} strings, got {len(stops)}", "stop", "invalid_value")
+    if any(not s for s in stops):
+        raise RequestError("stop strings must not be empty", "stop", "invalid_value")
+    return stops
+
+
+def _parse_stream(body: dict) -> tuple[bool, bool]:
+    stream = _boolean(body, "stream", False)
+    options = body.get("stream_options")
+    if options is None:
+        return stream, False
+    if not stream:
+        raise RequestError("stream_options is only allowed with stream: true", "stream_options", "invalid_value")
+    if not isinstance(options, dict):
+        raise RequestError("stream_options must be an object", "stream_options", "invalid_type")
+    _refuse_unknown(options, {"include_usage", "include_obfuscation"}, "stream_options")
+    return stream, _boolean(options, "include_usage", False)
+
+
+def _parse_model(body: dict) -> str | None:
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise RequestError("model must be a string", "model", "invalid_type")
+    return model
+
+
+# --- chat ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class ChatRequest:
+    """A validated POST /v1/chat/completions body, with messages ready for the chat template."""
+
+    messages: list[dict[str, Any]]
+    sampling: Sampling = field(default_factory=Sampling)
+    max_tokens: int | None = None  # None: up to the context window
+    stop: list[str] = field(default_factory=list)
+    stream: bool = False
+    include_usage: bool = False
+    logprobs: bool = False
+    top_logprobs: int | None = None  # with logprobs: how many alternatives (0-20)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] = "auto"
+    parallel_tool_calls: bool = True
+    response_format: dict[str, Any] | None = None
+    model: str | None = None
+
+
+def _text_content(content: Any, where: str, *, nullable: bool = False) -> str | None:
+    """A message's content as text: a string, or a list of text parts (joined)."""
+    if content is None:
+        if nullable:
+            return None
+        raise RequestError(f"{where}.content is required", f"{where}.content", "invalid_value")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for i, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise RequestError(
+                    f"{where}.content[{i}] is not a text part ({kind!r}): this model reads text only",
+                    f"{where}.content",
+                    "unsupported_content",
+                )
+            texts.append(part["text"])
+        return "".join(texts)
+    raise RequestError(f"{where}.content must be a string or a list of text parts", f"{where}.content", "invalid_type")
+
+
+def _assistant_calls(calls: Any, where: str) -> list[dict[str, Any]]:
+    """OpenAI tool calls (arguments as JSON strings) as the template wants them (arguments as dicts)."""
+    if not isinstance(calls, list):
+        raise RequestError(f"{where}.tool_calls must be a list", f"{where}.tool_calls", "invalid_type")
+    out = []
+    for i, call in enumerate(calls):
+        here = f"{where}.tool_calls[{i}]"
+        if not isinstance(call, dict):
+            raise RequestError(f"{here} must be an object", here, "invalid_type")
+        _refuse_unknown(call, {"id", "type", "function"}, here)
+        fn = call.get("function")
+        if call.get("type", "function") != "function" or not isinstance(fn, dict):
+            raise RequestError(f'{here} must be {{"type": "function", "function": {{...}}}}', here, "invalid_value")
+        if not isinstance(call.get("id"), str) or not call["id"]:
+            raise RequestError(f"{here}.id must be a non-empty string", f"{here}.id", "invalid_value")
+        name, arguments = fn.get("name"), fn.get("arguments", "{}")
+        if not isinstance(name, str) or not name:
+            raise RequestError(f"{here}.function.name must be a non-empty string", f"{here}.function.name", "invalid_value")
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except json.JSONDecodeError as e:
+                raise RequestError(
+                    f"{here}.function.arguments is not valid JSON ({e.msg} at character {e.pos})",
+                    f"{here}.function.arguments",
+                    "invalid_value",
+                ) from None
+        if not isinstance(arguments, dict):
+            raise RequestError(f"{here}.function.arguments must be a JSON object", f"{here}.function.arguments", "invalid_value")
+        out.append({"id": call["id"], "type": "function", "function": {"name": name, "arguments": arguments}})
+    return out
+
+
+_MESSAGE_FIELDS = {
+    "system": {"role", "content", "name"},
+    "developer": {"role", "content", "name"},
+    "user": {"role", "content", "name"},
+    "assistant": {"role", "content", "name", "tool_calls", "refusal", "function_call", "audio", "annotations"},
+    "tool": {"role", "content", "tool_call_id"},
+}
+
+
+def parse_messages(messages: Any) -> list[dict[str, Any]]:
+    """OpenAI messages as the chat template wants them (`developer` is `system`; arguments are dicts).
+
+    A tool message must answer a call of the assistant message before it, by `tool_call_id`.
+    """
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("messages must be a non-empty list", "messages", "invalid_value")
+    out: list[dict[str, Any]] = []
+    open_calls: set[str] = set()  # ids of the last assistant message's calls, while tool messages answer them
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise RequestError(f"{where} must be an object", where, "invalid_type")
+        role = message.get("role")
+        if role not in _MESSAGE_FIELDS:
+            shown = json.dumps(role)[:40] if role is not None else "missing"
+            raise RequestError(
+                f"{where}.role must be one of system, developer, user, assistant, tool (got {shown})",
+                f"{where}.role",
+                "invalid_value",
+            )
+        _refuse_unknown(message, _MESSAGE_FIELDS[role], where)
+        if role == "assistant":
+            for name in ("refusal", "function_call", "audio"):
+                if message.get(name) is not None:
+                    raise RequestError(f"{where}.{name} is not supported", f"{where}.{name}", "unsupported_parameter")
+            calls = _assistant_calls(message["tool_calls"], where) if message.get("tool_calls") else []
+            content = _text_content(message.get("content"), where, nullable=bool(calls))
+            entry: dict[str, Any] = {"role": "assistant", "content": content or ""}
+            if calls:
+                entry["tool_calls"] = calls
+            open_calls = {c["id"] for c in calls}
+            out.append(entry)
+            continue
+        content = _text_content(message.get("content"), where)
+        if role == "tool":
+            call_id = message.get("tool_call_id")
+            if not isinstance(call_id, str) or not call_id:
+                raise RequestError(f"{where}.tool_call_id is required", f"{where}.tool_call_id", "invalid_value")
+            if call_id not in open_calls:
+                raise RequestError(
+                    f"{where} answers tool call {call_id!r}, which the assistant message before it did not make",
+                    f"{where}.tool_call_id",
+                    "invalid_value",
+                )
+            out.append({"role": "tool", "content": content, "tool_call_id": call_id})
+            continue
+        open_calls = set()
+        out.append({"role": "system" if role == "developer" else role, "content": content})
+    return out
+
+
+def parse_tools(tools: Any) -> list[dict[str, Any]] | None:
+    """OpenAI function tools, checked: names, parameters as an object schema, no duplicates."""
+    if tools is None or tools == []:
+        return None
+    if not isinstance(tools, list):
+        raise RequestError("tools must be a list", "tools", "invalid_type")
+    out, names = [], set()
+    for i, tool in enumerate(tools):
+        where = f"tools[{i}]"
+        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(tool.get("function"), dict):
+            raise RequestError(f'{where} must be {{"type": "function", "function": {{...}}}}', where, "invalid_value")
+        _refuse_unknown(tool, {"type", "function"}, where)
+        fn = tool["function"]
+        _refuse_unknown(fn, {"name", "description", "parameters", "strict"}, f"{where}.function")
+        name = fn.get("name")
+        if not isinstance(name, str) or not _TOOL_NAME.match(name):
+            raise RequestError(
+                f"{where}.function.name must match ^[A-Za-z0-9_-]{{1,64}}$", f"{where}.function.name", "invalid_value"
+            )
+        if name in names:
+            raise RequestError(f"two tools are named {name!r}", f"{where}.function.name", "invalid_value")
+        names.add(name)
+        if fn.get("description") is not None and not isinstance(fn["description"], str):
+            raise RequestError(f"{where}.function.description must be a string", f"{where}.function.description", "invalid_type")
+        if fn.get("strict") is not None and not isinstance(fn["strict"], bool):
+            raise RequestError(f"{where}.function.strict must be true or false", f"{where}.function.strict", "invalid_type")
+        parameters = fn.get("parameters")
+        if parameters is not None:
+            if not isinstance(parameters, dict) or parameters.get("type", "object") != "object":
+                raise RequestError(
+                    f"{where}.function.parameters must be a JSON schema of type object",
+                    f"{where}.function.parameters",
+                    "invalid_value",
+                )
+        clean = {"name": name}
+        if fn.get("description"):
+            clean["description"] = fn["description"]
+        clean["parameters"] = parameters if parameters is not None else {"type": "object", "properties": {}}
+        out.append({"type": "function", "function": clean})
+    return out
+
+
+def parse_tool_choice(choice: Any, tools: list[dict[str, Any]] | None) -> str | dict[str, Any]:
+    """`tool_choice`: "auto", "none", "required" or {"type": "function", "function": {"name": ...}} naming a tool."""
+    if choice is None:
+        return "auto"
+    if isinstance(choice, str):
+        if choice not in ("auto", "none", "required"):
+            raise RequestError(f'tool_choice must be "auto", "none", "required" or a function, got {choice!r}', "tool_choice")
+        if choice == "required" and not tools:
+            raise RequestError('tool_choice "required" needs tools', "tool_choice", "invalid_value")
+        return choice
+    if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict):
+        _refuse_unknown(choice, {"type", "function"}, "tool_choice")
+        name = choice["function"].get("name")
+        known = [t["function"]["name"] for t in tools or []]
+        if name not in known:
+            raise RequestError(
+                f"tool_choice names {name!r}, which is not one of the tools ({', '.join(known) or 'none given'})", "tool_choice"
+            )
+        return {"type": "function", "function": {"name": name}}
+    raise RequestError(
+        'tool_choice must be "auto", "none", "required" or {"type": "function", "function": {"name": ...}}', "tool_choice"
+    )
+
+
+def parse_response_format(value: Any) -> dict[str, Any] | None:
+    """None for text; {"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": ...}}."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise RequestError("response_format must be an object", "response_format", "invalid_type")
+    kind = value.get("type")
+    if kind == "text":
+        _refuse_unknown(value, {"type"}, "response_format")
+        return None
+    if kind == "json_object":
+        _refuse_unknown(value, {"type"}, "response_format")
+        return {"type": "json_object"}
+    if kind == "json_schema":
+        _refuse_unknown(value, {"type", "json_schema"}, "response_format")
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict):
+            raise RequestError(
+                'response_format json_schema needs {"json_schema": {"name": ..., "schema": {...}}}', "response_format"
+            )
+        _refuse_unknown(spec, {"name", "schema", "strict", "description"}, "response_format.json_schema")
+        if not isinstance(spec.get("schema"), dict):
+            raise RequestError(
+                "response_format.json_schema.schema must be a JSON schema object", "response_format.json_schema.schema"
+            )
+        if spec.get("strict") is not None and not isinstance(spec["strict"], bool):
+            raise RequestError("response_format.json_schema.strict must be true or false", "response_format.json_schema.strict")
+        return {"type": "json_schema", "json_schema": {"name": spec.get("name") or "response", "schema": spec["schema"]}}
+    raise RequestError(
+        f"response_format type {kind!r} is not supported (text, json_object or json_schema)",
+        "response_format.type",
+        "unsupported_value",
+    )
+
+
+def _max_tokens(body: dict, context_window: int, names: Sequence[str], low: int) -> int | None:
+    values = {name: _integer(body, name, None, -(2**63), 2**63) for name in names}
+    given = {name: v for name, v in values.items() if v is not None}
+    if len(set(given.values())) > 1:
+        raise RequestError(f"{' and '.join(given)} disagree; send one", names[-1], "invalid_value")
+    if not given:
+        return None
+    name, value = next(iter(given.items()))
+    if value < low:
+        raise RequestError(f"{name} must be at least {low}, got {value}", name, "invalid_value")
+    if value > context_window:
+        raise RequestError(
+            f"{name} is {value}, past the model's context window of {context_window} tokens", name, "context_length_exceeded"
+        )
+    return value
+
+
+def parse_chat_request(body: Any, *, context_window: int, vocab_size: int) -> ChatRequest:
+    """Validate a chat completions body; raises `RequestError` naming the first bad field."""
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object")
+    _refuse_unknown(body, _CHAT_FIELDS | _IGNORED_FIELDS)
+    _single_choice(body)
+    modalities = body.get("modalities")
+    if modalities is not None and modalities != ["text"]:
+        raise RequestError('modalities must be ["text"]: this model writes text only', "modalities", "unsupported_value")
+    stream, include_usage = _parse_stream(body)
+    logprobs = _boolean(body, "logprobs", False)
+    top = _integer(body, "top_logprobs", None, 0, MAX_TOP_LOGPROBS)
+    if top is not None and not logprobs:
+        raise RequestError("top_logprobs needs logprobs: true", "top_logprobs", "invalid_value")
+    tools = parse_tools(body.get("tools"))
+    tool_choice = parse_tool_choice(body.get("tool_choice"), tools)
+    response_format = parse_response_format(body.get("response_format"))
+    if response_format is not None and tools and tool_choice != "none":
+        raise RequestError('response_format and tools cannot be combined unless tool_choice is "none"', "response_format")
+    return ChatRequest(
+        messages=parse_messages(body.get("messages")),
+        sampling=parse_sampling(body, vocab_size),
+        max_tokens=_max_tokens(body, context_window, ("max_tokens", "max_completion_tokens"), 1),
+        stop=_parse_stop(body),
+        stream=stream,
+        include_usage=include_usage,
+        logprobs=logprobs,
+        top_logprobs=(top or 0) if logprobs else None,
+        tools=tools,
+        tool_choice=tool_choice,
+        parallel_tool_calls=_boolean(body, "parallel_tool_calls", True),
+        response_format=response_format,
+        model=_parse_model(body),
+    )
+
+
+def chat_prompt_ids(tokenizer: Tokenizer, request: ChatRequest) -> list[int]:
+    """The prompt's token ids: messages and tools through the model's chat template."""
+    from .errors import TokenizerError
+
+    try:
+        return tokenizer.apply_chat_template(request.messages, tools=request.tools, add_generation_prompt=True)
+    except TokenizerError as e:
+        raise RequestError(str(e), "messages", "invalid_value") from None
+
+
+# --- completions ---------------------------------------------------------------------------------
+
+
+@dataclass
+class CompletionRequest:
+    """A validated POST /v1/completions body."""
+
+    prompts: list[str | list[int]]
+    sampling: Sampling = field(default_factory=Sampling)
+    max_tokens: int = 16  # OpenAI's default
+    stop: list[str] = field(default_factory=list)
+    stream: bool = False
+    include_usage: bool = False
+    logprobs: int | None = None  # how many alternatives per token, with token log-probabilities
+    echo: bool = False
+    model: str | None = None
+
+
+def _token_ids(value: list, vocab_size: int, where: str) -> list[int]:
+    if not value:
+        raise RequestError(f"{where} is empty", "prompt", "invalid_value")
+    for t in value:
+        if isinstance(t, bool) or not isinstance(t, int):
+            raise RequestError(f"{where} must be a string or a list of token ids", "prompt", "invalid_type")
+        if not 0 <= t < vocab_size:
+            raise RequestError(
+                f"{where} has token id {t}, outside the vocabulary (0-{vocab_size - 1})", "prompt", "invalid_value"
+            )
+    return list(value)
+
+
+def _parse_prompts(prompt: Any, vocab_size: int) -> list[str | list[int]]:
+    if isinstance(prompt, str):
+        prompts: list = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt:
+        prompts = prompt
+    else:
+        raise RequestError(
+            "prompt must be a string, a list of token ids, or a non-empty list of either", "prompt", "invalid_value"
+        )
+    if len(prompts) > MAX_PROMPTS:
+        raise RequestError(f"at most {MAX_PROMPTS} prompts per request, got {len(prompts)}", "prompt", "invalid_value")
+    out: list[str | list[int]] = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            if not p:
+                raise RequestError(f"prompt[{i}] is empty", "prompt", "invalid_value")
+            out.append(p)
+        elif isinstance(p, list):
+            out.append(_token_ids(p, vocab_size, f"prompt[{i}]" if len(prompts) > 1 else "prompt"))
+        else:
+            raise RequestError("prompt must be a string, a list of token ids, or a list of either", "prompt", "invalid_type")
+    return out
+
+
+def parse_completion_request(body: Any, *, context_window: int, vocab_size: int) -> CompletionRequest:
+    """Validate a (legacy) completions body; raises `RequestError` naming the first bad field."""
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object")
+    _refuse_unknown(body, _COMPLETION_FIELDS | _IGNORED_FIELDS)
+    _single_choice(body)
+    if body.get("suffix") is not None:
+        raise RequestError("suffix (insertion) is not supported", "suffix", "unsupported_parameter")
+    if "prompt" not in body:
+        raise RequestError("prompt is required", "prompt", "invalid_value")
+    prompts = _parse_prompts(body["prompt"], vocab_size)
+    stream, include_usage = _parse_stream(body)
+    if stream and len(prompts) > 1:
+        raise RequestError("stream takes a single prompt", "prompt", "invalid_value")
+    max_tokens = _max_tokens(body, context_window, ("max_tokens",), 0)
+    return CompletionRequest(
+        prompts=prompts,
+        sampling=parse_sampling(body, vocab_size),
+        max_tokens=16 if max_tokens is None else max_tokens,
+        stop=_parse_stop(body),
+        stream=stream,
+        include_usage=include_usage,
+        logprobs=_integer(body, "logprobs", None, 0, MAX_TOP_LOGPROBS),
+        echo=_boolean(body, "echo", False),
+        model=_parse_model(body),
+    )
+
+
+def completion_prompt_ids(tokenizer: Tokenizer, prompt: str | list[int]) -> list[int]:
+    """A completions prompt's ids: a string is encoded as `stream_generate` does (BOS added when the
+    tokenizer adds one, special tokens in the text parsed); ids are taken as they are."""
+    return tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+
+
+def check_context(prompt_tokens: int, max_tokens: int | None, context_window: int, *, param: str = "messages") -> int:
+    """The number of tokens to generate: `max_tokens`, or what the context window leaves.
+
+    Raises `RequestError` (code context_length_exceeded) when the prompt and `max_tokens` do not fit.
+    """
+    if prompt_tokens + 1 > context_window:
+        raise RequestError(
+            f"the prompt has {prompt_tokens} tokens, and the model's context window is {context_window} tokens",
+            param,
+            "context_length_exceeded",
+        )
+    if max_tokens is None:
+        return context_window - prompt_tokens
+    if prompt_tokens + max_tokens > context_window:
+        raise RequestError(
+            f"the prompt has {prompt_tokens} tokens and max_tokens is {max_tokens}, {prompt_tokens + max_tokens} in all, "
+            f"past the model's context window of {context_window} tokens",
+            "max_tokens",
+            "context_length_exceeded",
+        )
+    return max_tokens
+
+
+# --- generation options ----------------------------------------------------------------------------
+
+
+def penalty_processor(frequency: float, presence: float, prompt_tokens: int) -> Callable:
+    """OpenAI's frequency and presence penalties as a logits processor `f(tokens, logits)`.
+
+    `tokens` is what the decode loop passes (the prompt it was given, then the generated tokens);
+    the penalties count only the generated ones, those past the first `prompt_tokens`:
+    logit -= presence * (count > 0) + frequency * count.
+    """
+    import mlx.core as mx
+
+    def process(tokens: mx.array, logits: mx.array) -> mx.array:
+        generated = tokens[prompt_tokens:]
+        if generated.size == 0:
+            return logits
+        counts = mx.zeros((logits.shape[-1],), dtype=mx.float32).at[generated].add(1.0)
+        penalty = frequency * counts + presence * (counts > 0).astype(mx.float32)
+        return logits.astype(mx.float32) - penalty
+
+    return process
+
+
+def logit_bias_processor(bias: dict[int, float], vocab_size: int) -> Callable:
+    """Adds OpenAI's `logit_bias` (token id -> bias) to the logits."""
+    import mlx.core as mx
+    import numpy as np
+
+    row = np.zeros(vocab_size, dtype=np.float32)
+    for token, value in bias.items():
+        row[token] = value
+    added = mx.array(row)
+
+    def process(tokens: mx.array, logits: mx.array) -> mx.array:
+        return logits.astype(mx.float32) + added
+
+    return process
+
+
+def logits_processors(sampling: Sampling, vocab_size: int, prefix: Sequence[int], prompt_tokens: int) -> list[Callable]:
+    """The request's logits processors, in the order logit_bias, repetition, frequency/presence.
+
+    The decode loop is given only the prompt tokens that were not in the cache (`prompt_tokens` of
+    them); `prefix` are those that were, so that the repetition penalty sees the same recent tokens
+    whether or not the prompt came from the cache.
+    """
+    import mlx.core as mx
+
+    from .sampling import repetition_penalty_processor
+
+    processors: list[Callable] = []
+    if sampling.logit_bias:
+        processors.append(logit_bias_processor(sampling.logit_bias, vocab_size))
+    if sampling.repetition_penalty is not None:
+        size = sampling.repetition_context_size
+        penalize = repetition_penalty_processor(sampling.repetition_penalty, size)
+        before = mx.array(list(prefix[-size:]), dtype=mx.int32)
+
+        def repetition(tokens: mx.array, logits: mx.array) -> mx.array:
+            if tokens.size < size and before.size:
+                tokens = mx.concatenate([before, tokens.astype(mx.int32)])
+            return penalize(tokens, logits)
+
+        processors.append(repetition)
+    if sampling.frequency_penalty or sampling.presence_penalty:
+        processors.append(penalty_processor(sampling.frequency_penalty, sampling.presence_penalty, prompt_tokens))
+    return processors
+
+
+def generation_options(
+    sampling: Sampling,
+    *,
+    max_tokens: int,
+    stop: Sequence[str],
+    vocab_size: int,
+    prefix: Sequence[int] = (),
+    prompt_tokens: int,
+    top_logprobs: int | None = None,
+    tools: list[dict[str, Any]] | None = None,
+    tool_choice: str | dict[str, Any] = "auto",
+    response_format: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Keyword arguments for `stream_generate` (all but the model, tokenizer, prompt and cache)."""
+    return {
+        "max_tokens": max_tokens,
+        "temperature": sampling.temperature,
+        "top_p": sampling.top_p,
+        "top_k": sampling.top_k,
+        "min_p": sampling.min_p,
+        "seed": sampling.seed,
+        "stop": list(stop),
+        "logits_processors": logits_processors(sampling, vocab_size, prefix, prompt_tokens),
+        "top_logprobs": top_logprobs,
+        "tools": tools,
+        "tool_choice": tool_choice,
+        "response_format": response_format,
+    }
+
+
+def check_constraints(tokenizer: Tokenizer, vocab_size: int, request: ChatRequest) -> None:
+    """Compile the request's grammar once (a few ms) so that a schema llguidance rejects is a 400
+    before anything is generated."""
+    if not request.tools and request.response_format is None:
+        return
+    from .constrained import GrammarError, build_processor
+
+    try:
+        build_processor(tokenizer, vocab_size, request.tools, request.tool_choice, request.response_format)
+    except GrammarError as e:
+        raise RequestError(str(e), "response_format" if request.response_format else "tools", "invalid_schema") from None
+
+
+# --- replies -----------------------------------------------------------------------------------------
+
+
+def new_id(prefix: str) -> str:
+    """A random id in OpenAI's style: `chatcmpl-...`, `cmpl-...`, `call_...`."""
+    return f"{prefix}{secrets.token_hex(12)}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
+    """OpenAI's `usage` object."""
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    }
+
+
+def token_entry(tokenizer: Tokenizer, token: int, logprob: float) -> dict[str, Any]:
+    """A chat logprobs entry for one token: its text, log-probability and bytes."""
+    data = tokenizer.token_bytes(token)
+    return {"token": data.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(data)}
+
+
+def legacy_token_text(tokenizer: Tokenizer, token: int) -> str:
+    """A token as the legacy completions logprobs name it: its text, or `bytes:\\xNN...` for
+    bytes that are not whole UTF-8 characters."""
+    data = tokenizer.token_bytes(token)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in data)
+
+
+_BLOCK = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
+
+
+class ChatReply:
+    """Assembles a chat reply from `stream_generate` chunks: OpenAI deltas as it goes, the message at the end.
+
+    The streamed deltas and the final message come from the same state, so a client that joins the
+    deltas gets exactly the message a non-streaming request returns. With tools:
+
+    - content is the text outside the `<tool_call>` blocks. Whitespace is held back until text
+      follows it; the newlines a model writes around its calls are dropped (text before and after
+      calls is joined by one run of whitespace), so streamed content never holds a call's text;
+    - a call is sent as soon as its name is written (`id`, `type`, `function.name`, empty
+      `arguments`), then its arguments' JSON text fragment by fragment, as OpenAI streams them;
+    - malformed calls: a block whose name was written stays a call, with its arguments as the text
+      the model wrote (valid JSON unless the reply was cut, then finish_reason is "length"); a block
+      with no recognizable name is returned as content, verbatim, at the end. Nothing is dropped
+      and nothing raises.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, *, tools: bool, logprobs: bool = False) -> None:
+        self.tokenizer = tokenizer
+        self.split = ToolCallStream() if tools else None
+        self.logprobs = logprobs
+        self.raw: list[str] = []
+        self.content: list[str] = []
+        self.calls: list[dict[str, Any]] = []
+        self.logprob_entries: list[dict[str, Any]] = []
+        self.eos = set(tokenizer.eos_token_ids)
+        self.completion_tokens = 0
+        self._call_of_block: dict[int, int] = {}
+        self._closed_blocks = 0
+        self._held = ""  # whitespace after the last content sent, not yet sent
+        self._after_block = False  # a block opened since content was last sent
+        self._gap = ""  # whitespace since the last block
+        self._finished = False
+
+    @property
+    def calls_completed(self) -> int:
+        """How many `<tool_call>` blocks have closed so far."""
+        return self._closed_blocks
+
+    def add(self, chunk: GenerationChunk) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Feed one chunk; returns (deltas to stream, logprobs entries of its token)."""
+        entries = []
+        if chunk.token is not None:
+            self.completion_tokens = max(self.completion_tokens, chunk.generation_tokens)
+            if self.logprobs and chunk.logprobs is not None and chunk.token not in self.eos:
+                entry = token_entry(self.tokenizer, chunk.token, chunk.logprobs.logprob)
+                entry["top_logprobs"] = [token_entry(self.tokenizer, t, lp) for t, lp in chunk.logprobs.top]
+                entries.append(entry)
+                self.logprob_entries.append(entry)
+        return self._text(chunk.text), entries
+
+    def _text(self, text: str) -> list[dict[str, Any]]:
+        self.raw.append(text)
+        if self.split is None:
+            if text:
+                self.content.append(text)
+                return [{"content": text}]
+            return []
+        deltas: list[dict[str, Any]] = []
+        for c in text:  # a character at a time: content is then always before a block opened in the same feed
+            blocks, inside = self.split.index, self.split.body is not None
+            content, calls = self.split.feed(c)
+            self._content(content, deltas)
+            if self.split.index != blocks:
+                self._after_block, self._gap = True, ""
+            if inside and self.split.body is None:
+                self._closed_blocks += 1
+            self._calls(calls, deltas)
+        return deltas
+
+    def _content(self, text: str, deltas: list[dict[str, Any]]) -> None:
+        if not text:
+            return
+        if not text.strip():
+            if self._after_block:
+                self._gap += text
+            else:
+                self._held += text
+            return
+        if self._after_block:  # text again after calls: one separator, the whitespace before them or after
+            body = text.lstrip()
+            separator = (self._held or (self._gap + text)[: len(self._gap) + len(text) - len(body)]) if self.content else ""
+            text, self._after_block, self._gap = separator + body, False, ""
+        else:
+            text = self._held + text
+        body = text.rstrip()
+        self._held = text[len(body) :]
+        self._emit_content(body, deltas)
+
+    def _emit_content(self, text: str, deltas: list[dict[str, Any]]) -> None:
+        self.content.append(text)
+        if deltas and "content" in deltas[-1]:
+            deltas[-1]["content"] += text
+        else:
+            deltas.append({"content": text})
+
+    def _calls(self, calls: list[ToolCallDelta], deltas: list[dict[str, Any]]) -> None:
+        for delta in calls:
+            if delta.index not in self._call_of_block:
+                if delta.name is None:
+                    continue  # never happens: a block's first delta has its name
+                index = len(self.calls)
+                self._call_of_block[delta.index] = index
+                call = {"id": new_id("call_"), "type": "function", "function": {"name": delta.name, "arguments": ""}}
+                self.calls.append(call)
+                deltas.append({"tool_calls": [{"index": index, **json.loads(json.dumps(call))}]})
+            index = self._call_of_block[delta.index]
+            if delta.arguments:
+                self.calls[index]["function"]["arguments"] += delta.arguments
+                last = deltas[-1]["tool_calls"][0] if deltas and "tool_calls" in deltas[-1] else {}
+                if last.get("index") == index and "id" not in last:  # one fragment per chunk, not per character
+                    last["function"]["arguments"] += delta.arguments
+                else:
+                    deltas.append({"tool_calls": [{"index": index, "function": {"arguments": delta.arguments}}]})
+
+    def finish(self) -> list[dict[str, Any]]:
+        """Flush at the end of the reply; returns the last deltas (held text, nameless blocks)."""
+        if self._finished:
+            return []
+        self._finished = True
+        if self.split is None:
+            return []
+        deltas: list[dict[str, Any]] = []
+        blocks = self.split.index
+        content, calls = self.split.finish()
+        self._content(content, deltas)
+        self._calls(calls, deltas)
+        if self.split.index == -1 and blocks == -1 and self._held:  # no block at all: the text is the content
+            self._emit_content(self._held, deltas)
+        self._held = ""
+        # blocks that never named a call: their text is content
+        raw = "".join(self.raw)
+        nameless = [m.group(0) for i, m in enumerate(_BLOCK.finditer(raw)) if i not in self._call_of_block]
+        if nameless:
+            text = "\n".join(nameless)
+            self._emit_content(("\n" if self.content else "") + text, deltas)
+        return deltas
+
+    def finish_reason(self, generation_finish: str | None) -> str:
+        """OpenAI's finish_reason: "length" when cut, "tool_calls" when there are calls, else "stop"."""
+        if generation_finish == "length":
+            return "length"
+        return "tool_calls" if self.calls else "stop"
+
+    def message(self) -> dict[str, Any]:
+        """The assistant message: content without the call blocks (null when there are only calls)."""
+        self.finish()
+        content = "".join(self.content)
+        message: dict[str, Any] = {"role": "assistant", "content": content if content or not self.calls else None}
+        if self.calls:
+            message["tool_calls"] = json.loads(json.dumps(self.calls))
+        message["refusal"] = None
+        return message
+
+
+class LegacyLogprobs:
+    """The legacy completions `logprobs` object: tokens, token_logprobs, top_logprobs, text_offset."""
+
+    def __init__(self, tokenizer: Tokenizer, offset: int = 0) -> None:
+        self.tokenizer = tokenizer
+        self.detokenizer = tokenizer.detokenizer(skip_special_tokens=False)
+        self.offset = offset
+        self.tokens: list[str] = []
+        self.token_logprobs: list[float | None] = []
+        self.top_logprobs: list[dict[str, float] | None] = []
+        self.text_offset: list[int] = []
+
+    def add(self, token: int, logprob: float | None, top: Sequence[tuple[int, float]] | None) -> None:
+        """One token: its log-probability (None for the first prompt token) and its best alternatives."""
+        self.tokens.append(legacy_token_text(self.tokenizer, token))
+        self.token_logprobs.append(logprob)
+        if top is None:
+            self.top_logprobs.append(None)
+        else:
+            best: dict[str, float] = {}
+            for t, lp in top:
+                best.setdefault(legacy_token_text(self.tokenizer, t), lp)
+            self.top_logprobs.append(best)
+        self.text_offset.append(self.offset)
+        self.offset += len(self.detokenizer.add_token(token))
+
+    def to_dict(self, start: int = 0) -> dict[str, Any]:
+        return {
+            "tokens": self.tokens[start:],
+            "token_logprobs": self.token_logprobs[start:],
+            "top_logprobs": self.top_logprobs[start:],
+            "text_offset": self.text_offset[start:],
+        }
+
+
+__all__ = [
+    "ChatReply",
+    "ChatRequest",
+    "CompletionRequest",
+    "LegacyLogprobs",
+    "RequestError",
+    "Sampling",
+    "chat_prompt_ids",
+    "check_constraints",
+    "check_context",
+    "completion_prompt_ids",
+    "generation_options",
+    "logits_processors",
+    "parse_chat_request",
+    "parse_completion_request",
+    "parse_messages",
+    "penalty_processor",
+    "usage",
+]

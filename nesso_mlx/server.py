@@ -1,0 +1,497 @@
+"""`nesso-mlx serve`: an OpenAI-compatible HTTP server for agent frameworks and OpenAI clients.
+
+Endpoints: POST /v1/chat/completions (tools with tool_choice and parallel calls streamed as
+OpenAI deltas, response_format json_object/json_schema, logprobs, SSE streaming with usage),
+POST /v1/completions (text or token ids, echo with prompt logprobs for lm-evaluation-harness),
+GET /v1/models, GET /health. Every request is validated by `nesso_mlx.request`; a bad one gets a
+400 with OpenAI's error object naming the field, never a traceback; an unexpected failure is a
+500 with a JSON error (the traceback goes to the server's log only).
+
+Why Starlette and uvicorn: the two standard, well-kept pieces of Python's ASGI stack (FastAPI
+is built on them), small, pure Python and quick to import. Starlette gives routing, request
+bodies read as a stream (for the size limit), streaming responses for server-sent events with
+client-disconnect detection, and a CORS middleware; uvicorn is the HTTP/1.1 server (h11). A
+framework on top (FastAPI) would add pydantic models duplicating `request.py`'s validation, whose
+errors must be OpenAI's objects anyway; aiohttp would be a second, less common stack.
+
+All MLX work runs in one worker thread (`server_engine.Engine`); the asyncio side only parses,
+queues and writes. Security: binds 127.0.0.1 unless told otherwise; with an API key every
+endpoint but GET /health (for load balancers' checks; it reveals only load counters) needs
+`Authorization: Bearer KEY` (constant-time comparison), else 401; bodies over `max_body_bytes`
+get 413; CORS is off unless origins are named.
+
+Run: `python -m nesso_mlx.server --model PATH [--port 8080] [--api-key KEY]` (or `nesso-mlx serve`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hmac
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+from .errors import NessoError
+from .request import RequestError, new_id, parse_chat_request, parse_completion_request
+from .server_engine import DEFAULT_PROMPT_CACHE_BYTES, Engine, Job, chat_job, completion_job
+
+log = logging.getLogger("nesso_mlx.server")
+
+DEFAULT_PORT = 8080
+DEFAULT_MAX_CONCURRENCY = 8
+DEFAULT_MAX_BODY_BYTES = 8 * 2**20
+API_KEY_ENV = "NESSO_MLX_API_KEY"
+
+
+class PayloadTooLarge(Exception):
+    pass
+
+
+def _error_body(message: str, error_type: str = "invalid_request_error", param: str | None = None, code: str | None = None):
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+async def read_json(request: Any, limit: int) -> Any:
+    """The request body as JSON, read up to `limit` bytes (PayloadTooLarge past it)."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise PayloadTooLarge
+    body = bytearray()
+    async for piece in request.stream():
+        body += piece
+        if len(body) > limit:
+            raise PayloadTooLarge
+    if not body:
+        raise RequestError("the request has no body; send a JSON object")
+    try:
+        return json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
+    except UnicodeDecodeError:
+        raise RequestError("the body is not UTF-8") from None
+    except RecursionError:
+        raise RequestError("the body's JSON is nested too deeply") from None
+    except ValueError as e:
+        raise RequestError(f"the body is not valid JSON ({str(e).splitlines()[0][:120]})") from None
+
+
+class _Call:
+    """A job on its way through the engine, seen from the asyncio side: its events and the watcher
+    that cancels it when the client disconnects."""
+
+    def __init__(self, engine: Engine, request: Any, work: Callable) -> None:
+        loop = asyncio.get_running_loop()
+        self.events: asyncio.Queue = asyncio.Queue()
+
+        def sink(event: dict) -> None:
+            try:
+                loop.call_soon_threadsafe(self.events.put_nowait, event)
+            except RuntimeError:  # the loop is closed: the server is going down
+                self.job.cancel()
+
+        self.job = Job(work, sink)
+        self.request = request
+        engine.submit(self.job)
+        self.watcher = asyncio.ensure_future(self._watch())
+
+    async def _watch(self) -> None:
+        try:
+            while True:
+                message = await self.request.receive()
+                if message["type"] == "http.disconnect":
+                    self.job.cancel()
+                    self.events.put_nowait({"type": "disconnected"})
+                    return
+        except Exception:  # the connection is gone in some other way; the response's end closes the job
+            return
+
+    async def next(self) -> dict:
+        return await self.events.get()
+
+    def close(self) -> None:
+        self.job.cancel()
+        self.watcher.cancel()
+
+
+def _json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None):
+    from starlette.responses import Response
+
+    return Response(_dumps(body), status_code=status, media_type="application/json", headers=headers)
+
+
+def _event_response(event: dict):
+    return _json_response(event["error"], event["status"])
+
+
+def _sse(data: Any) -> str:
+    return f"data: {_dumps(data)}\n\n"
+
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def create_app(
+    engine: Engine,
+    *,
+    model_id: str | None = None,
+    api_key: str | None = None,
+    cors: Sequence[str] | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+):
+    """The Starlette application serving `engine` (started) under the OpenAI API."""
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.middleware import Middleware
+    from starlette.responses import StreamingResponse
+    from starlette.routing import Route
+
+    model_id = model_id or engine.model_name
+    created = int(time.time())
+
+    async def parse(request: Any, parser: Callable) -> Any:
+        body = await read_json(request, max_body_bytes)
+        return parser(body, context_window=engine.context_window, vocab_size=engine.vocab_size)
+
+    async def health(request: Any):
+        return _json_response({"status": "ok", "active": engine.active, "queued": engine.queued})
+
+    def model_card() -> dict:
+        return {"id": model_id, "object": "model", "created": created, "owned_by": "nesso-mlx"}
+
+    async def models(request: Any):
+        return _json_response({"object": "list", "data": [model_card()]})
+
+    async def model(request: Any):
+        if request.path_params["name"] != model_id:
+            body = _error_body(f"the model {request.path_params['name']!r} does not exist; this server runs {model_id!r}")
+            body["error"]["code"] = "model_not_found"
+            return _json_response(body, 404)
+        return _json_response(model_card())
+
+    async def chat_completions(request: Any):
+        parsed = await parse(request, parse_chat_request)
+        call = _Call(engine, request, lambda rt: chat_job(rt, parsed, parsed.stream))
+        streaming = False
+        try:
+            first = await call.next()
+            if first["type"] != "ready":
+                return _event_response(first) if first["type"] == "error" else _json_response({}, 499)
+            base = {"id": new_id("chatcmpl-"), "object": "chat.completion", "created": int(time.time()), "model": model_id}
+            if parsed.stream:
+                streaming = True
+                return StreamingResponse(
+                    _chat_stream(call, base, parsed.include_usage), media_type="text/event-stream", headers=SSE_HEADERS
+                )
+            while (event := await call.next())["type"] == "delta":
+                pass
+            if event["type"] != "done":
+                return _event_response(event) if event["type"] == "error" else _json_response({}, 499)
+            choice = {
+                "index": 0,
+                "message": event["message"],
+                "logprobs": event["logprobs"],
+                "finish_reason": event["finish_reason"],
+            }
+            return _json_response({**base, "choices": [choice], "usage": event["usage"]})
+        finally:
+            if not streaming:
+                call.close()
+
+    async def _chat_stream(call: _Call, base: dict, include_usage: bool) -> AsyncIterator[str]:
+        head = {**base, "object": "chat.completion.chunk"}
+
+        def chunk(delta: dict, logprobs: Any = None, finish: str | None = None) -> str:
+            data = {**head, "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
+            if include_usage:
+                data["usage"] = None
+            return _sse(data)
+
+        def deltas(items: list[dict], entries: list[dict]) -> list[str]:
+            logprobs = {"content": entries} if entries else None
+            if not items:
+                return [chunk({}, logprobs)] if logprobs else []
+            return [chunk(d, logprobs if i == 0 else None) for i, d in enumerate(items)]
+
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            while True:
+                event = await call.next()
+                if event["type"] == "delta":
+                    for text in deltas(event["deltas"], event["logprobs"]):
+                        yield text
+                elif event["type"] == "done":
+                    for text in deltas(event["deltas"], []):
+                        yield text
+                    yield chunk({}, None, event["finish_reason"])
+                    if include_usage:
+                        yield _sse({**head, "choices": [], "usage": event["usage"]})
+                    yield "data: [DONE]\n\n"
+                    return
+                elif event["type"] == "error":
+                    yield _sse(event["error"])
+                    return
+                else:  # disconnected
+                    return
+        finally:
+            call.close()
+
+    async def completions(request: Any):
+        parsed = await parse(request, parse_completion_request)
+        call = _Call(engine, request, lambda rt: completion_job(rt, parsed, parsed.stream))
+        streaming = False
+        try:
+            first = await call.next()
+            if first["type"] != "ready":
+                return _event_response(first) if first["type"] == "error" else _json_response({}, 499)
+            base = {"id": new_id("cmpl-"), "object": "text_completion", "created": int(time.time()), "model": model_id}
+            if parsed.stream:
+                streaming = True
+                return StreamingResponse(
+                    _completion_stream(call, base, parsed.include_usage), media_type="text/event-stream", headers=SSE_HEADERS
+                )
+            while (event := await call.next())["type"] == "delta":
+                pass
+            if event["type"] != "done":
+                return _event_response(event) if event["type"] == "error" else _json_response({}, 499)
+            return _json_response({**base, "choices": event["choices"], "usage": event["usage"]})
+        finally:
+            if not streaming:
+                call.close()
+
+    async def _completion_stream(call: _Call, base: dict, include_usage: bool) -> AsyncIterator[str]:
+        def chunk(index: int, text: str, logprobs: Any, finish: str | None) -> str:
+            data = {**base, "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}]}
+            if include_usage:
+                data["usage"] = None
+            return _sse(data)
+
+        try:
+            while True:
+                event = await call.next()
+                if event["type"] == "delta":
+                    yield chunk(event["index"], event["text"], event["logprobs"], None)
+                elif event["type"] == "done":
+                    for choice in event["choices"]:
+                        yield chunk(choice["index"], "", None, choice["finish_reason"])
+                    if include_usage:
+                        yield _sse({**base, "choices": [], "usage": event["usage"]})
+                    yield "data: [DONE]\n\n"
+                    return
+                elif event["type"] == "error":
+                    yield _sse(event["error"])
+                    return
+                else:
+                    return
+        finally:
+            call.close()
+
+    async def request_error(request: Any, exc: Exception):
+        assert isinstance(exc, RequestError)
+        return _json_response(exc.to_dict(), 400)
+
+    async def too_large(request: Any, exc: Exception):
+        return _json_response(
+            _error_body(f"the request body is larger than {max_body_bytes} bytes", code="request_too_large"),
+            413,
+            {"Connection": "close"},
+        )
+
+    async def http_error(request: Any, exc: Exception):
+        assert isinstance(exc, HTTPException)
+        if exc.status_code == 404:
+            message = f"no such endpoint: {request.method} {request.url.path}"
+        elif exc.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path}"
+        else:
+            message = str(exc.detail)
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return _json_response(_error_body(message, kind), exc.status_code, getattr(exc, "headers", None))
+
+    async def server_error(request: Any, exc: Exception):
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return _json_response(_error_body("internal server error (see the server's log)", "server_error"), 500)
+
+    middleware = []
+    if cors:
+        from starlette.middleware.cors import CORSMiddleware
+
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(cors),
+                allow_methods=["GET", "POST", "OPTIONS"],
+                allow_headers=["Authorization", "Content-Type"],
+            )
+        )
+    if api_key:
+        middleware.append(Middleware(BearerAuth, api_key=api_key, open_paths={"/health"}))
+    routes = [
+        Route("/health", health, methods=["GET"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/v1/models/{name:path}", model, methods=["GET"]),
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+    ]
+    handlers = {RequestError: request_error, PayloadTooLarge: too_large, HTTPException: http_error, Exception: server_error}
+    return Starlette(routes=routes, middleware=middleware, exception_handlers=handlers)
+
+
+class BearerAuth:
+    """ASGI middleware: every HTTP request but those to `open_paths` needs `Authorization: Bearer KEY`."""
+
+    def __init__(self, app: Any, api_key: str, open_paths: set[str] = frozenset()) -> None:
+        self.app = app
+        self.key = api_key.encode()
+        self.open_paths = open_paths
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http" or scope["path"] in self.open_paths:
+            await self.app(scope, receive, send)
+            return
+        given = b""
+        for name, value in scope.get("headers", []):
+            if name == b"authorization":
+                scheme, _, token = value.partition(b" ")
+                if scheme.lower() == b"bearer":
+                    given = token.strip()
+        if not hmac.compare_digest(given, self.key):
+            message = "missing API key: send Authorization: Bearer KEY" if not given else "incorrect API key"
+            body = _dumps(_error_body(message, code="invalid_api_key")).encode()
+            headers = [
+                (b"content-type", b"application/json"),
+                (b"www-authenticate", b"Bearer"),
+                (b"content-length", str(len(body)).encode()),
+            ]
+            await send({"type": "http.response.start", "status": 401, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+            return
+        await self.app(scope, receive, send)
+
+
+def serve(
+    model: str,
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_PORT,
+    api_key: str | None = None,
+    max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+    prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES,
+    cors: Sequence[str] | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    *,
+    dtype: str | None = None,
+    log_level: str = "info",
+) -> None:
+    """Load `model` (an alias, repo id or folder) and serve the OpenAI API on host:port until interrupted.
+
+    `api_key` protects every endpoint but /health; `max_concurrency` requests generate at once (the
+    rest queue); `prompt_cache_bytes` bounds the KV caches kept for reuse across requests (0 turns
+    the prompt cache off); `cors` names the browser origins allowed (none by default);
+    `max_body_bytes` bounds request bodies. Raises NessoError when the model cannot be loaded.
+    """
+    import uvicorn
+
+    if max_concurrency < 1:
+        raise NessoError(f"max_concurrency must be at least 1, got {max_concurrency}")
+    if max_body_bytes < 1 or prompt_cache_bytes < 0:
+        raise NessoError("max_body_bytes must be positive and prompt_cache_bytes not negative")
+    logging.basicConfig(level=log_level.upper(), format="%(levelname)s: %(message)s")
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        log.warning("serving on %s without an API key: anyone who can reach this address can use the model", host)
+    engine = Engine(model, dtype=dtype, max_concurrency=max_concurrency, prompt_cache_bytes=prompt_cache_bytes)
+    engine.start()
+    app = create_app(engine, model_id=model, api_key=api_key, cors=cors, max_body_bytes=max_body_bytes)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="off", timeout_graceful_shutdown=5)
+    try:
+        uvicorn.Server(config).run()
+    finally:
+        engine.stop()
+
+
+def _size(text: str) -> int:
+    """Bytes from `1073741824`, `512M`, `1G`, `64K` (powers of 1024)."""
+    units = {"k": 2**10, "m": 2**20, "g": 2**30}
+    text = text.strip().lower().removesuffix("b").removesuffix("i")
+    scale = units.get(text[-1:], 1)
+    number = text[:-1] if text[-1:] in units else text
+    try:
+        value = float(number) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 1073741824, 512M, 1G)") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("a size cannot be negative")
+    return int(value)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 < value < 65536:
+        raise argparse.ArgumentTypeError(f"a port is between 1 and 65535, got {value}")
+    return value
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m nesso_mlx.server`: parse the command line and `serve`."""
+    parser = argparse.ArgumentParser(prog="python -m nesso_mlx.server", description="OpenAI-compatible server for nesso-mlx")
+    parser.add_argument("--model", required=True, help="a Nesso alias, Hugging Face repo id or local folder")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=_port, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    parser.add_argument(
+        "--api-key", default=os.environ.get(API_KEY_ENV), help=f"require Authorization: Bearer KEY (default ${API_KEY_ENV})"
+    )
+    parser.add_argument("--max-concurrency", type=_positive, default=DEFAULT_MAX_CONCURRENCY, help="requests generating at once")
+    parser.add_argument(
+        "--prompt-cache-bytes", type=_size, default=DEFAULT_PROMPT_CACHE_BYTES, help="KV cache kept across requests (0: off)"
+    )
+    parser.add_argument("--cors", action="append", metavar="ORIGIN", help="allow this browser origin (repeatable; default: none)")
+    parser.add_argument("--max-body-bytes", type=_size, default=DEFAULT_MAX_BODY_BYTES, help="largest request body (413 past it)")
+    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="compute precision (default: as stored)")
+    parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    args = parser.parse_args(argv)
+    if args.max_body_bytes < 1:
+        parser.error("--max-body-bytes must be at least 1")
+    try:
+        serve(
+            args.model,
+            host=args.host,
+            port=args.port,
+            api_key=args.api_key or None,
+            max_concurrency=args.max_concurrency,
+            prompt_cache_bytes=args.prompt_cache_bytes,
+            cors=args.cors,
+            max_body_bytes=args.max_body_bytes,
+            dtype=args.dtype,
+            log_level=args.log_level,
+        )
+    except NessoError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

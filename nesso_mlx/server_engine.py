@@ -1,0 +1,616 @@
+"""The MLX side of `nesso-mlx serve`: one worker thread, fair scheduling and a prompt cache.
+
+One thread does all MLX work. MLX streams belong to the thread that made them:
+`generation.generation_stream` is made when `nesso_mlx.generation` is imported, and using it from
+another thread fails ("There is no Stream(cpu, 0) in current thread"); arrays and KV caches are
+not meant to be shared between threads either. So the worker thread imports the generation
+module, loads the model, runs every forward pass and owns every cache; the asyncio side sends it
+`Job`s and receives plain dicts (through `Job.sink`, `loop.call_soon_threadsafe` in the server).
+
+Scheduling is fair round robin: each round, every active job takes one step (one decode step of
+its `stream_generate` generator, or one chunk of its prompt's prefill), so all streams progress
+together; up to `max_concurrency` jobs are active, the rest wait in arrival order. A job's first
+step (tokenize, check the context, compile its grammar) runs as soon as it arrives, so a bad
+request is refused at once even when the server is busy. A cancelled job (its client went away)
+is closed at its next turn: `stream_generate`'s `finally` rolls its cache back, and the slot is free.
+
+The prompt cache keeps the KV caches of finished requests (prompt and reply) in an LRU with a byte
+budget. A new request reuses the entry with the longest common token prefix and prefills only the
+rest, so a system prompt and tool schemas shared by many requests are prefilled once. Reuse does not
+copy: the new cache's layers are views of the entry's first positions (new array objects; MLX
+arrays are values, and a cache write makes a new buffer), so the entry is never changed by the
+request that reused it (tests/test_server.py checks it).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import sys
+import threading
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import NessoError
+from .request import (
+    ChatReply,
+    ChatRequest,
+    CompletionRequest,
+    LegacyLogprobs,
+    RequestError,
+    chat_prompt_ids,
+    check_constraints,
+    check_context,
+    completion_prompt_ids,
+    generation_options,
+    usage,
+)
+
+log = logging.getLogger("nesso_mlx.server")
+
+Event = dict[str, Any]
+DEFAULT_PROMPT_CACHE_BYTES = 2**30
+DEFAULT_PREFILL_STEP = 256  # prompt tokens per scheduling step: bounds how long other streams wait
+PROMPT_LOGPROBS_STEP = 128  # positions per step when scoring a prompt (bounds the (positions, vocab) logits)
+
+
+# --- the prompt cache ----------------------------------------------------------------------------
+
+
+def cache_nbytes(cache: Sequence[Any]) -> int:
+    """Bytes held by a cache's key and value buffers (whole buffers, not only the valid positions)."""
+    return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache if layer.keys is not None and layer.values is not None)
+
+
+def share_cache(cache: Sequence[Any], length: int) -> list[Any]:
+    """New KVCache objects holding the first `length` positions of `cache` as views, without copying.
+
+    Writing to the new cache never changes `cache`: its capacity is `length`, so the first write
+    allocates a new buffer (MLX arrays are values; a slice is a new array object).
+    """
+    from .cache import KVCache
+
+    out = []
+    for layer in cache:
+        copy = KVCache()
+        if length:
+            copy.keys, copy.values = layer.keys[..., :length, :], layer.values[..., :length, :]
+            copy.offset = length
+        out.append(copy)
+    return out
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """The length of the longest common prefix of two token sequences."""
+    import numpy as np
+
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(diff[0]) if diff.size else n
+
+
+@dataclass
+class _Entry:
+    tokens: tuple[int, ...]
+    cache: list[Any]
+    nbytes: int
+
+
+class PromptCache:
+    """KV caches of earlier requests, keyed by their tokens, least recently used first out.
+
+    `lookup(ids)` gives a cache holding the longest prefix of `ids` that an entry shares (at most
+    all but the last token, which must be fed to get logits) and its length; `store(tokens,
+    cache)` adds an entry (replacing entries it extends) and evicts the least recently used ones
+    while the entries hold more than `max_bytes`.
+    """
+
+    def __init__(self, max_bytes: int = DEFAULT_PROMPT_CACHE_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[int, _Entry] = OrderedDict()
+        self._next = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.nbytes for e in self._entries.values())
+
+    def lookup(self, ids: Sequence[int]) -> tuple[list[Any] | None, int]:
+        best, best_len = None, 0
+        for key, entry in self._entries.items():
+            n = common_prefix(entry.tokens, ids)
+            if n > best_len:
+                best, best_len = key, n
+        best_len = min(best_len, len(ids) - 1)
+        if best is None or best_len <= 0:
+            return None, 0
+        self._entries.move_to_end(best)
+        return share_cache(self._entries[best].cache, best_len), best_len
+
+    def store(self, tokens: Sequence[int], cache: list[Any]) -> None:
+        if self.max_bytes <= 0 or not tokens:
+            return
+        tokens = tuple(int(t) for t in tokens)
+        size = cache_nbytes(cache)
+        if size > self.max_bytes:
+            return
+        for key, entry in list(self._entries.items()):
+            if len(entry.tokens) >= len(tokens) and entry.tokens[: len(tokens)] == tokens:
+                self._entries.move_to_end(key)  # an entry already holds all of it
+                return
+            if entry.tokens == tokens[: len(entry.tokens)]:
+                del self._entries[key]  # the new entry extends it
+        self._entries[self._next] = _Entry(tokens, cache, size)
+        self._next += 1
+        while self.nbytes > self.max_bytes:
+            self._entries.popitem(last=False)
+
+
+# --- running a request ---------------------------------------------------------------------------
+
+
+@dataclass
+class Runtime:
+    """What jobs run with: the model and tokenizer, the prompt cache and the prefill step."""
+
+    model: Any
+    tokenizer: Any
+    prompt_cache: PromptCache = field(default_factory=PromptCache)
+    prefill_step: int = DEFAULT_PREFILL_STEP
+
+    @property
+    def context_window(self) -> int:
+        return self.model.args.max_position_embeddings
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.args.vocab_size
+
+
+def generate_steps(
+    rt: Runtime,
+    ids: list[int],
+    options: Callable[[Sequence[int], int], dict[str, Any]],
+    stats: dict[str, int],
+    *,
+    cache: list[Any] | None = None,
+    position: int = 0,
+) -> Iterator[Any]:
+    """`stream_generate`'s chunks for the prompt `ids`, with None at each scheduling point of the prefill.
+
+    Without `cache`, the prompt cache gives the longest cached prefix (`stats["cached_tokens"]`);
+    with one, its first `position` tokens of `ids` are already in it. The prompt is prefilled
+    `rt.prefill_step` tokens per step; `options(prefix, n)` gives `stream_generate`'s keyword
+    arguments for a prompt whose first tokens `prefix` are in the cache and `n` remain. However it
+    ends, the cache (prompt and reply but its last token) is stored in the prompt cache.
+    """
+    import mlx.core as mx
+
+    from .cache import rollback_cache
+    from .generation import generation_stream, stream_generate
+
+    if cache is None:
+        cache, position = rt.prompt_cache.lookup(ids)
+        if cache is None:
+            cache, position = rt.model.make_cache(), 0
+        stats["cached_tokens"] = position
+    generated: list[int] = []
+    try:
+        while len(ids) - position > rt.prefill_step:
+            step = mx.array(ids[position : position + rt.prefill_step], dtype=mx.int32)
+            with mx.stream(generation_stream):
+                rt.model(step[None], cache)  # only the keys and values are evaluated, not the LM head
+            mx.eval([layer.state for layer in cache])
+            position += rt.prefill_step
+            yield None
+        chunks = stream_generate(
+            rt.model,
+            rt.tokenizer,
+            ids[position:],
+            cache=cache,
+            prefill_chunk_size=rt.prefill_step,
+            **options(ids[:position], len(ids) - position),
+        )
+        try:
+            for chunk in chunks:
+                if chunk.token is not None:
+                    generated.append(chunk.token)
+                yield chunk
+        finally:
+            chunks.close()
+    finally:
+        held = list(ids) + generated[:-1] if generated else list(ids[:position])
+        if all(layer.offset >= len(held) for layer in cache):
+            rollback_cache(cache, len(held))
+            rt.prompt_cache.store(held, cache)
+
+
+def chat_job(rt: Runtime, request: ChatRequest, stream: bool) -> Iterator[Event | None]:
+    """A chat completion: "ready" once checked, "delta" events while streaming, then "done"."""
+    tokenizer = rt.tokenizer
+    ids = chat_prompt_ids(tokenizer, request)
+    max_tokens = check_context(len(ids), request.max_tokens, rt.context_window)
+    check_constraints(tokenizer, rt.vocab_size, request)
+    yield {"type": "ready", "prompt_tokens": len(ids)}
+
+    def options(prefix: Sequence[int], n: int) -> dict[str, Any]:
+        return generation_options(
+            request.sampling,
+            max_tokens=max_tokens,
+            stop=request.stop,
+            vocab_size=rt.vocab_size,
+            prefix=prefix,
+            prompt_tokens=n,
+            top_logprobs=request.top_logprobs,
+            tools=request.tools,
+            tool_choice=request.tool_choice,
+            response_format=request.response_format,
+        )
+
+    reply = ChatReply(tokenizer, tools=bool(request.tools), logprobs=request.logprobs)
+    stats = {"cached_tokens": 0}
+    finish = None
+    steps = generate_steps(rt, ids, options, stats)
+    try:
+        for chunk in steps:
+            if chunk is None:
+                yield None
+                continue
+            deltas, entries = reply.add(chunk)
+            finish = chunk.finish_reason or finish
+            yield {"type": "delta", "deltas": deltas, "logprobs": entries} if stream and (deltas or entries) else None
+            if not request.parallel_tool_calls and reply.calls_completed and not chunk.finish_reason:
+                finish = "stop"  # one call asked for, and it is complete
+                break
+    finally:
+        steps.close()
+    last = reply.finish()
+    yield {
+        "type": "done",
+        "deltas": last,
+        "finish_reason": reply.finish_reason(finish),
+        "message": reply.message(),
+        "logprobs": {"content": reply.logprob_entries} if request.logprobs else None,
+        "usage": usage(len(ids), reply.completion_tokens, stats["cached_tokens"]),
+    }
+
+
+def log_softmax(logits: Any, block: int = 256) -> Any:
+    """Log-probabilities in float32, summing the vocabulary in blocks (as lm_eval_backend does: MLX's
+    one-pass float32 logsumexp over a 49k-128k vocabulary is off by ~2e-4; two levels of sums ~3e-6)."""
+    import mlx.core as mx
+
+    x = logits.astype(mx.float32)
+    top = mx.max(x, axis=-1, keepdims=True)
+    e = mx.exp(x - top)
+    pad = (-e.shape[-1]) % block
+    if pad:
+        e = mx.pad(e, [(0, 0)] * (e.ndim - 1) + [(0, pad)])
+    total = e.reshape(*e.shape[:-1], -1, block).sum(axis=-1).sum(axis=-1, keepdims=True)
+    return x - top - mx.log(total)
+
+
+def prompt_logprobs(rt: Runtime, ids: Sequence[int], k: int, cache: list[Any], out: list) -> Iterator[None]:
+    """Score the prompt: for each of ids[1:], append (logprob, [(token, logprob) of the k most likely])
+    to `out`, from the model's distribution after the tokens before it (no logits processors).
+
+    `ids[:-1]` go through the model into `cache` (all positions' logits, `PROMPT_LOGPROBS_STEP` at
+    a time, a scheduling point after each), so generation can go on from the last prompt token.
+    """
+    import mlx.core as mx
+
+    from .generation import generation_stream
+
+    last = len(ids) - 1
+    for start in range(0, last, PROMPT_LOGPROBS_STEP):
+        end = min(start + PROMPT_LOGPROBS_STEP, last)
+        targets = mx.array(ids[start + 1 : end + 1], dtype=mx.int32)
+        with mx.stream(generation_stream):
+            logprobs = log_softmax(rt.model(mx.array([ids[start:end]], dtype=mx.int32), cache)[0])
+            parts = [mx.take_along_axis(logprobs, targets[:, None], axis=-1)[:, 0]]
+            if k:
+                best = mx.argpartition(-logprobs, k - 1, axis=-1)[:, :k]
+                parts += [best, mx.take_along_axis(logprobs, best, axis=-1)]
+        mx.eval(parts)
+        chosen = parts[0].tolist()
+        tops = zip(parts[1].tolist(), parts[2].tolist(), strict=True) if k else ([] for _ in chosen)
+        for lp, top in zip(chosen, tops, strict=True):
+            pairs = sorted(zip(*top, strict=True), key=lambda p: -p[1]) if k else []
+            out.append((lp, pairs))
+        yield None
+
+
+def completion_job(rt: Runtime, request: CompletionRequest, stream: bool) -> Iterator[Event | None]:
+    """A (legacy) completion, one choice per prompt: "ready", "delta" events while streaming, "done"."""
+    tokenizer = rt.tokenizer
+    prompts = [completion_prompt_ids(tokenizer, p) for p in request.prompts]
+    for ids in prompts:
+        if not ids:
+            raise RequestError("the prompt encodes to no tokens", "prompt", "invalid_value")
+        check_context(len(ids), request.max_tokens, rt.context_window, param="prompt")
+    yield {"type": "ready", "prompt_tokens": sum(map(len, prompts))}
+    eos = set(tokenizer.eos_token_ids)
+    k = request.logprobs
+    choices, totals = [], {"prompt": 0, "completion": 0, "cached": 0}
+    for index, ids in enumerate(prompts):
+        lp = LegacyLogprobs(tokenizer) if k is not None else None
+        text, echo, finish, stats = [], "", "length", {"cached_tokens": 0}
+        cache, position = None, 0
+        if request.echo:
+            detokenizer = tokenizer.detokenizer(skip_special_tokens=False)
+            echo = "".join(detokenizer.add_token(t) for t in ids) + detokenizer.finalize()
+        if request.echo and lp is not None:
+            scores: list = []
+            cache, position = rt.model.make_cache(), len(ids) - 1
+            yield from prompt_logprobs(rt, ids, k, cache, scores)
+            lp.add(ids[0], None, None)
+            for token, (logprob, top) in zip(ids[1:], scores, strict=True):
+                lp.add(token, logprob, top)
+            if request.max_tokens == 0:
+                rt.prompt_cache.store(ids[:-1], cache)
+        if stream and (echo or (lp and lp.tokens)):
+            yield {"type": "delta", "index": index, "text": echo, "logprobs": lp.to_dict() if lp else None}
+        if lp is not None:
+            lp.offset = len(echo)
+        sent = len(lp.tokens) if lp else 0
+        generated = 0
+        if request.max_tokens > 0:
+
+            def options(prefix: Sequence[int], n: int) -> dict[str, Any]:
+                return generation_options(
+                    request.sampling,
+                    max_tokens=request.max_tokens,
+                    stop=request.stop,
+                    vocab_size=rt.vocab_size,
+                    prefix=prefix,
+                    prompt_tokens=n,
+                    top_logprobs=k,
+                )
+
+            steps = generate_steps(rt, ids, options, stats, cache=cache, position=position)
+            try:
+                for chunk in steps:
+                    if chunk is None:
+                        yield None
+                        continue
+                    text.append(chunk.text)
+                    finish = chunk.finish_reason or finish
+                    generated = chunk.generation_tokens
+                    if lp is not None and chunk.token is not None and chunk.token not in eos and chunk.logprobs is not None:
+                        lp.add(chunk.token, chunk.logprobs.logprob, chunk.logprobs.top)
+                    if stream and (chunk.text or (lp and len(lp.tokens) > sent)):
+                        yield {"type": "delta", "index": index, "text": chunk.text, "logprobs": lp.to_dict(sent) if lp else None}
+                        sent = len(lp.tokens) if lp else 0
+                    else:
+                        yield None
+            finally:
+                steps.close()
+        totals["prompt"] += len(ids)
+        totals["completion"] += generated
+        totals["cached"] += stats["cached_tokens"]
+        choices.append(
+            {
+                "index": index,
+                "text": echo + "".join(text),
+                "logprobs": lp.to_dict() if lp is not None else None,
+                "finish_reason": finish,
+            }
+        )
+    yield {"type": "done", "choices": choices, "usage": usage(totals["prompt"], totals["completion"], totals["cached"])}
+
+
+# --- scheduling ------------------------------------------------------------------------------------
+
+
+class Job:
+    """One request: `work(runtime)` is a generator of events (dicts) or None (a step with nothing to
+    say); `sink(event)` takes each event (called in the worker thread). `cancel()` may be called
+    from any thread."""
+
+    def __init__(self, work: Callable[[Runtime], Iterator[Event | None]], sink: Callable[[Event], None]) -> None:
+        self.work = work
+        self.sink = sink
+        self.cancelled = False
+        self.generator: Iterator[Event | None] | None = None
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+def error_event(status: int, message: str, error_type: str, param: str | None = None, code: str | None = None) -> Event:
+    """An "error" event carrying the HTTP status and OpenAI's error object."""
+    body = {"message": message, "type": error_type, "param": param, "code": code}
+    return {"type": "error", "status": status, "error": {"error": body}}
+
+
+class Scheduler:
+    """Round robin over the active jobs; runs in the thread that calls it (the worker, or a test)."""
+
+    def __init__(self, runtime: Runtime, max_concurrency: int = 8) -> None:
+        if max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
+        self.runtime = runtime
+        self.max_concurrency = max_concurrency
+        self.pending: deque[Job] = deque()
+        self.active: list[Job] = []
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.active or self.pending)
+
+    def add(self, job: Job) -> None:
+        """Take a new job: its first step (checks) runs now; if it passes, it waits for a slot."""
+        job.generator = job.work(self.runtime)
+        if self._step(job):
+            self.pending.append(job)
+
+    def round(self) -> None:
+        """Admit waiting jobs into free slots, then give each active job one step."""
+        while self.pending and len(self.active) < self.max_concurrency:
+            job = self.pending.popleft()
+            if job.cancelled:
+                self._close(job)
+                continue
+            self.active.append(job)
+        for job in list(self.active):
+            if not self._step(job):
+                self.active.remove(job)
+
+    def run_until_idle(self) -> None:
+        """Rounds until no job is left (for callers without a worker thread)."""
+        while self.busy:
+            self.round()
+
+    def close_all(self) -> None:
+        for job in [*self.active, *self.pending]:
+            self._close(job)
+        self.active.clear()
+        self.pending.clear()
+
+    def _step(self, job: Job) -> bool:
+        """One step of `job`; False when it is over (done, failed or cancelled)."""
+        if job.cancelled:
+            self._close(job)
+            return False
+        try:
+            event = next(job.generator)
+        except StopIteration:
+            return False
+        except RequestError as e:
+            job.sink({"type": "error", "status": 400, "error": e.to_dict()})
+            return False
+        except NessoError as e:  # one-line messages about the request (context length, template)
+            job.sink(error_event(400, str(e), "invalid_request_error"))
+            return False
+        except Exception:
+            log.exception("request failed")
+            job.sink(error_event(500, "the server failed while generating (see its log)", "server_error"))
+            return False
+        if event is not None:
+            job.sink(event)
+        return True
+
+    def _close(self, job: Job) -> None:
+        try:
+            if job.generator is not None:
+                job.generator.close()
+        except Exception:
+            log.exception("closing a cancelled request failed")
+
+
+class Engine:
+    """The worker thread: it loads the model, then runs jobs with a `Scheduler` until `stop()`."""
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        dtype: str | None = None,
+        max_concurrency: int = 8,
+        prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES,
+        prefill_step: int = DEFAULT_PREFILL_STEP,
+    ) -> None:
+        if max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
+        if prefill_step < 1:
+            raise ValueError(f"prefill_step must be >= 1, got {prefill_step}")
+        self.model_name = model
+        self.dtype = dtype
+        self.max_concurrency = max_concurrency
+        self.prompt_cache_bytes = prompt_cache_bytes
+        self.prefill_step = prefill_step
+        self.runtime: Runtime | None = None
+        self.scheduler: Scheduler | None = None
+        self._inbox: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, name="nesso-mlx-worker", daemon=True)
+
+    # Read from other threads: plain ints, set once the model is loaded.
+    context_window = 0
+    vocab_size = 0
+
+    @property
+    def active(self) -> int:
+        return len(self.scheduler.active) if self.scheduler else 0
+
+    @property
+    def queued(self) -> int:
+        return len(self.scheduler.pending) + self._inbox.qsize() if self.scheduler else 0
+
+    def start(self) -> None:
+        """Start the worker and wait until the model is loaded; raises what loading raised."""
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            raise self._error
+
+    def submit(self, job: Job) -> None:
+        self._inbox.put(job)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._thread.is_alive():
+            self._inbox.put(None)
+            self._thread.join(timeout)
+
+    def _load(self) -> None:
+        already = "nesso_mlx.generation" in sys.modules
+        import mlx.core as mx
+
+        from .generation import generation_stream, stream_generate
+        from .loading import load
+
+        if already:  # imported by another thread: its stream may not be usable here
+            try:
+                with mx.stream(generation_stream):
+                    mx.eval(mx.zeros(1) + 1)
+            except RuntimeError:
+                raise NessoError(
+                    "nesso_mlx.generation was first imported by another thread, and MLX streams belong to the thread "
+                    "that made them; run the server in a process of its own (python -m nesso_mlx.server)"
+                ) from None
+        if mx.metal.is_available():
+            # Wire the working set once for the server's life: each stream_generate sets it and restores
+            # the value it found, which is then this one, whatever order interleaved requests end in.
+            mx.set_wired_limit(mx.metal.device_info()["max_recommended_working_set_size"])
+        model, tokenizer = load(self.model_name, dtype=self.dtype)
+        for _ in stream_generate(model, tokenizer, [tokenizer.eos_token_ids[0] if tokenizer.eos_token_ids else 0], max_tokens=1):
+            pass  # warm up (kernels, sampler)
+        from .constrained import build_processor
+
+        build_processor(tokenizer, model.args.vocab_size, None, "auto", {"type": "json_object"})  # llguidance's vocabulary
+        self.runtime = Runtime(model, tokenizer, PromptCache(self.prompt_cache_bytes), self.prefill_step)
+        self.context_window = self.runtime.context_window
+        self.vocab_size = self.runtime.vocab_size
+
+    def _main(self) -> None:
+        try:
+            self._load()
+            self.scheduler = Scheduler(self.runtime, self.max_concurrency)
+        except BaseException as e:
+            self._error = e
+            self._ready.set()
+            return
+        self._ready.set()
+        scheduler = self.scheduler
+        while True:
+            try:
+                item = self._inbox.get() if not scheduler.busy else self._inbox.get_nowait()
+                while True:
+                    if item is None:
+                        scheduler.close_all()
+                        return
+                    scheduler.add(item)
+                    item = self._inbox.get_nowait()
+            except queue.Empty:
+                pass
+            try:
+                scheduler.round()
+            except Exception:  # the scheduler catches per job; this is a bug, keep serving
+                log.exception("scheduler round failed")
