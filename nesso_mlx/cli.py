@@ -573,6 +573,17 @@ def bench(
     typer.echo(render(rows, output, prompt_tokens, gen_tokens))
 
 
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+    add_help_option=False,
+)
+def serve(ctx: typer.Context) -> None:
+    """Serve an OpenAI-compatible API on 127.0.0.1:8080 (see `nesso-mlx serve --help`)."""
+    from .server import main as serve_main
+
+    serve_main(ctx.args)
+
+
 eval_app = typer.Typer(help="Evaluate a model.", no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
 
