@@ -336,14 +336,29 @@ def create_app(
         )
     if api_key:
         middleware.append(Middleware(BearerAuth, api_key=api_key, open_paths={"/health"}))
+
+    def guarded(endpoint: Callable) -> Callable:
+        """The endpoint, with its errors as OpenAI error objects: 400, 413, or a 500 whose traceback
+        goes to the log only (Starlette's own last-resort handler would also re-raise)."""
+
+        async def run(request: Any):
+            try:
+                return await endpoint(request)
+            except (RequestError, PayloadTooLarge) as e:
+                return await (request_error if isinstance(e, RequestError) else too_large)(request, e)
+            except Exception as e:
+                return await server_error(request, e)
+
+        return run
+
     routes = [
-        Route("/health", health, methods=["GET"]),
-        Route("/v1/models", models, methods=["GET"]),
-        Route("/v1/models/{name:path}", model, methods=["GET"]),
-        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/health", guarded(health), methods=["GET"]),
+        Route("/v1/models", guarded(models), methods=["GET"]),
+        Route("/v1/models/{name:path}", guarded(model), methods=["GET"]),
+        Route("/v1/chat/completions", guarded(chat_completions), methods=["POST"]),
+        Route("/v1/completions", guarded(completions), methods=["POST"]),
     ]
-    handlers = {RequestError: request_error, PayloadTooLarge: too_large, HTTPException: http_error, Exception: server_error}
+    handlers = {HTTPException: http_error, Exception: server_error}
     return Starlette(routes=routes, middleware=middleware, exception_handlers=handlers)
 
 

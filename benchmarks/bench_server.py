@@ -1,0 +1,199 @@
+"""nesso-mlx serve vs mlx_lm.server on the same weights, in one run: throughput and time to first token
+under 1, 4 and 8 concurrent clients.
+
+    python benchmarks/bench_server.py                                  # the SmolLM2 test fixture
+    python benchmarks/bench_server.py --model PATH --clients 1,4,8 --requests 4 --max-tokens 64
+
+Both servers run at once, each in its own process on a loopback port, on the same model folder
+(weights as stored). Each client sends `--requests` streaming chat requests one after another
+(greedy, `--max-tokens` each, every prompt different, `stream_options.include_usage` for the
+token counts); the clients start together. For each concurrency level the servers take turns, so
+machine drift affects both alike. Reported per level: aggregate generated tokens/s (all tokens /
+wall time), time to first token p50 and p95 (request sent -> first content), per-stream decode
+tokens/s, and the ratios nesso-mlx / mlx-lm (> 1: nesso-mlx has more throughput; for TTFT, > 1
+means nesso-mlx takes longer). mlx_lm.server batches the decode steps of concurrent requests;
+nesso-mlx serve schedules them round robin on one worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from server_fixture import ServerProcess, free_port  # noqa: E402
+
+SUBJECTS = ["a cat", "a lighthouse keeper", "a robot", "a baker", "a river", "a violinist", "a fox", "a train driver"]
+PLACES = ["in Rome", "on the Moon", "in a small village", "under the sea", "in Milan", "in a forest"]
+
+
+def prompts(n: int) -> list[str]:
+    return [
+        f"Write a long story about {SUBJECTS[i % len(SUBJECTS)]} {PLACES[(i // len(SUBJECTS)) % len(PLACES)]}." for i in range(n)
+    ]
+
+
+def start(kind: str, model: str) -> ServerProcess:
+    if kind == "nesso-mlx":
+        return ServerProcess.nesso(model, "--max-concurrency", "8")
+    port = free_port()
+    command = [sys.executable, "-m", "mlx_lm.server", "--model", model, "--port", str(port), "--log-level", "WARNING"]
+    return ServerProcess(command, port)
+
+
+def one_request(base_url: str, prompt: str, max_tokens: int) -> dict:
+    import openai
+
+    client = openai.OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0, timeout=600)
+    t0 = time.perf_counter()
+    first = None
+    tokens = 0
+    stream = client.chat.completions.create(
+        model="default_model",
+        messages=[{"role": "user", "content": prompt}],
+        temperature=0,
+        max_tokens=max_tokens,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    for chunk in stream:
+        if first is None and chunk.choices and chunk.choices[0].delta.content:
+            first = time.perf_counter()
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+    end = time.perf_counter()
+    first = first or end
+    return {
+        "ttft": first - t0,
+        "tokens": tokens,
+        "decode_tps": (tokens - 1) / (end - first) if tokens > 1 and end > first else 0.0,
+    }
+
+
+def level(base_url: str, clients: int, requests: int, max_tokens: int, texts: list[str]) -> dict:
+    results: list[dict] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(clients)
+
+    def client(c: int) -> None:
+        barrier.wait()
+        for r in range(requests):
+            result = one_request(base_url, texts[c * requests + r], max_tokens)
+            with lock:
+                results.append(result)
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    ttfts = sorted(r["ttft"] for r in results)
+    return {
+        "clients": clients,
+        "requests": len(results),
+        "tokens": sum(r["tokens"] for r in results),
+        "wall_s": wall,
+        "tokens_per_s": sum(r["tokens"] for r in results) / wall,
+        "ttft_p50_s": statistics.median(ttfts),
+        "ttft_p95_s": ttfts[min(len(ttfts) - 1, round(0.95 * (len(ttfts) - 1)))],
+        "stream_decode_tps": statistics.median(r["decode_tps"] for r in results),
+    }
+
+
+def probe_batching(model_path: str, batches: list[int], steps: int = 32, context: int = 64) -> list[dict]:
+    """What batching the decode steps could buy, at most: nesso-mlx's model decoding B rows at once
+    (equal-length caches, greedy, no sampling or constraints), generated tokens/s per batch size."""
+    import mlx.core as mx
+
+    from nesso_mlx import load
+
+    model, _ = load(model_path)
+    out = []
+    for b in batches:
+        cache = model.make_cache()
+        tokens = mx.array([[100 + (i * 7 + j) % 500 for j in range(context)] for i in range(b)], dtype=mx.int32)
+        token = mx.argmax(model(tokens, cache)[:, -1, :], axis=-1)[:, None]
+        mx.eval(token)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            token = mx.argmax(model(token, cache)[:, -1, :], axis=-1)[:, None]
+            mx.async_eval(token)
+        mx.eval(token)
+        out.append({"batch": b, "tokens_per_s": b * steps / (time.perf_counter() - t0)})
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="model folder (default: the SmolLM2 test fixture)")
+    parser.add_argument("--clients", default="1,4,8", help="concurrency levels (default 1,4,8)")
+    parser.add_argument("--requests", type=int, default=2, help="requests per client at each level (default 2)")
+    parser.add_argument("--max-tokens", type=int, default=32, help="tokens per reply (default 32)")
+    parser.add_argument("--servers", default="nesso-mlx,mlx-lm", help="which servers (default both)")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--probe-batching", action="store_true", help="also time batched decode steps of the bare model")
+    args = parser.parse_args()
+    if args.model is None:
+        from smollm2_fixture import smollm2_path
+
+        args.model = str(smollm2_path())
+    levels = [int(c) for c in args.clients.split(",")]
+    kinds = args.servers.split(",")
+    servers = {kind: start(kind, args.model) for kind in kinds}
+    results: dict[str, list[dict]] = {kind: [] for kind in kinds}
+    try:
+        for server in servers.values():
+            server.wait_ready(timeout=300)
+        for server in servers.values():  # warm up: kernels, caches, the first request's costs
+            one_request(server.url, "Hello!", 4)
+        offset = 0
+        for clients in levels:
+            texts = prompts(offset + clients * args.requests)[offset:]  # prompts never seen before
+            offset += clients * args.requests
+            for kind, server in servers.items():
+                result = level(server.url, clients, args.requests, args.max_tokens, texts)
+                results[kind].append(result)
+                print(f"{kind:>9}  {clients} clients: {result['tokens_per_s']:.1f} tokens/s", file=sys.stderr, flush=True)
+    finally:
+        for server in servers.values():
+            server.stop()
+
+    print(f"\nmodel {args.model}; {args.requests} requests per client, {args.max_tokens} tokens each, greedy, streaming\n")
+    print("| clients | server | requests | tokens | wall s | tokens/s | TTFT p50 s | TTFT p95 s | per-stream tokens/s |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for i, clients in enumerate(levels):
+        for kind in kinds:
+            r = results[kind][i]
+            print(
+                f"| {clients} | {kind} | {r['requests']} | {r['tokens']} | {r['wall_s']:.1f} | {r['tokens_per_s']:.1f} | "
+                f"{r['ttft_p50_s']:.2f} | {r['ttft_p95_s']:.2f} | {r['stream_decode_tps']:.1f} |"
+            )
+    if len(kinds) == 2:
+        a, b = kinds
+        print(f"\n| clients | tokens/s {a} / {b} | TTFT p50 {a} / {b} |")
+        print("| ---: | ---: | ---: |")
+        for i, clients in enumerate(levels):
+            x, y = results[a][i], results[b][i]
+            print(f"| {clients} | {x['tokens_per_s'] / y['tokens_per_s']:.2f} | {x['ttft_p50_s'] / y['ttft_p50_s']:.2f} |")
+    probe = []
+    if args.probe_batching:
+        probe = probe_batching(args.model, levels)
+        print("\n| batch | bare model decode tokens/s (upper bound for a batched server) | vs batch 1 |")
+        print("| ---: | ---: | ---: |")
+        for p in probe:
+            print(f"| {p['batch']} | {p['tokens_per_s']:.1f} | {p['tokens_per_s'] / probe[0]['tokens_per_s']:.2f} |")
+    if args.json:
+        report = {"model": args.model, "args": vars(args) | {"json": str(args.json)}, "results": results, "batching_probe": probe}
+        args.json.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
