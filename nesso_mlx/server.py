@@ -470,8 +470,18 @@ def _port(text: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """`python -m nesso_mlx.server`: parse the command line and `serve`."""
-    parser = argparse.ArgumentParser(prog="python -m nesso_mlx.server", description="OpenAI-compatible server for nesso-mlx")
-    parser.add_argument("--model", required=True, help="a Nesso alias, Hugging Face repo id or local folder")
+    from .registry import DEFAULT_CHAT_MODEL
+
+    prog = "nesso-mlx serve" if os.path.basename(sys.argv[0]) == "nesso-mlx" else "python -m nesso_mlx.server"
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Serve an OpenAI-compatible API (chat completions with tools and JSON schemas, completions, models, health).",
+    )
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_CHAT_MODEL,
+        help=f"a Nesso alias, Hugging Face repo id or local folder (default {DEFAULT_CHAT_MODEL})",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=_port, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
     parser.add_argument(

@@ -529,6 +529,7 @@ class Engine:
         self.scheduler: Scheduler | None = None
         self._inbox: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._ready = threading.Event()
+        self._stopped = threading.Event()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._main, name="nesso-mlx-worker", daemon=True)
 
@@ -555,9 +556,10 @@ class Engine:
         self._inbox.put(job)
 
     def stop(self, timeout: float = 10.0) -> None:
-        if self._thread.is_alive():
+        """Close every job and release the model; the worker thread then stays parked (see `_main`)."""
+        if self._thread.is_alive() and not self._stopped.is_set():
             self._inbox.put(None)
-            self._thread.join(timeout)
+            self._stopped.wait(timeout)
 
     def _load(self) -> None:
         already = "nesso_mlx.generation" in sys.modules
@@ -596,9 +598,18 @@ class Engine:
         except BaseException as e:
             self._error = e
             self._ready.set()
-            return
+            self._stopped.set()
+            threading.Event().wait()  # parked, as below
         self._ready.set()
-        scheduler = self.scheduler
+        self._serve(self.scheduler)
+        self.runtime = self.scheduler = None
+        self._stopped.set()
+        # Parked, not ended: when a thread that used MLX ends shortly before the interpreter exits,
+        # MLX's C++ teardown can abort the process ("terminate called without an active exception";
+        # seen in about a third of runs on MLX 0.32). A daemon thread parked here is harmless.
+        threading.Event().wait()
+
+    def _serve(self, scheduler: Scheduler) -> None:
         while True:
             try:
                 item = self._inbox.get() if not scheduler.busy else self._inbox.get_nowait()
