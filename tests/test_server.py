@@ -347,6 +347,42 @@ def test_completions_stream_batch_and_token_prompts(nesso):
     assert batch.choices[1].text == alone.choices[0].text
 
 
+def test_lm_eval_local_completions_gives_the_in_process_backends_results(nesso, nesso_local, monkeypatch):
+    """lm-evaluation-harness's `local-completions` backend against the server: every log-likelihood,
+    greedy flag and generation equals lm-eval's `nesso-mlx` backend's in this process."""
+    lm_eval = pytest.importorskip("lm_eval")
+    for module in ("tenacity", "aiohttp", "transformers"):
+        pytest.importorskip(module, reason="lm-eval's API models need lm-eval[api] and transformers")
+    from pathlib import Path
+
+    from lm_eval.tasks import TaskManager
+
+    from nesso_mlx.lm_eval_backend import NessoLM
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)  # the tasks' data files are relative to the repository root
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    manager = TaskManager(include_path=str(root / "tests" / "data" / "lm_eval"), include_defaults=False)
+    tasks = ["nesso_fidelity_mc", "nesso_fidelity_gen"]
+    path = nesso_folder("text")
+    # add_bos_token: API models leave BOS out by default; the hf backend (and nesso-mlx's) put it in
+    remote_args = f"base_url={nesso.url}/v1/completions,model=nesso,tokenizer_backend=huggingface,tokenizer={path}"
+    remote_args += ",tokenized_requests=True,add_bos_token=True,max_length=4096,num_concurrent=1,max_retries=1"
+    run = {"tasks": tasks, "task_manager": manager, "log_samples": True, "bootstrap_iters": 0, "limit": 4}
+    remote = lm_eval.simple_evaluate(model="local-completions", model_args=remote_args, **run)
+    model, tokenizer = nesso_local
+    local = lm_eval.simple_evaluate(model=NessoLM(model=model, tokenizer=tokenizer, max_length=4096), **run)
+    for task in tasks:
+        assert len(remote["samples"][task]) == len(local["samples"][task]) == 4
+        for a, b in zip(remote["samples"][task], local["samples"][task], strict=True):
+            if task.endswith("_gen"):
+                assert a["resps"] == b["resps"] and a["resps"][0][0]
+            else:
+                for [(x, greedy_x)], [(y, greedy_y)] in zip(a["resps"], b["resps"], strict=True):
+                    assert x == pytest.approx(y, abs=1e-4) and greedy_x == greedy_y
+
+
 def test_api_key_is_required_except_for_health(nesso):
     with pytest.raises(openai.AuthenticationError) as wrong:
         client(nesso, "sk-wrong").models.list()
