@@ -174,8 +174,10 @@ def create_app(
 
     async def model(request: Any):
         if request.path_params["name"] != model_id:
-            body = _error_body(f"the model {request.path_params['name']!r} does not exist; this server runs {model_id!r}")
-            body["error"]["code"] = "model_not_found"
+            name = request.path_params["name"]
+            body = _error_body(
+                f"the model {name!r} does not exist; this server runs {model_id!r}", param="model", code="model_not_found"
+            )
             return _json_response(body, 404)
         return _json_response(model_card())
 
@@ -310,13 +312,12 @@ def create_app(
     async def http_error(request: Any, exc: Exception):
         assert isinstance(exc, HTTPException)
         if exc.status_code == 404:
-            message = f"no such endpoint: {request.method} {request.url.path}"
+            message = f"Invalid URL ({request.method} {request.url.path})"
         elif exc.status_code == 405:
             message = f"{request.method} is not allowed on {request.url.path}"
         else:
             message = str(exc.detail)
-        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return _json_response(_error_body(message, kind), exc.status_code, getattr(exc, "headers", None))
+        return _json_response(_error_body(message), exc.status_code, getattr(exc, "headers", None))
 
     async def server_error(request: Any, exc: Exception):
         log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
@@ -331,7 +332,7 @@ def create_app(
                 CORSMiddleware,
                 allow_origins=list(cors),
                 allow_methods=["GET", "POST", "OPTIONS"],
-                allow_headers=["Authorization", "Content-Type"],
+                allow_headers=["*"],  # the OpenAI SDKs send their own X-Stainless-* headers
             )
         )
     if api_key:

@@ -491,7 +491,7 @@ def test_http_errors_are_openai_errors(nesso):
     status, body = post(nesso.url + "/v1/chat/completions", b'{"messages": "' + b"x" * 300_000 + b'"}', auth)
     assert status == 413 and body["error"]["code"] == "request_too_large"
     status, body = get(nesso.url + "/v1/nothing", auth)
-    assert status == 404 and body["error"]["type"] == "not_found_error"
+    assert status == 404 and body["error"]["type"] == "invalid_request_error" and "/v1/nothing" in body["error"]["message"]
     status, body = get(nesso.url + "/v1/chat/completions", auth)
     assert status == 405 and "GET" in body["error"]["message"]
     status, body = get(nesso.url + "/v1/models/gpt-9", auth)
@@ -877,7 +877,7 @@ def test_cors_is_off_unless_origins_are_named_and_preflights_need_no_key():
     preflight = {
         "Origin": "http://app.example",
         "Access-Control-Request-Method": "POST",
-        "Access-Control-Request-Headers": "authorization",
+        "Access-Control-Request-Headers": "authorization,content-type,x-stainless-os",
     }
     closed = create_app(StubEngine())
     status, headers, _ = asgi(closed, "GET", "/v1/models", {"Origin": "http://app.example"})
