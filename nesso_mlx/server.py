@@ -405,6 +405,7 @@ def serve(
     cors: Sequence[str] | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     *,
+    default_max_tokens: int | None = None,
     dtype: str | None = None,
     log_level: str = "info",
 ) -> None:
@@ -413,7 +414,9 @@ def serve(
     `api_key` protects every endpoint but /health; `max_concurrency` requests generate at once (the
     rest queue); `prompt_cache_bytes` bounds the KV caches kept for reuse across requests (0 turns
     the prompt cache off); `cors` names the browser origins allowed (none by default);
-    `max_body_bytes` bounds request bodies. Raises NessoError when the model cannot be loaded.
+    `max_body_bytes` bounds request bodies; `default_max_tokens` caps chat replies whose request sets
+    no max_tokens (None: up to the context window, as OpenAI). Raises NessoError when the model
+    cannot be loaded.
     """
     import uvicorn
 
@@ -424,7 +427,15 @@ def serve(
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s: %(message)s")
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         log.warning("serving on %s without an API key: anyone who can reach this address can use the model", host)
-    engine = Engine(model, dtype=dtype, max_concurrency=max_concurrency, prompt_cache_bytes=prompt_cache_bytes)
+    if default_max_tokens is not None and default_max_tokens < 1:
+        raise NessoError(f"default_max_tokens must be at least 1, got {default_max_tokens}")
+    engine = Engine(
+        model,
+        dtype=dtype,
+        max_concurrency=max_concurrency,
+        prompt_cache_bytes=prompt_cache_bytes,
+        default_max_tokens=default_max_tokens,
+    )
     engine.start()
     app = create_app(engine, model_id=model, api_key=api_key, cors=cors, max_body_bytes=max_body_bytes)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="off", timeout_graceful_shutdown=5)
@@ -494,6 +505,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--cors", action="append", metavar="ORIGIN", help="allow this browser origin (repeatable; default: none)")
     parser.add_argument("--max-body-bytes", type=_size, default=DEFAULT_MAX_BODY_BYTES, help="largest request body (413 past it)")
+    parser.add_argument(
+        "--max-tokens", type=_positive, help="cap for chat replies whose request sets no max_tokens (default: the context window)"
+    )
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="compute precision (default: as stored)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     args = parser.parse_args(argv)
@@ -509,6 +523,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             prompt_cache_bytes=args.prompt_cache_bytes,
             cors=args.cors,
             max_body_bytes=args.max_body_bytes,
+            default_max_tokens=args.max_tokens,
             dtype=args.dtype,
             log_level=args.log_level,
         )

@@ -163,6 +163,7 @@ class Runtime:
     tokenizer: Any
     prompt_cache: PromptCache = field(default_factory=PromptCache)
     prefill_step: int = DEFAULT_PREFILL_STEP
+    default_max_tokens: int | None = None  # for chat requests that give none (None: up to the context window)
 
     @property
     def context_window(self) -> int:
@@ -235,7 +236,10 @@ def chat_job(rt: Runtime, request: ChatRequest, stream: bool) -> Iterator[Event 
     """A chat completion: "ready" once checked, "delta" events while streaming, then "done"."""
     tokenizer = rt.tokenizer
     ids = chat_prompt_ids(tokenizer, request)
-    max_tokens = check_context(len(ids), request.max_tokens, rt.context_window)
+    asked = request.max_tokens
+    if asked is None and rt.default_max_tokens is not None:  # the server's default, within what the window leaves
+        asked = max(1, min(rt.default_max_tokens, rt.context_window - len(ids)))
+    max_tokens = check_context(len(ids), asked, rt.context_window)
     check_constraints(tokenizer, rt.vocab_size, request)
     yield {"type": "ready", "prompt_tokens": len(ids)}
 
@@ -515,6 +519,7 @@ class Engine:
         max_concurrency: int = 8,
         prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES,
         prefill_step: int = DEFAULT_PREFILL_STEP,
+        default_max_tokens: int | None = None,
     ) -> None:
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
@@ -525,6 +530,7 @@ class Engine:
         self.max_concurrency = max_concurrency
         self.prompt_cache_bytes = prompt_cache_bytes
         self.prefill_step = prefill_step
+        self.default_max_tokens = default_max_tokens
         self.runtime: Runtime | None = None
         self.scheduler: Scheduler | None = None
         self._inbox: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
@@ -587,7 +593,7 @@ class Engine:
         from .constrained import build_processor
 
         build_processor(tokenizer, model.args.vocab_size, None, "auto", {"type": "json_object"})  # llguidance's vocabulary
-        self.runtime = Runtime(model, tokenizer, PromptCache(self.prompt_cache_bytes), self.prefill_step)
+        self.runtime = Runtime(model, tokenizer, PromptCache(self.prompt_cache_bytes), self.prefill_step, self.default_max_tokens)
         self.context_window = self.runtime.context_window
         self.vocab_size = self.runtime.vocab_size
 

@@ -909,3 +909,17 @@ def test_an_unexpected_failure_is_a_json_500_without_a_traceback():
     error = json.loads(body)["error"]
     assert status == 500 and headers["content-type"] == "application/json"
     assert error["type"] == "server_error" and "secret" not in error["message"] and "Traceback" not in body.decode()
+
+
+def test_the_servers_default_max_tokens_caps_only_requests_without_one(nesso_local):
+    from nesso_mlx.server_engine import PromptCache, Runtime, chat_job
+
+    model, tokenizer = nesso_local
+    runtime = Runtime(model, tokenizer, PromptCache(0), default_max_tokens=5)
+    unset, explicit = chat_request("Ciao"), chat_request("Ciao", max_tokens=9)
+    [a], [b] = (
+        run_jobs(runtime, [lambda rt: chat_job(rt, unset, False)]),
+        run_jobs(runtime, [lambda rt: chat_job(rt, explicit, False)]),
+    )
+    assert (a[-1]["finish_reason"], a[-1]["usage"]["completion_tokens"]) == ("length", 5)
+    assert (b[-1]["finish_reason"], b[-1]["usage"]["completion_tokens"]) == ("length", 9)
