@@ -10,10 +10,13 @@ the field; `server.py` turns it into a 400 with OpenAI's error object.
 Field policy (chat; completions take the same sampling fields):
 
 - supported: messages, model (any string: a server runs one model), stream, stream_options
-  (include_usage), temperature, top_p, seed, stop, max_tokens, max_completion_tokens,
-  frequency_penalty, presence_penalty, logit_bias, logprobs, top_logprobs, tools, tool_choice,
-  parallel_tool_calls, response_format, n (1 only); extensions as in vLLM and mlx-lm: top_k,
-  min_p, repetition_penalty, repetition_context_size.
+  (include_usage), temperature (default 1, as OpenAI), top_p, seed, stop (up to 16 strings),
+  max_tokens, max_completion_tokens, frequency_penalty, presence_penalty, logit_bias, logprobs,
+  top_logprobs (0-20), tools, tool_choice, parallel_tool_calls, response_format (text,
+  json_object, json_schema; always strict), n (1 only); extensions as in vLLM and mlx-lm: top_k,
+  min_p, repetition_penalty, repetition_context_size. Completions: prompt (a string, token ids,
+  or a list of up to 64 of either; a stream takes one), max_tokens (default 16; 0 with echo),
+  echo, logprobs (0-20), best_of (1 only), suffix (null only).
 - accepted and ignored (they never change the output): user, metadata, store, service_tier,
   safety_identifier, prompt_cache_key (prompts are cached automatically), modalities (["text"]
   only), stream_options.include_obfuscation, and on messages `name` (the chat templates have no
