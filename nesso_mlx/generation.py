@@ -434,17 +434,29 @@ def stream_generate(
         # tokens handed out but the last (decode runs a step ahead), or nothing of this call
         # when no token was handed out (an interrupted prefill leaves no partial prompt).
         rollback_cache(cache, start + len(ids) + n - 1 if n else start)
-        if wired is not None:
-            mx.synchronize()
-            mx.set_wired_limit(wired)
+        if wired:
+            _unwire_memory()
 
 
-def _wire_memory() -> int | None:
-    """On Metal, keep the weights and caches wired while generating (as mlx-lm does): the limit is
-    raised to the recommended working set, and the returned old limit is restored afterwards."""
+_WIRED = {"users": 0, "previous": 0}
+
+
+def _wire_memory() -> bool:
+    """On Metal, keep the weights and caches wired while generating (as mlx-lm does). Counted, so
+    generations interleaved on one thread (the server's) restore the old limit only when the last ends."""
     if not mx.metal.is_available():
-        return None
-    return mx.set_wired_limit(mx.metal.device_info()["max_recommended_working_set_size"])
+        return False
+    if _WIRED["users"] == 0:
+        _WIRED["previous"] = mx.set_wired_limit(mx.metal.device_info()["max_recommended_working_set_size"])
+    _WIRED["users"] += 1
+    return True
+
+
+def _unwire_memory() -> None:
+    _WIRED["users"] -= 1
+    if _WIRED["users"] == 0:
+        mx.synchronize()
+        mx.set_wired_limit(_WIRED["previous"])
 
 
 def generate(
