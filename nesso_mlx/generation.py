@@ -15,6 +15,7 @@ from .model import Model
 from .sampling import (
     LogitsProcessor,
     Sampler,
+    log_softmax,
     make_logits_processors,
     make_sampler,
     vocab_limit_processor,
@@ -147,8 +148,7 @@ def decode(
         token = sampler(logits if mask is None else mx.where(mask, logits, -mx.inf))
         extra = []
         if top_logprobs is not None:
-            scores = logits.astype(mx.float32)
-            scores = scores - mx.logsumexp(scores, axis=-1, keepdims=True)
+            scores = log_softmax(logits)
             extra = [mx.take_along_axis(scores, token[:, None], axis=-1)[0]]
             if top_logprobs > 0:
                 best = mx.argpartition(-scores, top_logprobs - 1, axis=-1)[0, :top_logprobs]

@@ -43,6 +43,7 @@ from lm_eval.models.utils import handle_stop_sequences, has_bos_prefix, normaliz
 from .cache import KVCache, rollback_cache
 from .errors import NessoError, TokenizerError
 from .generation import prefill, stream_generate
+from .sampling import log_softmax
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +260,7 @@ class NessoLM(TemplateLM):
         self._cached = list(context[:keep])
         logits = prefill(self.model, mx.array(context[keep:], dtype=mx.int32), self._cache)
         self._cached = list(context)
-        return _log_softmax(logits[0])
+        return log_softmax(logits[0])
 
     def _rows(self, base: int, conts: list[list[int]]) -> list[tuple[float, bool]]:
         """Sum of log-probabilities and greedy flag of cont[1:] for each continuation, fed after the
@@ -282,7 +283,7 @@ class NessoLM(TemplateLM):
         try:
             for start in range(0, T, _SCORE_CHUNK):
                 chunk = mx.array([row[start : start + _SCORE_CHUNK] for row in pad], dtype=mx.int32)
-                logprobs = _log_softmax(self.model(chunk, cache))
+                logprobs = log_softmax(self.model(chunk, cache))
                 for b, cont in enumerate(conts):
                     targets = cont[1 + start : 1 + start + _SCORE_CHUNK]
                     if not targets:
@@ -446,20 +447,6 @@ class _Bar:
             self.tqdm.update(n)
             if self.done >= self.total:
                 self.tqdm.close()
-
-
-def _log_softmax(logits: mx.array, block: int = 256) -> mx.array:
-    """Log-probabilities in float32, summing the vocabulary in blocks: MLX's one-pass float32
-    `logsumexp` over a 49k-128k vocabulary is off by ~2e-4 (the whole of a 30-layer model's own
-    float32 error is ~3e-5); two levels of sums bring it to ~3e-6."""
-    x = logits.astype(mx.float32)
-    top = mx.max(x, axis=-1, keepdims=True)
-    e = mx.exp(x - top)
-    pad = (-e.shape[-1]) % block
-    if pad:
-        e = mx.pad(e, [(0, 0)] * (e.ndim - 1) + [(0, pad)])
-    total = e.reshape(*e.shape[:-1], -1, block).sum(axis=-1).sum(axis=-1, keepdims=True)
-    return x - top - mx.log(total)
 
 
 def task_manager(include_path: str | Sequence[str] | None = None):

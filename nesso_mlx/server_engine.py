@@ -285,21 +285,6 @@ def chat_job(rt: Runtime, request: ChatRequest, stream: bool) -> Iterator[Event 
     }
 
 
-def log_softmax(logits: Any, block: int = 256) -> Any:
-    """Log-probabilities in float32, summing the vocabulary in blocks (as lm_eval_backend does: MLX's
-    one-pass float32 logsumexp over a 49k-128k vocabulary is off by ~2e-4; two levels of sums ~3e-6)."""
-    import mlx.core as mx
-
-    x = logits.astype(mx.float32)
-    top = mx.max(x, axis=-1, keepdims=True)
-    e = mx.exp(x - top)
-    pad = (-e.shape[-1]) % block
-    if pad:
-        e = mx.pad(e, [(0, 0)] * (e.ndim - 1) + [(0, pad)])
-    total = e.reshape(*e.shape[:-1], -1, block).sum(axis=-1).sum(axis=-1, keepdims=True)
-    return x - top - mx.log(total)
-
-
 def prompt_logprobs(rt: Runtime, ids: Sequence[int], k: int, cache: list[Any], out: list) -> Iterator[None]:
     """Score the prompt: for each of ids[1:], append (logprob, [(token, logprob) of the k most likely])
     to `out`, from the model's distribution after the tokens before it (no logits processors).
@@ -310,6 +295,7 @@ def prompt_logprobs(rt: Runtime, ids: Sequence[int], k: int, cache: list[Any], o
     import mlx.core as mx
 
     from .generation import generation_stream
+    from .sampling import log_softmax
 
     last = len(ids) - 1
     for start in range(0, last, PROMPT_LOGPROBS_STEP):
