@@ -94,13 +94,22 @@ class _UserTextMarker:
     falsy, `required` lists still match property names, slicing sees the real text).
     """
 
-    def __init__(self, risky: Callable[[str], bool]) -> None:
+    def __init__(self, risky: Callable[[str], bool], whitespace_outside: bool = True) -> None:
         nonce = secrets.token_hex(8)
         self.open, self.close = f"NESSOUSEROPEN{nonce}Q", f"NESSOUSERCLOSE{nonce}Q"
         self.risky = risky
+        self.whitespace_outside = whitespace_outside
 
     def wrap(self, text: str) -> str:
-        return f"{self.open}{text}{self.close}" if self.risky(text) else text
+        if not self.risky(text):
+            return text
+        if not self.whitespace_outside:
+            return f"{self.open}{text}{self.close}"
+        # Leading and trailing whitespace stays outside the markers, so a template's `|trim` still
+        # strips it (no control token contains whitespace, so it cannot help form one).
+        core = text.strip()
+        start = text.index(core) if core else len(text)
+        return f"{text[:start]}{self.open}{core}{self.close}{text[start + len(core):]}"
 
     def wrap_strings(self, obj: Any) -> Any:
         """`obj` with every risky string wrapped, dictionary keys included."""
@@ -157,7 +166,7 @@ class Tokenizer:
         self._control_heads = {t[:k] for t in controls for k in range(1, len(t))}
         self._control_tails = {t[-k:] for t in controls for k in range(1, len(t))}
         self._control_len = max(map(len, controls), default=0)
-        self._plain_added = any(not t.special for t in added.values())
+        self._control_has_space = any(c.isspace() for t in controls for c in t)
         self._plain_tokenizer: Any = None
         self.eos_token_ids = list(eos_token_ids or [])
         eos = self.special_tokens.get("eos_token")
@@ -211,28 +220,25 @@ class Tokenizer:
         other added token stay plain text."""
         if parse_special:
             return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
-        with self._lock:
-            tokenizer = self._without_added_tokens()
-            tokenizer.encode_special_tokens = True
-            try:
-                return tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
-            finally:
-                tokenizer.encode_special_tokens = False
+        return self._plain().encode(text, add_special_tokens=add_special_tokens).ids
 
-    def _without_added_tokens(self) -> Any:
-        """The tokenizer, or when it has non-special added tokens a copy without them (built once).
+    def _plain(self) -> Any:
+        """A copy of the tokenizer that reads every added token's text as plain text (built once).
 
+        A copy, so the shared tokenizer's settings never change under another thread's encode.
         `encode_special_tokens` stops special tokens from matching in text, but not plain added
-        tokens such as a tool-tuned tokenizer's `<tool_call>`.
+        tokens such as a tool-tuned tokenizer's `<tool_call>`, which the copy leaves out.
         """
-        if not self._plain_added:
-            return self._tokenizer
         if self._plain_tokenizer is None:
-            from tokenizers import Tokenizer as HFTokenizer
+            with self._lock:
+                if self._plain_tokenizer is None:
+                    from tokenizers import Tokenizer as HFTokenizer
 
-            data = json.loads(self._tokenizer.to_str())
-            data["added_tokens"] = [t for t in data["added_tokens"] if t.get("special")]
-            self._plain_tokenizer = HFTokenizer.from_str(json.dumps(data))
+                    data = json.loads(self._tokenizer.to_str())
+                    data["added_tokens"] = [t for t in data["added_tokens"] if t.get("special")]
+                    plain = HFTokenizer.from_str(json.dumps(data))
+                    plain.encode_special_tokens = True
+                    self._plain_tokenizer = plain
         return self._plain_tokenizer
 
     def _is_risky(self, text: str) -> bool:
@@ -241,8 +247,14 @@ class Tokenizer:
             return False
         if self._control_re.search(text):
             return True
+        # A string that starts with a control token's end or ends with its beginning could join a
+        # neighbour into one. One character is not enough: the template's own text is whole
+        # tokens, and of two user strings that split a control token one holds two characters or
+        # more (and is wrapped). So a Markdown quote's leading `>` renders as transformers does.
+        if not self._control_has_space:
+            text = text.strip()
         n = min(len(text), self._control_len)
-        return any(text[-k:] in self._control_heads or text[:k] in self._control_tails for k in range(1, n + 1))
+        return any(text[-k:] in self._control_heads or text[:k] in self._control_tails for k in range(2, n + 1))
 
     def decode(self, ids: list[int], *, skip_special_tokens: bool = False) -> str:
         return self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -263,6 +275,9 @@ class Tokenizer:
             template = self._fallback_template()
         if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
             raise TokenizerError("messages must be a list of {'role': ..., 'content': ...} dicts")
+        # As transformers does: a key set to None (OpenAI clients send back `"tool_calls": null`)
+        # is left out, so templates that test `is defined` see it absent.
+        messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
         tools = tool_schemas(tools)
         if marker is not None:
             messages = [marker.wrap_strings(m) for m in messages]
@@ -315,7 +330,7 @@ class Tokenizer:
         by the template itself, never by message content or tool schemas. If the model's template
         ignores `tools`, the built-in Hermes-style ChatML template renders the request instead.
         """
-        marker = _UserTextMarker(self._is_risky)
+        marker = _UserTextMarker(self._is_risky, whitespace_outside=not self._control_has_space)
         rendered = self.render_chat(messages, tools, add_generation_prompt, marker, **kwargs)
         segments = marker.split(rendered)
         if not tokenize:

@@ -297,3 +297,17 @@ def test_every_template_is_covered(pair):
     else:
         assert "required" in text and "fahrenheit" in text
         assert text.count("get_weather") >= 2  # the schema and the call
+
+
+def test_risky_text_is_trimmed_like_the_rest_but_stays_plain(pair):
+    """A user string that holds a control token's text is encoded as plain text, and the template
+    still sees its surrounding whitespace (Llama-3.2 and Qwen3.5 `|trim` every message)."""
+    name, ours, theirs = pair
+    control = "<|im_end|>" if ours.token_to_id("<|im_end|>") is not None else "<|eot_id|>"
+    risky = [{"role": "user", "content": f"\n  Scrivi {control} alla fine.\n\n"}]
+    benign = [{"role": "user", "content": "\n  Scrivi la parola alla fine.\n\n"}]
+    assert _ours(ours, risky, None, True, tokenize=False) == _theirs(theirs, risky, None, True, tokenize=False)
+    control_id = ours.token_to_id(control)
+    got, plain = _ours(ours, risky, None, True), _ours(ours, benign, None, True)
+    assert got.count(control_id) == plain.count(control_id)  # none of them from the user's text
+    assert control in ours.decode(got)
