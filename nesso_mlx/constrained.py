@@ -288,16 +288,24 @@ class GrammarProcessor:
 
     def lookahead(self, tokens: Sequence[int]) -> list[mx.array]:
         """The masks after each leading token of `tokens` that the grammar takes, in the middle of
-        the grammar only (it stops where the output could end); the state is left unchanged."""
+        the grammar only; the state is left unchanged.
+
+        It stops before a token the grammar rejects and before one after which the output could
+        end (a closed call, a complete JSON value): what may follow that is decided by `advance`
+        (free text again after an "auto" call, EOS or another block within the budget)."""
         if self.matcher is None or self.finished:
             return []
-        masks = []
+        masks: list[mx.array] = []
+        consumed = 0
         for token in tokens:
-            if self.matcher.is_stopped() or self.matcher.is_accepting() or not self.matcher.try_consume_tokens([token]):
+            if token in self.eos or not self.matcher.try_consume_tokens([token]):
+                break
+            consumed += 1
+            if self.matcher.is_stopped() or self.matcher.is_accepting() or self.matcher.is_error():
                 break
             masks.append(self.mask())
-        if masks:
-            self.matcher.rollback(len(masks))
+        if consumed:
+            self.matcher.rollback(consumed)
         return masks
 
     def mask(self) -> mx.array:

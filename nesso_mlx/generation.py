@@ -233,10 +233,11 @@ def decode(
             continue
         lookup.index.append(value)
         lookup.controller.plain_step()
-        if not lookup.controller.wants_draft() or not (draft := lookup.index.draft(lookup.controller.k + 1)):
+        if not lookup.controller.wants_draft() or not (draft := lookup.draft()):
             continue
         first = token.item()  # wait for step n+1: it confirms the draft's first token or not
-        if first != draft[0] or len(draft) < 2:
+        if first != draft[0]:
+            lookup.controller.missed()
             continue
         kept, following, history = verify(first, draft[1:], history)
         for value in (first, *kept):
@@ -407,8 +408,10 @@ def stream_generate(
             return
         logprobs = None
         lookup = None
-        if prompt_lookup and top_logprobs is None:
-            lookup = PromptLookup(ids, temperature, top_p, top_k, min_p, seed)
+        # Not with the caller's own logits processors: they may keep state from call to call,
+        # which a verify pass (several positions at once, some rolled back) would corrupt.
+        if prompt_lookup and top_logprobs is None and not logits_processors:
+            lookup = PromptLookup(ids, temperature, top_p, top_k, min_p, seed, max_tokens=max_tokens, stop_ids=eos)
         for token in decode(model, logits, cache, sampler, processors, history, constraint, top_logprobs, lookup):
             if top_logprobs is not None:
                 token, logprobs = token
@@ -418,14 +421,16 @@ def stream_generate(
             n += 1
             if token in eos:
                 finish = "stop"
-                yield chunk(matcher.flush() + detokenizer.finalize(), token, finish, n, logprobs)
+                text, hit = matcher.feed(detokenizer.finalize())
+                yield chunk(text if hit else text + matcher.flush(), token, finish, n, logprobs)
                 return
             text, hit = matcher.feed(detokenizer.add_token(token))
             if hit:
                 finish = "stop"
             elif n >= max_tokens:
-                text += matcher.feed(detokenizer.finalize())[0] + matcher.flush()
-                finish = "length"
+                rest, hit = matcher.feed(detokenizer.finalize())
+                text += rest if hit else rest + matcher.flush()
+                finish = "stop" if hit else "length"
             yield chunk(text, token, finish, n, logprobs)
             if finish:
                 return

@@ -61,12 +61,13 @@ def resolve_model_path(path_or_repo: str | Path, revision: str | None = None, tq
 
 
 def is_complete(folder: Path) -> bool:
-    """Whether `folder` holds everything `load` reads: config.json, tokenizer.json and all the weights.
+    """Whether `folder` holds everything `load` reads: config.json, tokenizer.json,
+    tokenizer_config.json (the chat template and EOS) and all the weights.
 
     A snapshot interrupted mid-download has only some of its files (huggingface_hub links a file
     into the snapshot once it is complete), so the files are checked, not the folder.
     """
-    if not (folder / "config.json").is_file() or not (folder / "tokenizer.json").is_file():
+    if not all((folder / name).is_file() for name in ("config.json", "tokenizer.json", "tokenizer_config.json")):
         return False
     index = folder / "model.safetensors.index.json"
     if index.is_file():

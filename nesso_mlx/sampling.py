@@ -136,11 +136,11 @@ def repetition_penalty_processor(penalty: float, context_size: int = 64) -> Logi
     def process(tokens: mx.array, logits: mx.array) -> mx.array:
         if tokens.size == 0:
             return logits
-        recent = tokens[-context_size:]
-        selected = logits[:, recent]
+        recent = tokens[-context_size:].astype(mx.int32)[None, :]
+        selected = mx.take_along_axis(logits, recent, axis=-1)
         selected = mx.where(selected < 0, selected * penalty, selected / penalty)
-        logits[:, recent] = selected
-        return logits
+        # A new array: the caller's logits stay as they were (a trigger re-samples from them).
+        return mx.put_along_axis(logits, recent, selected, axis=-1)
 
     return process
 

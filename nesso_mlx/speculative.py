@@ -62,14 +62,21 @@ class NgramIndex:
 
 
 class LookupController:
-    """Chooses the draft length by measurement: acceptance, and the cost of a verify pass vs a step."""
+    """Chooses the draft length by measurement: acceptance, and the cost of a verify pass vs a step.
 
-    def __init__(self, max_draft: int = 10) -> None:
-        self.max_draft, self.k = max_draft, 4
+    Untimed (`timed=False`, for seeded sampling, whose output must not depend on the machine's
+    speed), a verify pass is assumed to cost one step plus a tenth of a step per drafted token.
+    """
+
+    VERIFY_COST_PER_TOKEN = 0.1  # untimed: a verify pass's extra cost per drafted token, in steps
+    MISSES_BEFORE_PAUSE = 4  # drafts whose first token the step did not confirm, in a row
+
+    def __init__(self, max_draft: int = 10, timed: bool = True) -> None:
+        self.max_draft, self.k, self.timed = max_draft, 4, timed
         self.step_time: float | None = None  # seconds per plain decode step (moving average)
         self.gain = 1.0  # tokens per second of verifying, relative to plain steps (moving average)
         self.paused = 0  # plain steps left before drafting again
-        self.verifies = self.drafted = self.accepted = 0
+        self.verifies = self.drafted = self.accepted = self.misses = 0
         self._last: float | None = None
 
     def plain_step(self) -> None:
@@ -83,14 +90,25 @@ class LookupController:
             self.paused -= 1
 
     def wants_draft(self) -> bool:
-        return not self.paused and self.step_time is not None
+        return not self.paused and (self.step_time is not None or not self.timed)
+
+    def missed(self) -> None:
+        """A draft's first token was not confirmed. Checking cost the pipeline a step's overlap
+        (the host waited for the token), so after several misses in a row, pause."""
+        self.misses += 1
+        if self.misses >= self.MISSES_BEFORE_PAUSE:
+            self.paused, self.misses = 16, 0
 
     def verified(self, drafted: int, accepted: int, seconds: float) -> None:
         """Record a verify pass: `accepted` of `drafted` tokens kept (plus the bonus token) in `seconds`."""
         self.verifies += 1
         self.drafted += drafted
         self.accepted += accepted
-        gain = (accepted + 1) * (self.step_time or seconds) / max(seconds, 1e-9)
+        self.misses = 0
+        if self.timed:
+            gain = (accepted + 1) * (self.step_time or seconds) / max(seconds, 1e-9)
+        else:
+            gain = (accepted + 1) / (1 + self.VERIFY_COST_PER_TOKEN * drafted)
         self.gain = 0.8 * self.gain + 0.2 * gain
         self.k = min(self.max_draft, self.k + 2) if accepted == drafted else max(1, accepted + 1)
         if self.gain < 0.95:  # verifying costs more than it saves here: plain steps for a while
@@ -111,11 +129,31 @@ class PromptLookup:
         min_p: float = 0.0,
         seed: int | None = None,
         max_draft: int = 10,
+        max_tokens: int | None = None,
+        stop_ids: Sequence[int] = (),
     ) -> None:
         self.index = NgramIndex(tokens)
-        self.controller = LookupController(max_draft)
+        self.prompt_length = len(tokens)
+        self.max_tokens, self.stop_ids = max_tokens, set(stop_ids)
+        # Seeded sampling is reproducible: drafting decisions then do not depend on timing.
+        self.controller = LookupController(max_draft, timed=seed is None or not temperature)
         self.settings = (temperature, top_p, top_k, min_p)
-        self.key = mx.random.key(seed if seed is not None else int(time.time_ns() % 2**32)) if temperature else None
+        # The acceptance draws use their own key sequence, not the sampler's (same seed, other stream).
+        base = (seed + 0x9E3779B9) % 2**32 if seed is not None else time.time_ns() % 2**32
+        self.key = mx.random.key(base) if temperature else None
+
+    def draft(self) -> list[int]:
+        """The next draft (its first token is the one the pending step should confirm), cut after
+        a stop token and to what the token budget leaves; [] when there is nothing to verify."""
+        draft = self.index.draft(self.controller.k + 1)
+        if (stop := next((i for i, t in enumerate(draft) if t in self.stop_ids), None)) is not None:
+            draft = draft[: stop + 1]
+        if self.max_tokens is not None:
+            # Tokens out so far; the confirmed first token, the kept ones and the one after them
+            # must fit in what is left.
+            left = self.max_tokens - (len(self.index.tokens) - self.prompt_length)
+            draft = draft[: max(left - 1, 0)]
+        return draft if len(draft) >= 2 else []
 
     def accept(self, rows: mx.array, draft: Sequence[int]) -> tuple[int, int]:
         """`accept_draft` with this generation's settings and the next random key."""

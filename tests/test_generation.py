@@ -213,6 +213,16 @@ def test_repetition_penalty_matches_mlx_lm():
     assert not mx.allclose(ours, logits).item()
 
 
+def test_repetition_penalty_leaves_its_input_alone():
+    """Applied twice to the same logits (a trigger re-samples a step, masked), it penalizes once."""
+    logits = mx.array([[2.0, -2.0, 4.0, 1.0]])
+    process = repetition_penalty_processor(2.0, 64)
+    first = process(mx.array([0, 1, 1]), logits)
+    second = process(mx.array([0, 1, 1]), logits)
+    assert logits.tolist() == [[2.0, -2.0, 4.0, 1.0]]
+    assert first.tolist() == second.tolist() == [[1.0, -4.0, 4.0, 1.0]]
+
+
 def test_bad_sampling_values():
     for kwargs in ({"temperature": -1}, {"top_p": 0.0}, {"min_p": 1.0}, {"top_k": -2}):
         with pytest.raises(ValueError):

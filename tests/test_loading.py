@@ -330,7 +330,10 @@ def test_cached_repo_id_starts_without_the_network(hf_cache, hanging_hub, tmp_pa
     assert is_downloaded("mii-llm/tiny-test") and hanging_hub.online == []
 
 
-@pytest.mark.parametrize("missing", ["model.safetensors", "config.json", "tokenizer.json", "model-00002-of-00002.safetensors"])
+@pytest.mark.parametrize(
+    "missing",
+    ["model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "model-00002-of-00002.safetensors"],
+)
 def test_partial_cached_snapshot_goes_online(hf_cache, hanging_hub, tmp_path, missing):
     """An interrupted download is not trusted: without its config, tokenizer or every shard, ask the Hub."""
     from nesso_mlx.registry import is_downloaded

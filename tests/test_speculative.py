@@ -11,6 +11,7 @@ import pytest
 from conftest import write_model_folder
 from nesso_fixture import nesso_folder
 
+import nesso_mlx.generation as generation
 import nesso_mlx.speculative as speculative
 from nesso_mlx import generate, load
 from nesso_mlx.speculative import NgramIndex, accept_draft
@@ -64,18 +65,109 @@ def induction(tokens: mx.array, logits: mx.array) -> mx.array:
     return logits
 
 
+def add_induction(monkeypatch) -> None:
+    """Random models made to copy: `induction` joins the built-in processors (a caller's own
+    logits processors turn prompt lookup off, see below)."""
+    original = generation.make_logits_processors
+
+    def with_induction(*args, **kwargs):
+        return [*original(*args, **kwargs), induction]
+
+    monkeypatch.setattr(generation, "make_logits_processors", with_induction)
+
+
+@pytest.fixture
+def copying(monkeypatch):
+    add_induction(monkeypatch)
+
+
 @pytest.mark.parametrize("kind", ["tiny", "nesso-text"])
-def test_greedy_output_is_identical(always_draft, tmp_path, kind):
+def test_greedy_output_is_identical(always_draft, monkeypatch, tmp_path, kind):
     folder = write_model_folder(tmp_path / "m", seed=5) if kind == "tiny" else nesso_folder("text")
     model, tokenizer = load(folder, dtype="float32")
-    for text in COPYING:
-        for options in ({}, {"repetition_penalty": 1.3}, {"logits_processors": [induction]}):
-            messages = [{"role": "user", "content": text}]
-            plain = generate(model, tokenizer, messages=messages, max_tokens=40, **options)
-            fast = generate(model, tokenizer, messages=messages, max_tokens=40, prompt_lookup=True, **options)
-            assert fast.tokens == plain.tokens, (kind, text, options)
-            assert fast.finish_reason == plain.finish_reason
+    for copy in (False, True):
+        with monkeypatch.context() as patch:
+            if copy:
+                add_induction(patch)
+            for text in COPYING:
+                for options in ({}, {"repetition_penalty": 1.3}):
+                    messages = [{"role": "user", "content": text}]
+                    plain = generate(model, tokenizer, messages=messages, max_tokens=40, **options)
+                    fast = generate(model, tokenizer, messages=messages, max_tokens=40, prompt_lookup=True, **options)
+                    assert fast.tokens == plain.tokens, (kind, text, options, copy)
+                    assert fast.finish_reason == plain.finish_reason
     assert always_draft["verifies"] > 10 and always_draft["accepted"] > 0, always_draft  # the path really ran
+
+
+def test_callers_logits_processors_turn_lookup_off(always_draft, tmp_path):
+    """A caller's processor may keep state between calls (a grammar, a counter), which verifying
+    several positions at once, some of them rolled back, would corrupt: it sees one call per token."""
+    model, tokenizer = load(write_model_folder(tmp_path / "m", seed=5), dtype="float32")
+    calls = []
+
+    def stateful(tokens: mx.array, logits: mx.array) -> mx.array:
+        calls.append(tokens.size)
+        return induction(tokens, logits)
+
+    messages = [{"role": "user", "content": COPYING[3]}]
+    plain = generate(model, tokenizer, messages=messages, max_tokens=30, logits_processors=[stateful])
+    seen_plain, calls[:] = list(calls), []
+    fast = generate(model, tokenizer, messages=messages, max_tokens=30, prompt_lookup=True, logits_processors=[stateful])
+    assert fast.tokens == plain.tokens and calls == seen_plain
+    assert calls == list(range(calls[0], calls[0] + len(calls)))  # one call per position, in order
+    assert always_draft["verifies"] == 0
+
+
+def test_drafts_stop_at_eos_and_at_the_token_budget(always_draft, copying, monkeypatch, tmp_path):
+    model, tokenizer = load(write_model_folder(tmp_path / "m", seed=5), dtype="float32")
+    messages = [{"role": "user", "content": COPYING[3]}]
+    drafts = []
+    original = speculative.PromptLookup.draft
+
+    def draft(self):
+        out = original(self)
+        drafts.append((len(self.index.tokens) - self.prompt_length, out))
+        return out
+
+    monkeypatch.setattr(speculative.PromptLookup, "draft", draft)
+    for max_tokens in (6, 9, 30):
+        drafts.clear()
+        plain = generate(model, tokenizer, messages=messages, max_tokens=max_tokens)
+        fast = generate(model, tokenizer, messages=messages, max_tokens=max_tokens, prompt_lookup=True)
+        assert fast.tokens == plain.tokens
+        assert any(d for _, d in drafts)
+        for produced, d in drafts:
+            assert produced + len(d) + 1 <= max_tokens or not d  # the first, the kept, the one after
+            eos = [i for i, t in enumerate(d) if t in tokenizer.eos_token_ids]
+            assert not eos or eos[0] == len(d) - 1
+    index = speculative.PromptLookup([7, 8, 2, 9, 7, 8], stop_ids=[2], max_tokens=100)
+    assert index.draft() == []  # [2, ...] cut after the stop: one token is not worth a pass
+    index = speculative.PromptLookup([7, 8, 9, 2, 5, 7, 8], stop_ids=[2], max_tokens=100)
+    assert index.draft() == [9, 2]  # cut after the stop token
+    index = speculative.PromptLookup([7, 8, 9, 4, 5, 6, 7, 8], max_tokens=3)
+    assert index.draft() == [9, 4]  # 3 tokens left: the first, one kept, the one after
+
+
+def test_lookahead_stops_where_an_auto_call_closes():
+    """Auto mode: after `</tool_call>` text is free again, so a draft that runs past the close is
+    verified only up to it (an EOS-only mask there would force the reply to end)."""
+    from nesso_mlx.constrained import build_processor
+
+    for variant in ("text", "added"):
+        model, tokenizer = load(nesso_folder(variant), dtype="float32")
+        processor = build_processor(tokenizer, model.args.vocab_size, [TOOL], "auto")
+        for token in tokenizer.encode("Cerco. <tool_call>", add_special_tokens=False):
+            processor.advance(token)
+        assert processor.active
+        body = tokenizer.encode('\n{"name": "trova", "arguments": {"testo": "Bari"}}\n</tool_call> Fatto.', add_special_tokens=False)
+        close = next(i for i in range(len(body)) if tokenizer.decode(body[: i + 1]).endswith("</tool_call>"))
+        masks = processor.lookahead(body)
+        assert len(masks) == close, variant  # a mask after each token up to the closing one
+        eos = tokenizer.eos_token_ids[0]
+        assert all(not m[eos].item() for m in masks)
+        for token in body[: close + 1]:  # the state did not move: the same tokens are still taken
+            processor.advance(token)
+        assert not processor.active  # free again after the close
 
 
 def test_greedy_on_smollm2_with_stop_strings(always_draft, smollm2_path):
@@ -105,20 +197,22 @@ TOOL = {
 
 
 @pytest.mark.parametrize("variant", ["text", "added"])
-def test_constrained_greedy_output_is_identical(always_draft, variant):
+def test_constrained_greedy_output_is_identical(always_draft, copying, variant):
     """Drafted tokens go through the grammar: the same JSON and calls as without drafting."""
     model, tokenizer = load(nesso_folder(variant), dtype="float32")
-    text = 'Nome: "Anna Bianchi", città: "Bari". {"nome": "Anna Bianchi", "città": "Bari"} <tool_call>\n{"name": "trova", '
+    text = (
+        'Nome: "Anna Bianchi", città: "Bari". {"nome": "Anna Bianchi", "città": "Bari"} '
+        '<tool_call>\n{"name": "trova", "arguments": {"testo": "Bari"}}\n</tool_call> Fatto. '
+    )
     messages = [{"role": "user", "content": text * 2}]
-    copy = {"logits_processors": [induction]}
     requests = [
         {"response_format": {"type": "json_schema", "json_schema": {"schema": SCHEMA}}},
         {"tools": [TOOL], "tool_choice": "required"},
         {"tools": [TOOL], "tool_choice": "auto"},
     ]
     for request in requests:
-        plain = generate(model, tokenizer, messages=messages, max_tokens=60, **request, **copy)
-        fast = generate(model, tokenizer, messages=messages, max_tokens=60, prompt_lookup=True, **request, **copy)
+        plain = generate(model, tokenizer, messages=messages, max_tokens=60, **request)
+        fast = generate(model, tokenizer, messages=messages, max_tokens=60, prompt_lookup=True, **request)
         assert fast.tokens == plain.tokens, request
         if "response_format" in request and fast.finish_reason == "stop":
             jsonschema.validate(json.loads(fast.text), SCHEMA)
@@ -154,3 +248,21 @@ def test_acceptance_rule_keeps_the_sampling_distribution():
     assert accept_draft(greedy, [1, 2], 0.0) == (2, 0)  # both are their rows' argmax; then row 2's
     assert accept_draft(greedy, [1, 1], 0.0) == (1, 2)  # row 1's argmax is 2, not 1: it follows instead
     assert accept_draft(greedy, [0, 2], 0.0) == (0, 1)
+
+
+def test_seeded_sampling_with_lookup_is_reproducible(copying, monkeypatch, tmp_path):
+    """The same seed gives the same tokens however fast the machine runs: drafting decisions do
+    not depend on timing when seeded, and acceptance draws use their own key sequence."""
+    import random
+
+    model, tokenizer = load(write_model_folder(tmp_path / "m", seed=5), dtype="float32")
+    messages = [{"role": "user", "content": COPYING[1]}]
+    options = {"temperature": 0.7, "seed": 11, "max_tokens": 40, "prompt_lookup": True}
+    first = generate(model, tokenizer, messages=messages, **options)
+    clock = random.Random(0)
+    monkeypatch.setattr(speculative.time, "perf_counter", lambda: clock.random() * 1000)  # a machine gone erratic
+    second = generate(model, tokenizer, messages=messages, **options)
+    assert first.tokens == second.tokens
+    lookup = speculative.PromptLookup([1, 2], temperature=0.7, seed=11)
+    assert not lookup.controller.timed
+    assert not mx.array_equal(lookup.key, mx.random.key(11)).item()  # not the sampler's key
