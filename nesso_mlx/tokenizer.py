@@ -109,7 +109,7 @@ class _UserTextMarker:
         # strips it (no control token contains whitespace, so it cannot help form one).
         core = text.strip()
         start = text.index(core) if core else len(text)
-        return f"{text[:start]}{self.open}{core}{self.close}{text[start + len(core):]}"
+        return f"{text[:start]}{self.open}{core}{self.close}{text[start + len(core) :]}"
 
     def wrap_strings(self, obj: Any) -> Any:
         """`obj` with every risky string wrapped, dictionary keys included."""

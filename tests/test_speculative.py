@@ -159,7 +159,8 @@ def test_lookahead_stops_where_an_auto_call_closes():
         for token in tokenizer.encode("Cerco. <tool_call>", add_special_tokens=False):
             processor.advance(token)
         assert processor.active
-        body = tokenizer.encode('\n{"name": "trova", "arguments": {"testo": "Bari"}}\n</tool_call> Fatto.', add_special_tokens=False)
+        call = '\n{"name": "trova", "arguments": {"testo": "Bari"}}\n</tool_call> Fatto.'
+        body = tokenizer.encode(call, add_special_tokens=False)
         close = next(i for i in range(len(body)) if tokenizer.decode(body[: i + 1]).endswith("</tool_call>"))
         masks = processor.lookahead(body)
         assert len(masks) == close, variant  # a mask after each token up to the closing one
