@@ -51,6 +51,14 @@ class KVCache:
         self.offset = end
         return self.keys[..., :end, :], self.values[..., :end, :]
 
+    def attend(self, queries: mx.array, keys: mx.array, values: mx.array, scale: float) -> mx.array:
+        """Append the new `keys`/`values` and attend `queries` (B, heads, L, D) over every valid
+        position, causally among the new ones ("causal" aligns the last query with the last key,
+        so chunked prefill works as is)."""
+        keys, values = self.update_and_fetch(keys, values)
+        mask = "causal" if queries.shape[2] > 1 else None
+        return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
+
     def trim(self, n: int) -> int:
         """Forget the last `n` positions; returns how many were removed."""
         n = max(0, min(n, self.offset))

@@ -70,11 +70,10 @@ class Attention(nn.Module):
         v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         offset = cache.offset if cache is not None else 0
         q, k = self.rope(q, offset), self.rope(k, offset)
-        if cache is not None:
-            k, v = cache.update_and_fetch(k, v)
-        # "causal" aligns the last query with the last key, so chunked prefill works as is.
-        mask = "causal" if L > 1 else None
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        if cache is None:
+            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask="causal" if L > 1 else None)
+        else:  # the cache stores the new keys and values and attends over what it holds
+            out = cache.attend(q, k, v, self.scale)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
