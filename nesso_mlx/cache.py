@@ -51,6 +51,11 @@ class KVCache:
         self.offset = end
         return self.keys[..., :end, :], self.values[..., :end, :]
 
+    @property
+    def rope_offset(self) -> int | mx.array:
+        """The rotary position of the next key: `offset` (a batch cache gives one per row)."""
+        return self.offset
+
     def attend(self, queries: mx.array, keys: mx.array, values: mx.array, scale: float) -> mx.array:
         """Append the new `keys`/`values` and attend `queries` (B, heads, L, D) over every valid
         position, causally among the new ones ("causal" aligns the last query with the last key,

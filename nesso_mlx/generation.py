@@ -9,7 +9,7 @@ from typing import Any, Protocol
 
 import mlx.core as mx
 
-from .cache import KVCache, rollback_cache
+from .cache import CacheRollbackError, KVCache, rollback_cache
 from .errors import ContextLengthError
 from .model import Model
 from .sampling import (
@@ -278,6 +278,64 @@ class _StopMatcher:
         return out
 
 
+class ReplyText:
+    """A reply's text as its tokens arrive: detokenized, cut at a stop string, finished at EOS
+    or after `max_tokens` tokens."""
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        stop: str | Sequence[str] | None,
+        max_tokens: int,
+        tools: Sequence[Any] | None = None,
+        tool_choice: Any = "auto",
+    ) -> None:
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if tools and tool_choice == "none":
+            stops.append("<tool_call>")
+        self.matcher = _StopMatcher(stops)
+        # Special tokens other than EOS stay in the text (tool-call markers may be special tokens).
+        self.detokenizer = tokenizer.detokenizer(skip_special_tokens=False)
+        self.eos = set(tokenizer.eos_token_ids)
+        self.max_tokens, self.count = max_tokens, 0
+
+    def add(self, token: int) -> tuple[str, str | None]:
+        """The text `token` completes, and the finish reason ("stop", "length") if it ends the reply."""
+        self.count += 1
+        if token in self.eos:
+            text, hit = self.matcher.feed(self.detokenizer.finalize())
+            return (text if hit else text + self.matcher.flush()), "stop"
+        text, hit = self.matcher.feed(self.detokenizer.add_token(token))
+        if hit:
+            return text, "stop"
+        if self.count >= self.max_tokens:
+            rest, hit = self.matcher.feed(self.detokenizer.finalize())
+            return text + (rest if hit else rest + self.matcher.flush()), "stop" if hit else "length"
+        return text, None
+
+
+def request_constraint(
+    model: Model,
+    tokenizer: Tokenizer,
+    processors: list[LogitsProcessor],
+    tools: Sequence[dict[str, Any]] | None,
+    tool_choice: str | dict[str, Any] | None,
+    response_format: dict[str, Any] | None,
+    constrain: bool,
+    max_tokens: int,
+) -> TokenConstraint | None:
+    """The request's grammar constraint, if any; bans the model's padding rows in `processors`."""
+    if model.args.vocab_size > tokenizer.vocab_size:
+        processors.append(vocab_limit_processor(tokenizer.vocab_size, model.args.vocab_size))
+    if not tools and response_format is None:
+        return None
+    from .constrained import build_processor
+
+    return build_processor(
+        tokenizer, model.args.vocab_size, tools, tool_choice, response_format, constrain, max_tokens=max_tokens
+    )
+
+
 def prompt_tokens(
     tokenizer: Tokenizer,
     prompt: str | Sequence[int] | None = None,
@@ -325,7 +383,9 @@ def stream_generate(
     string, which is not included in the text) or "length". Pass `cache` to continue from the
     tokens it already holds; on return (also when interrupted or on error) every layer holds
     the prompt and all generated tokens but the last, or, if no token was generated, exactly
-    what it held before the call.
+    what it held before the call (a bounded cache, `max_kv_size`, that already dropped positions
+    it would need for that is emptied instead: offset 0). For a quantized or bounded cache, pass
+    `cache=model.make_cache(kv_bits=8, max_kv_size=...)`.
 
     `tools` (schemas or Python functions) go into the chat template; calls are parsed at the end.
     With `constrain`, every call's JSON is forced to name a tool and match its parameters
@@ -360,22 +420,9 @@ def stream_generate(
     max_tokens = min(max_tokens, context - start - len(ids))
     sampler = make_sampler(temperature, top_p, top_k, min_p, seed)
     processors = make_logits_processors(repetition_penalty, repetition_context_size, logits_processors)
-    if model.args.vocab_size > tokenizer.vocab_size:
-        processors.append(vocab_limit_processor(tokenizer.vocab_size, model.args.vocab_size))
-    constraint = None
-    if tools or response_format is not None:
-        from .constrained import build_processor
-
-        constraint = build_processor(
-            tokenizer, model.args.vocab_size, tools, tool_choice, response_format, constrain, max_tokens=max_tokens
-        )
-    stops = [stop] if isinstance(stop, str) else list(stop or [])
-    if tools and tool_choice == "none":
-        stops.append("<tool_call>")
-    matcher = _StopMatcher(stops)
-    # Special tokens other than EOS stay in the text (tool-call markers may be special tokens).
-    detokenizer = tokenizer.detokenizer(skip_special_tokens=False)
-    eos = set(tokenizer.eos_token_ids)
+    constraint = request_constraint(model, tokenizer, processors, tools, tool_choice, response_format, constrain, max_tokens)
+    reply = ReplyText(tokenizer, stop, max_tokens, tools=tools, tool_choice=tool_choice)
+    eos = reply.eos
     calls_stream = ToolCallStream() if tools else None
     emitted: list[str] = []
 
@@ -419,18 +466,7 @@ def stream_generate(
                 t_first = time.perf_counter()
                 prompt_time = max(t_first - t0, 1e-9)
             n += 1
-            if token in eos:
-                finish = "stop"
-                text, hit = matcher.feed(detokenizer.finalize())
-                yield chunk(text if hit else text + matcher.flush(), token, finish, n, logprobs)
-                return
-            text, hit = matcher.feed(detokenizer.add_token(token))
-            if hit:
-                finish = "stop"
-            elif n >= max_tokens:
-                rest, hit = matcher.feed(detokenizer.finalize())
-                text += rest if hit else rest + matcher.flush()
-                finish = "stop" if hit else "length"
+            text, finish = reply.add(token)
             yield chunk(text, token, finish, n, logprobs)
             if finish:
                 return
@@ -438,7 +474,10 @@ def stream_generate(
         # Every layer to one absolute position, whatever was interrupted: the prompt and the
         # tokens handed out but the last (decode runs a step ahead), or nothing of this call
         # when no token was handed out (an interrupted prefill leaves no partial prompt).
-        rollback_cache(cache, start + len(ids) + n - 1 if n else start)
+        try:
+            rollback_cache(cache, start + len(ids) + n - 1 if n else start)
+        except CacheRollbackError:
+            pass  # a bounded cache (max_kv_size) that dropped positions before `start`: now empty (offset 0)
         if wired:
             _unwire_memory()
 

@@ -39,7 +39,7 @@ class RoPE(nn.Module):
         medium = (wavelen >= old_context / high) & (wavelen <= old_context / low)
         return 1.0 / mx.where(medium, smoothed, scaled)
 
-    def __call__(self, x: mx.array, offset: int = 0) -> mx.array:
+    def __call__(self, x: mx.array, offset: int | mx.array = 0) -> mx.array:
         return mx.fast.rope(
             x,
             self.dims,
@@ -68,7 +68,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
         k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        offset = cache.offset if cache is not None else 0
+        offset = cache.rope_offset if cache is not None else 0
         q, k = self.rope(q, offset), self.rope(k, offset)
         if cache is None:
             out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask="causal" if L > 1 else None)
@@ -139,6 +139,10 @@ class Model(nn.Module):
     def layers(self) -> list[TransformerBlock]:
         return self.model.layers
 
-    def make_cache(self, capacity: int = 0) -> list[KVCache]:
-        """A fresh per-layer KV cache, preallocated for `capacity` positions if given."""
-        return make_cache(len(self.layers), capacity)
+    def make_cache(self, capacity: int = 0, *, kv_bits: int | None = None, max_kv_size: int | None = None) -> list[KVCache]:
+        """A fresh per-layer KV cache, preallocated for `capacity` positions if given; `kv_bits`
+        (4 or 8) stores keys and values quantized, `max_kv_size` bounds it to attention sinks and a
+        sliding window of that many positions (see cache.py)."""
+        if kv_bits is not None and self.args.head_dim % 32:
+            raise ValueError(f"kv_bits needs a head dimension divisible by 32; this model's is {self.args.head_dim}")
+        return make_cache(len(self.layers), capacity, kv_bits=kv_bits, max_kv_size=max_kv_size)

@@ -1,0 +1,406 @@
+"""Batched decoding: the decode steps of several sequences in one forward pass.
+
+A 0.4B model's decode step is bound by reading the weights and launching kernels, not by
+arithmetic, so B sequences stepped together cost little more than one. `BatchDecoder` is
+continuous batching: sequences join (with their prefilled cache) and leave (when finished)
+between steps. Each keeps its own sampler, logits processors and grammar constraint.
+
+The batch's KV cache (`BatchKVCache`) is left-padded: every row ends at the same physical
+position, row b's keys start at `starts[b]`, and attention masks the padding. Rotary positions are
+per row (`mx.fast.rope` takes an offset per row), so each row sees exactly the positions it would
+see alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+
+from .cache import KVCache
+from .sampling import LogitsProcessor, Sampler, log_softmax
+
+
+class BatchKVCache(KVCache):
+    """One layer's keys and values for a batch of rows, left-padded to a common end.
+
+    `starts[b]` is where row b's keys begin; positions before it are padding, masked out. All the
+    layers of a batch share one `BatchRows` (the starts and the per-step mask).
+    """
+
+    def __init__(self, rows: BatchRows) -> None:
+        super().__init__()
+        self.rows = rows
+
+    @property
+    def rope_offset(self) -> mx.array:
+        return self.offset - self.rows.starts
+
+    def attend(self, queries: mx.array, keys: mx.array, values: mx.array, scale: float) -> mx.array:
+        keys, values = self.update_and_fetch(keys, values)
+        mask = self.rows.mask(queries.shape[2], self.offset)
+        return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
+
+
+class BatchRows:
+    """The rows' start positions, and the attention mask of the current step (built once for
+    all the layers)."""
+
+    def __init__(self, starts: Sequence[int]) -> None:
+        self.set(starts)
+
+    def set(self, starts: Sequence[int]) -> None:
+        self.start_list = [int(s) for s in starts]
+        self.starts = mx.array(self.start_list, dtype=mx.int32)
+        self._mask: tuple[int, int, mx.array | None] | None = None
+
+    def mask(self, length: int, end: int) -> mx.array | str | None:
+        """Boolean (B, 1, length, end) mask: causal among the new positions, padding hidden."""
+        if self._mask is not None and self._mask[:2] == (length, end):
+            return self._mask[2]
+        if not any(self.start_list):
+            mask: mx.array | str | None = "causal" if length > 1 else None
+        else:
+            keys = mx.arange(end)
+            queries = mx.arange(end - length, end)
+            mask = (keys[None, None, None, :] >= self.starts[:, None, None, None]) & (
+                keys[None, None, None, :] <= queries[None, None, :, None]
+            )
+        self._mask = (length, end, mask)
+        return mask
+
+
+def merge_caches(caches: Sequence[Sequence[KVCache]]) -> list[BatchKVCache]:
+    """A batch cache whose rows are the given single-sequence caches (each of batch 1)."""
+    end = max(c[0].offset for c in caches)
+    rows = BatchRows([end - c[0].offset for c in caches])
+    layers = []
+    for i in range(len(caches[0])):
+        layer = BatchKVCache(rows)
+        parts_k, parts_v = [], []
+        for cache, start in zip(caches, rows.start_list, strict=True):
+            if not cache[i].state:
+                raise ValueError("a sequence must hold at least one position before it joins a batch")
+            keys, values = cache[i].state
+            parts_k.append(_pad_left(keys, start))
+            parts_v.append(_pad_left(values, start))
+        if end:
+            layer.set_state(mx.concatenate(parts_k), mx.concatenate(parts_v))
+        layers.append(layer)
+    return layers
+
+
+def _pad_left(x: mx.array, n: int) -> mx.array:
+    if not n:
+        return x
+    B, H, _, D = x.shape
+    return mx.concatenate([mx.zeros((B, H, n, D), dtype=x.dtype), x], axis=2)
+
+
+def extend_caches(batch: list[BatchKVCache], other: list[BatchKVCache]) -> None:
+    """Append `other`'s rows to `batch` (in place), padding whichever is shorter on the left."""
+    a, b = batch[0].offset, other[0].offset
+    end = max(a, b)
+    rows = batch[0].rows
+    for mine, theirs in zip(batch, other, strict=True):
+        k1, v1 = mine.state
+        k2, v2 = theirs.state
+        mine.set_state(
+            mx.concatenate([_pad_left(k1, end - a), _pad_left(k2, end - b)]),
+            mx.concatenate([_pad_left(v1, end - a), _pad_left(v2, end - b)]),
+        )
+    rows.set([s + end - a for s in rows.start_list] + [s + end - b for s in other[0].rows.start_list])
+
+
+def select_rows(batch: list[BatchKVCache], keep: Sequence[int]) -> None:
+    """Keep only the rows `keep` (in place), and drop the padding every remaining row has."""
+    rows = batch[0].rows
+    starts = [rows.start_list[i] for i in keep]
+    cut = min(starts, default=0)
+    index = mx.array(list(keep), dtype=mx.int32)
+    for layer in batch:
+        keys, values = layer.state
+        layer.set_state(keys[index, :, cut:, :], values[index, :, cut:, :])
+    rows.set([s - cut for s in starts])
+
+
+def row_cache(batch: Sequence[BatchKVCache], row: int) -> list[KVCache]:
+    """Row `row` of a batch cache as a single-sequence cache (views, no copy)."""
+    start = batch[0].rows.start_list[row]
+    out = []
+    for layer in batch:
+        single = KVCache()
+        keys, values = layer.state
+        single.keys, single.values = keys[row : row + 1, :, start:, :], values[row : row + 1, :, start:, :]
+        single.offset = layer.offset - start
+        out.append(single)
+    return out
+
+
+@dataclass
+class BatchSequence:
+    """One row of a `BatchDecoder`: how its next token is chosen, and its history."""
+
+    sampler: Sampler
+    processors: Sequence[LogitsProcessor] = ()
+    history: mx.array | None = None  # prompt and generated ids, for the processors
+    constraint: Any = None  # a `generation.TokenConstraint`
+    top_logprobs: int | None = None
+    data: Any = None  # the caller's own state
+    logits: mx.array | None = field(default=None, repr=False)  # (1, vocab): the next token's
+
+
+@dataclass
+class BatchToken:
+    """A token `BatchDecoder.step` produced for a sequence, with its log-probabilities if asked."""
+
+    sequence: BatchSequence
+    token: int
+    logprob: float | None = None
+    top: list[tuple[int, float]] | None = None
+
+
+class BatchDecoder:
+    """Continuous batching: `add` a prefilled sequence, `step` all of them, `remove` finished ones.
+
+    Each `step` samples every sequence's next token from the logits it holds, queues the forward
+    pass of those tokens (one pass for the whole batch) and returns the tokens while the pass
+    runs. A sequence's grammar constraint is advanced before its next token is sampled, so masks
+    always see the latest token. The cache of each sequence runs one token ahead of what `step`
+    returned (the queued pass), as in `generation.decode`.
+    """
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.sequences: list[BatchSequence] = []
+        self.cache: list[BatchKVCache] | None = None
+        self._logits: mx.array | None = None  # (B, vocab), row i for sequences[i]
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    def add(self, sequence: BatchSequence, cache: Sequence[KVCache], logits: mx.array) -> None:
+        """Join a sequence whose `cache` holds its prompt and whose `logits` ((1, vocab) or
+        (vocab,)) give its first token."""
+        joined = merge_caches([cache])
+        logits = logits.reshape(1, -1)
+        if self.cache is None:
+            self.cache, self._logits = joined, logits
+        else:
+            extend_caches(self.cache, joined)
+            self._logits = mx.concatenate([self._logits, logits.astype(self._logits.dtype)])
+        self.sequences.append(sequence)
+
+    def remove(self, sequence: BatchSequence) -> list[KVCache]:
+        """Take a sequence out; returns its cache (prompt and every token `step` returned for it
+        but the last, plus the one queued: roll it back as `stream_generate` does)."""
+        i = self.sequences.index(sequence)
+        single = row_cache(self.cache, i)
+        keep = [j for j in range(len(self.sequences)) if j != i]
+        self.sequences.pop(i)
+        if keep:
+            select_rows(self.cache, keep)
+            self._logits = self._logits[mx.array(keep, dtype=mx.int32)]
+        else:
+            self.cache, self._logits = None, None
+        return single
+
+    def step(self) -> list[BatchToken]:
+        """One token for every sequence (in order); the forward pass of these tokens is queued."""
+        if not self.sequences:
+            return []
+        from .generation import generation_stream
+
+        with mx.stream(generation_stream):
+            logits = self._logits
+            tokens, extras = [], []
+            for i, seq in enumerate(self.sequences):
+                row = logits[i : i + 1]
+                for processor in seq.processors:
+                    row = processor(seq.history, row)
+                masked = row
+                if seq.constraint is not None and seq.constraint.active:
+                    masked = mx.where(seq.constraint.mask(), row, -mx.inf)
+                token = seq.sampler(masked)
+                tokens.append(token)
+                if seq.top_logprobs is not None:
+                    scores = log_softmax(row)
+                    extra = [mx.take_along_axis(scores, token[:, None], axis=-1)[0, 0]]
+                    if seq.top_logprobs > 0:
+                        best = mx.argpartition(-scores, seq.top_logprobs - 1, axis=-1)[0, : seq.top_logprobs]
+                        extra += [best, scores[0, best]]
+                    extras.append(extra)
+                else:
+                    extras.append([])
+            batch_tokens = mx.concatenate(tokens).astype(mx.int32)
+            self._logits = self.model(batch_tokens[:, None], self.cache)[:, -1, :]
+        mx.async_eval(self._logits)
+        values = batch_tokens.tolist()
+        out = []
+        for seq, value, extra in zip(self.sequences, values, extras, strict=True):
+            if seq.history is not None:
+                seq.history = mx.concatenate([seq.history, mx.array([value], dtype=seq.history.dtype)])
+            if seq.constraint is not None:
+                seq.constraint.advance(value)
+            item = BatchToken(seq, value)
+            if extra:
+                item.logprob = extra[0].item()
+                if len(extra) > 1:
+                    item.top = sorted(zip(extra[1].tolist(), extra[2].tolist(), strict=True), key=lambda t: -t[1])
+                else:
+                    item.top = []
+            out.append(item)
+        return out
+
+
+# Per-request options `batch_generate` takes: `generate`'s, less those that need a cache of one's own.
+REQUEST_OPTIONS = {
+    "prompt",
+    "messages",
+    "tools",
+    "tool_choice",
+    "response_format",
+    "constrain",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "repetition_context_size",
+    "seed",
+    "stop",
+    "logits_processors",
+}
+
+
+def batch_generate(
+    model: Any,
+    tokenizer: Any,
+    requests: Sequence[str | Sequence[int] | dict[str, Any]],
+    *,
+    batch_size: int = 8,
+    prefill_chunk_size: int = 512,
+    progress: Any = None,
+    **defaults: Any,
+) -> list[Any]:
+    """Generate replies for many requests, decoding up to `batch_size` of them together.
+
+    A request is a prompt (text or token ids) or a dict of `generate`'s keyword arguments
+    (`prompt` or `messages`, `tools`, `tool_choice`, `response_format`, `max_tokens`, sampling
+    options, `stop`, ...); `defaults` apply to every request. Returns one `GenerationResult` per
+    request, in order: the same reply `generate` gives for it alone (greedy: the same tokens up to
+    kernel numerics; with a `seed`, the same draws), produced in fewer forward passes. A finished
+    sequence's slot goes to the next request at once (continuous batching). `progress(done, total)`
+    is called as replies finish.
+    """
+    import time
+
+    from .errors import ContextLengthError
+    from .generation import GenerationResult, ReplyText, prefill, prompt_tokens, request_constraint
+    from .sampling import make_logits_processors, make_sampler
+    from .tools import parse_tool_calls, tool_schemas
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    unknown = set(defaults) - REQUEST_OPTIONS
+    if unknown:
+        raise TypeError(f"batch_generate() got unexpected options: {', '.join(sorted(unknown))}")
+    items = []
+    for request in requests:
+        options = dict(defaults)
+        if isinstance(request, dict):
+            if bad := set(request) - REQUEST_OPTIONS:
+                raise TypeError(f"unexpected request options: {', '.join(sorted(bad))}")
+            options.update(request)
+        else:
+            options["prompt"] = request
+        items.append(options)
+
+    context = model.args.max_position_embeddings
+    results: list[Any] = [None] * len(items)
+    decoder = BatchDecoder(model)
+    waiting = list(range(len(items)))[::-1]
+    done = 0
+
+    def start(index: int) -> None:
+        o = items[index]
+        tools = tool_schemas(o.get("tools"))
+        ids = prompt_tokens(tokenizer, o.get("prompt"), o.get("messages"), tools)
+        if not ids:
+            raise ValueError(f"request {index}: the prompt is empty")
+        if len(ids) >= context:
+            raise ContextLengthError(f"request {index}: the prompt has {len(ids)} tokens but the context window is {context}")
+        max_tokens = min(o.get("max_tokens", 256), context - len(ids))
+        processors = make_logits_processors(
+            o.get("repetition_penalty"), o.get("repetition_context_size", 64), o.get("logits_processors")
+        )
+        tool_choice = o.get("tool_choice", "auto")
+        constraint = request_constraint(
+            model, tokenizer, processors, tools, tool_choice, o.get("response_format"), o.get("constrain", True), max_tokens
+        )
+        sampler = make_sampler(
+            o.get("temperature", 0.0), o.get("top_p", 1.0), o.get("top_k", 0), o.get("min_p", 0.0), o.get("seed")
+        )
+        t0 = time.perf_counter()
+        cache = model.make_cache()
+        prompt = mx.array(ids, dtype=mx.int32)
+        logits = prefill(model, prompt, cache, prefill_chunk_size)
+        state = {
+            "index": index,
+            "ids": ids,
+            "reply": ReplyText(tokenizer, o.get("stop"), max_tokens, tools=tools, tool_choice=tool_choice),
+            "tools": bool(tools),
+            "tokens": [],
+            "text": [],
+            "t0": t0,
+            "t_first": 0.0,
+        }
+        sequence = BatchSequence(sampler, processors, prompt if processors else None, constraint, data=state)
+        if max_tokens <= 0:
+            finish(sequence, "length")
+            return
+        decoder.add(sequence, cache, logits)
+
+    def finish(sequence: BatchSequence, reason: str) -> None:
+        nonlocal done
+        s = sequence.data
+        now = time.perf_counter()
+        raw = "".join(s["text"])
+        content, calls = parse_tool_calls(raw) if s["tools"] else (raw, [])
+        if calls and reason == "stop":
+            reason = "tool_calls"
+        n, t_first = len(s["tokens"]), s["t_first"] or now
+        results[s["index"]] = GenerationResult(
+            content,
+            s["tokens"],
+            reason,
+            len(s["ids"]),
+            n,
+            len(s["ids"]) / max(t_first - s["t0"], 1e-9),
+            n / (now - t_first) if n > 1 and now > t_first else 0.0,
+            mx.get_peak_memory() / 1e9,
+            t_first - s["t0"],
+            calls,
+            raw,
+        )
+        done += 1
+        if progress:
+            progress(done, len(items))
+
+    while waiting or len(decoder):
+        while waiting and len(decoder) < batch_size:
+            start(waiting.pop())
+        for item in decoder.step():
+            s = item.sequence.data
+            if not s["tokens"]:
+                s["t_first"] = time.perf_counter()
+            s["tokens"].append(item.token)
+            text, reason = s["reply"].add(item.token)
+            s["text"].append(text)
+            if reason:
+                decoder.remove(item.sequence)
+                finish(item.sequence, reason)
+    return results

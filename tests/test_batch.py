@@ -1,0 +1,173 @@
+"""Batched decoding: `batch_generate` gives each request the reply `generate` gives it alone."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import mlx.core as mx
+import pytest
+from conftest import write_model_folder
+from nesso_fixture import nesso_folder
+
+from nesso_mlx import generate, load
+from nesso_mlx.batch import BatchDecoder, BatchSequence, batch_generate, merge_caches, row_cache
+from nesso_mlx.cache import rollback_cache
+from nesso_mlx.sampling import make_sampler, vocab_limit_processor
+
+PROMPTS = [
+    "Ciao! Come stai oggi?",
+    "Elenca i giorni della settimana: lunedì, martedì, mercoledì",
+    "x",
+    "Scrivi una frase lunga, molto lunga, sulla città di Bologna e sui suoi portici.",
+    "1 2 3 4 5",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return load(write_model_folder(tmp_path_factory.mktemp("batch") / "m", seed=5), dtype="float32")
+
+
+def chat(text: str, **options) -> dict:
+    return {"messages": [{"role": "user", "content": text}], **options}
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 8])
+def test_greedy_replies_equal_generate_alone(tiny, batch_size):
+    """Different prompt lengths (left padding), different budgets (rows leave at different steps,
+    and waiting requests take their slots)."""
+    model, tokenizer = tiny
+    requests = [chat(p, max_tokens=6 + 3 * i) for i, p in enumerate(PROMPTS)]
+    alone = [generate(model, tokenizer, **r) for r in requests]
+    together = batch_generate(model, tokenizer, requests, batch_size=batch_size)
+    for a, b in zip(alone, together, strict=True):
+        assert b.tokens == a.tokens and b.text == a.text and b.finish_reason == a.finish_reason
+        assert b.prompt_tokens == a.prompt_tokens and b.generation_tokens == len(b.tokens)
+
+
+def test_sampling_options_per_request(tiny):
+    """Seeded sampling, repetition penalty, stop strings and plain prompts, each request its own."""
+    model, tokenizer = tiny
+    requests = [
+        chat(PROMPTS[0], temperature=0.8, seed=3, max_tokens=12),
+        chat(PROMPTS[1], temperature=1.0, top_p=0.9, seed=4, repetition_penalty=1.3, max_tokens=12),
+        PROMPTS[3],
+        chat(PROMPTS[4], temperature=0.7, top_k=5, min_p=0.05, seed=9, max_tokens=12),
+    ]
+    alone = [
+        generate(model, tokenizer, **r) if isinstance(r, dict) else generate(model, tokenizer, r, max_tokens=9) for r in requests
+    ]
+    together = batch_generate(model, tokenizer, requests, batch_size=4, max_tokens=9)
+    for a, b in zip(alone, together, strict=True):
+        assert b.tokens == a.tokens
+    # a stop string taken from a reply cuts it there, in the batch as alone
+    stop = together[2].text[3:6]
+    cut = batch_generate(model, tokenizer, [PROMPTS[3], PROMPTS[0]], max_tokens=9, stop=[stop])
+    assert cut[0].text == together[2].text[: together[2].text.index(stop)] and cut[0].finish_reason == "stop"
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"città": {"type": "string", "maxLength": 12}, "ok": {"type": "boolean"}, "n": {"enum": [1, 2, 3]}},
+    "required": ["città", "ok", "n"],
+    "additionalProperties": False,
+}
+TOOL = {
+    "type": "function",
+    "function": {
+        "name": "meteo",
+        "parameters": {"type": "object", "properties": {"città": {"type": "string", "maxLength": 16}}, "required": ["città"]},
+    },
+}
+
+
+@pytest.mark.parametrize("variant", ["text", "added"])
+def test_constrained_rows_in_one_batch(variant):
+    """On Nesso's vocabulary: a JSON-schema row, a required-call row, an auto row and a free row
+    decode together; each gives what it gives alone, and the constrained ones are valid."""
+    model, tokenizer = load(nesso_folder(variant), dtype="float32")
+    requests = [
+        chat("Estrai: Roma, sì, 2", response_format={"type": "json_schema", "json_schema": {"schema": SCHEMA}}, max_tokens=48),
+        chat("Che tempo fa a Bari?", tools=[TOOL], tool_choice="required", max_tokens=48),
+        chat("Ciao", tools=[TOOL], tool_choice="auto", max_tokens=10),
+        chat("Ciao", max_tokens=10),
+    ]
+    for seed in (0, 1):
+        options = {"temperature": 0.9, "seed": seed}
+        alone = [generate(model, tokenizer, **r, **options) for r in requests]
+        together = batch_generate(model, tokenizer, requests, batch_size=4, **options)
+        for a, b in zip(alone, together, strict=True):
+            assert b.tokens == a.tokens and b.finish_reason == a.finish_reason
+        if together[0].finish_reason == "stop":
+            jsonschema.validate(json.loads(together[0].text), SCHEMA)
+        call = together[1]
+        assert call.finish_reason in ("tool_calls", "length")
+        if call.finish_reason == "tool_calls":
+            assert call.tool_calls[0].ok and call.tool_calls[0].name == "meteo"
+
+
+def test_decoder_joins_and_leaves_between_steps(tiny):
+    """Continuous batching by hand: a sequence joins mid-way; one leaves; the others go on as alone,
+    and a row's cache taken out holds exactly its positions."""
+    model, tokenizer = tiny
+    prompts = [tokenizer.encode(p) for p in PROMPTS[:3]]
+    alone = [generate(model, tokenizer, p, max_tokens=8).tokens for p in prompts]
+
+    def prefilled(ids):
+        cache = model.make_cache()
+        logits = model(mx.array([ids]), cache)[:, -1, :]
+        return cache, logits
+
+    # as `generate` does: the model's padding rows past the tokenizer's vocabulary are banned
+    limit = [vocab_limit_processor(tokenizer.vocab_size, model.args.vocab_size)]
+    decoder = BatchDecoder(model)
+    got: dict[int, list[int]] = {0: [], 1: [], 2: []}
+    seqs = {}
+    for i in (0, 1):
+        seqs[i] = BatchSequence(make_sampler(0.0), limit, mx.array(prompts[i]), data=i)
+        decoder.add(seqs[i], *prefilled(prompts[i]))
+    for step in range(8):
+        if step == 3:
+            seqs[2] = BatchSequence(make_sampler(0.0), limit, mx.array(prompts[2]), data=2)
+            decoder.add(seqs[2], *prefilled(prompts[2]))
+        for item in decoder.step():
+            got[item.sequence.data].append(item.token)
+        if step == 4:
+            cache = decoder.remove(seqs[0])
+            assert cache[0].offset == len(prompts[0]) + 5  # the prompt and its 5 tokens (the 5th's pass queued)
+            assert all(layer.offset == cache[0].offset for layer in cache)
+    for _ in range(3):
+        for item in decoder.step():
+            got[item.sequence.data].append(item.token)
+    assert got[0] == alone[0][:5]
+    assert len(got[1]) == 11 and got[1][:8] == alone[1]
+    assert got[2] == alone[2]  # joined at step 3: 5 + 3 tokens
+    # the removed row's cache, rolled back to before its last token, goes on as the row alone would
+    rollback_cache(cache, len(prompts[0]) + 4)
+    assert generate(model, tokenizer, [got[0][-1]], cache=cache, max_tokens=3).tokens == alone[0][5:8]
+
+
+def test_merge_and_row_cache_round_trip(tiny):
+    model, _ = tiny
+    caches = []
+    for n in (3, 7, 5):
+        cache = model.make_cache()
+        model(mx.arange(n)[None] + 4, cache)
+        caches.append(cache)
+    batch = merge_caches(caches)
+    assert batch[0].offset == 7 and batch[0].rows.start_list == [4, 0, 2]
+    for i, cache in enumerate(caches):
+        row = row_cache(batch, i)
+        for a, b in zip(row, cache, strict=True):
+            assert a.offset == b.offset
+            assert mx.array_equal(a.state[0], b.state[0]).item() and mx.array_equal(a.state[1], b.state[1]).item()
+
+
+def test_bad_requests(tiny):
+    model, tokenizer = tiny
+    with pytest.raises(TypeError, match="unexpected"):
+        batch_generate(model, tokenizer, ["a"], prompt_lookup=True)
+    with pytest.raises(ValueError, match="batch_size"):
+        batch_generate(model, tokenizer, ["a"], batch_size=0)
+    assert batch_generate(model, tokenizer, []) == []
