@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from .cache import rollback_cache
+from .cache import CacheRollbackError, rollback_cache
 from .errors import NessoError
 from .generation import GenerationChunk, stream_generate
 from .model import Model
@@ -94,6 +94,11 @@ class ChatSession:
     message with every reply, tool call and tool result after it) are dropped, oldest first,
     until the prompt takes at most `low_water` of that budget; the system prompt and the current
     exchange are never dropped, and a notice says so in `notices`.
+
+    `kv_bits` (4 or 8) and `max_kv_size` choose the cache (see `Model.make_cache`). A bounded cache
+    (`max_kv_size`) cannot go back to a position whose window it has dropped: when a turn's prompt
+    shares less with the cache than that (after `/retry`, `/undo`, an edit or dropped exchanges),
+    the cache is emptied and the whole conversation is prefilled again, with a notice.
     """
 
     prefill_chunk_size = 512  # tokens per forward pass when prefilling the prompt
@@ -107,6 +112,8 @@ class ChatSession:
         max_context: int | None = None,
         tools: list[ToolSpec] | None = None,
         low_water: float = LOW_WATER,
+        kv_bits: int | None = None,
+        max_kv_size: int | None = None,
     ) -> None:
         if not 0 < low_water <= 1:
             raise ValueError(f"low_water must be in (0, 1], got {low_water}")
@@ -118,7 +125,8 @@ class ChatSession:
         self.tools = tool_schemas(tools)
         self.tool_choice: str | dict[str, Any] = "auto"  # for the next replies: "auto", "required", "none" or a tool
         self.messages: list[dict[str, Any]] = []
-        self.cache = model.make_cache()
+        self.cache_options = {"kv_bits": kv_bits, "max_kv_size": max_kv_size}
+        self.cache = model.make_cache(**self.cache_options)
         self.cached_tokens: list[int] = []  # the tokens whose keys/values are in the cache
         self.last = TurnStats()
         self.notices: list[str] = []  # things the user should know (e.g. dropped turns)
@@ -182,8 +190,20 @@ class ChatSession:
         back to one offset), so the cache keeps the longest prefix all layers and `known` share.
         """
         keep = min([layer.offset for layer in self.cache] + [len(known)])
-        rollback_cache(self.cache, keep)
-        self.cached_tokens = known[:keep]
+        self.cached_tokens = known[: self._rollback(keep)]
+
+    def _rollback(self, offset: int) -> int:
+        """Roll the cache back to `offset`; returns where it is now: `offset`, or 0 when a bounded
+        cache had dropped what `offset` needs (it is then empty)."""
+        try:
+            rollback_cache(self.cache, offset)
+        except CacheRollbackError:
+            self.notices.append(
+                f"the KV cache (--max-kv-size {self.cache_options['max_kv_size']}) no longer holds the start of the "
+                "conversation's window: reading the whole conversation again"
+            )
+            return 0
+        return offset
 
     def _reuse_cache(self, ids: list[int]) -> list[int]:
         """Roll the cache back to the longest common prefix with `ids`; returns the tokens to prefill."""
@@ -194,7 +214,7 @@ class ChatSession:
                 break
             common += 1
         common = min(common, len(ids) - 1)  # at least one token must go through the model
-        rollback_cache(self.cache, common)  # the cache first: `cached_tokens` stays a valid description
+        common = self._rollback(common)  # the cache first: `cached_tokens` stays a valid description
         self.cached_tokens = self.cached_tokens[:common]
         return ids[common:]
 
@@ -347,7 +367,7 @@ class ChatSession:
         Returns how many of its tokens this session's conversation starts with."""
         from .cache import load_cache
 
-        loaded = load_cache(path, self.model)
+        loaded = load_cache(path, self.model, **self.cache_options)
         if loaded.tokens is None or loaded.metadata.get("kind") != "prompt":
             raise NessoError(f"{path}: not a prompt cache made by `nesso-mlx chat --prompt-cache`")
         self.cache, self.cached_tokens = loaded.cache, loaded.tokens

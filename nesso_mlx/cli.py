@@ -159,6 +159,10 @@ def MinPOption(default: float | None, chat_default: float | None = None) -> Any:
 RepetitionOption = NumberOption(None, "--repetition-penalty", kind=float, help="1 = off", low=0, low_open=True)
 SeedOption = NumberOption(None, "--seed", low=0, high=2**64 - 1, words=">= 0 (below 2^64)")
 QuantizeOption = NumberOption(None, "--quantize", help="quantize float weights on load", choices=(4, 8))
+KVBitsOption = NumberOption(None, "--kv-bits", help="store the KV cache quantized to this many bits", choices=(4, 8))
+MaxKVSizeOption = NumberOption(
+    None, "--max-kv-size", help="bound the KV cache: 4 attention sinks + a sliding window of N positions in all", low=9
+)
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -280,6 +284,8 @@ def chat(
     prompt_cache: str | None = typer.Option(
         None, "--prompt-cache", help="file with the system prompt and tools prefilled: used if it fits, (re)built if not"
     ),
+    kv_bits: int | None = KVBitsOption,
+    max_kv_size: int | None = MaxKVSizeOption,
 ) -> None:
     from .chat import ChatSession, SamplingSettings
     from .registry import home
@@ -298,14 +304,19 @@ def chat(
     system = as_text(system, "--system") if system is not None else None
     functions = load_functions_or_fail(tools) if tools else None
     loaded, tokenizer = load_or_fail(model, quantize)
-    session = ChatSession(
-        loaded,
-        tokenizer,
-        system=system,
-        settings=settings,
-        max_context=max_context,
-        tools=list(functions.values()) if functions else None,
-    )
+    try:
+        session = ChatSession(
+            loaded,
+            tokenizer,
+            system=system,
+            settings=settings,
+            max_context=max_context,
+            tools=list(functions.values()) if functions else None,
+            kv_bits=kv_bits,
+            max_kv_size=max_kv_size,
+        )
+    except ValueError as e:  # --kv-bits on a model whose head dimension cannot be quantized
+        fail(str(e))
     if prompt_cache:
         use_prompt_cache(session, prompt_cache)
     repl = ChatREPL(
@@ -356,6 +367,8 @@ def generate(
     tools: str | None = typer.Option(None, "--tools", help="tools: a Python file's functions or a JSON list of schemas"),
     tool_choice: str = typer.Option("auto", "--tool-choice", help="auto, required, none or a tool name"),
     no_constrain: bool = typer.Option(False, "--no-constrain", help="do not constrain tool calls to their schemas"),
+    kv_bits: int | None = KVBitsOption,
+    max_kv_size: int | None = MaxKVSizeOption,
 ) -> None:
     if prompt == "-":
         stdin = getattr(sys.stdin, "buffer", None)
@@ -408,6 +421,7 @@ def generate(
             tool_choice=tool_choice,
             response_format=response_format,
             constrain=not no_constrain,
+            cache=loaded.make_cache(kv_bits=kv_bits, max_kv_size=max_kv_size),
         ):
             text.append(last.text)
             if last.token is not None:
