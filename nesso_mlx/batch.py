@@ -296,12 +296,8 @@ def batch_generate(
     sequence's slot goes to the next request at once (continuous batching). `progress(done, total)`
     is called as replies finish.
     """
-    import time
-
-    from .errors import ContextLengthError
-    from .generation import GenerationResult, ReplyText, prefill, prompt_tokens, request_constraint
-    from .sampling import make_logits_processors, make_sampler
-    from .tools import parse_tool_calls, tool_schemas
+    from .generation import GenerationChunk, GenerationResult, prefill, prepare_decoding, prompt_tokens
+    from .tools import tool_schemas
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -319,88 +315,39 @@ def batch_generate(
             options["prompt"] = request
         items.append(options)
 
-    context = model.args.max_position_embeddings
     results: list[Any] = [None] * len(items)
     decoder = BatchDecoder(model)
     waiting = list(range(len(items)))[::-1]
-    done = 0
 
     def start(index: int) -> None:
-        o = items[index]
-        tools = tool_schemas(o.get("tools"))
-        ids = prompt_tokens(tokenizer, o.get("prompt"), o.get("messages"), tools)
-        if not ids:
-            raise ValueError(f"request {index}: the prompt is empty")
-        if len(ids) >= context:
-            raise ContextLengthError(f"request {index}: the prompt has {len(ids)} tokens but the context window is {context}")
-        max_tokens = min(o.get("max_tokens", 256), context - len(ids))
-        processors = make_logits_processors(
-            o.get("repetition_penalty"), o.get("repetition_context_size", 64), o.get("logits_processors")
-        )
-        tool_choice = o.get("tool_choice", "auto")
-        constraint = request_constraint(
-            model, tokenizer, processors, tools, tool_choice, o.get("response_format"), o.get("constrain", True), max_tokens
-        )
-        sampler = make_sampler(
-            o.get("temperature", 0.0), o.get("top_p", 1.0), o.get("top_k", 0), o.get("min_p", 0.0), o.get("seed")
-        )
-        t0 = time.perf_counter()
+        options = dict(items[index])
+        prompt, messages = options.pop("prompt", None), options.pop("messages", None)
+        options["tools"] = tool_schemas(options.get("tools"))
+        ids = prompt_tokens(tokenizer, prompt, messages, options["tools"])
+        plan = prepare_decoding(model, tokenizer, ids, **options)
         cache = model.make_cache()
-        prompt = mx.array(ids, dtype=mx.int32)
-        logits = prefill(model, prompt, cache, prefill_chunk_size)
-        state = {
-            "index": index,
-            "ids": ids,
-            "reply": ReplyText(tokenizer, o.get("stop"), max_tokens, tools=tools, tool_choice=tool_choice),
-            "tools": bool(tools),
-            "tokens": [],
-            "text": [],
-            "t0": t0,
-            "t_first": 0.0,
-        }
-        sequence = BatchSequence(sampler, processors, prompt if processors else None, constraint, data=state)
-        if max_tokens <= 0:
-            finish(sequence, "length")
-            return
-        decoder.add(sequence, cache, logits)
+        tokens = mx.array(plan.ids, dtype=mx.int32)
+        logits = prefill(model, tokens, cache, prefill_chunk_size)
+        sequence = BatchSequence(plan.sampler, plan.processors, tokens if plan.processors else None, plan.constraint)
+        sequence.data = (index, plan.reply, [])
+        if plan.max_tokens <= 0:
+            finish(sequence, [GenerationChunk("", None, "length", len(ids), 0)])
+        else:
+            decoder.add(sequence, cache, logits)
 
-    def finish(sequence: BatchSequence, reason: str) -> None:
-        nonlocal done
-        s = sequence.data
-        now = time.perf_counter()
-        raw = "".join(s["text"])
-        content, calls = parse_tool_calls(raw) if s["tools"] else (raw, [])
-        if calls and reason == "stop":
-            reason = "tool_calls"
-        n, t_first = len(s["tokens"]), s["t_first"] or now
-        results[s["index"]] = GenerationResult(
-            content,
-            s["tokens"],
-            reason,
-            len(s["ids"]),
-            n,
-            len(s["ids"]) / max(t_first - s["t0"], 1e-9),
-            n / (now - t_first) if n > 1 and now > t_first else 0.0,
-            mx.get_peak_memory() / 1e9,
-            t_first - s["t0"],
-            calls,
-            raw,
-        )
-        done += 1
+    def finish(sequence: BatchSequence, chunks: list[Any]) -> None:
+        index, reply = sequence.data[:2]
+        results[index] = GenerationResult.from_chunks(chunks, reply.t_first - reply.t0 if reply.t_first else 0.0)
         if progress:
-            progress(done, len(items))
+            progress(sum(r is not None for r in results), len(items))
 
     while waiting or len(decoder):
         while waiting and len(decoder) < batch_size:
             start(waiting.pop())
         for item in decoder.step():
-            s = item.sequence.data
-            if not s["tokens"]:
-                s["t_first"] = time.perf_counter()
-            s["tokens"].append(item.token)
-            text, reason = s["reply"].add(item.token)
-            s["text"].append(text)
-            if reason:
+            _, reply, chunks = item.sequence.data
+            chunks.append(reply.add(item.token))
+            if chunks[-1].finish_reason:
                 decoder.remove(item.sequence)
-                finish(item.sequence, reason)
+                finish(item.sequence, chunks)
     return results

@@ -74,6 +74,26 @@ class GenerationResult:
     tool_calls: list[ToolCall] = field(default_factory=list)
     raw_text: str = ""
 
+    @classmethod
+    def from_chunks(cls, chunks: Sequence[GenerationChunk], time_to_first_token: float = 0.0) -> GenerationResult:
+        """The result of a whole `stream_generate` run."""
+        last = chunks[-1]
+        raw = "".join(c.text for c in chunks)
+        content, calls = parse_tool_calls(raw) if last.tool_calls is not None else (raw, [])
+        return cls(
+            content,
+            [c.token for c in chunks if c.token is not None],
+            last.finish_reason,
+            last.prompt_tokens,
+            last.generation_tokens,
+            last.prompt_tps,
+            last.generation_tps,
+            last.peak_memory,
+            time_to_first_token,
+            calls,
+            raw,
+        )
+
     @property
     def message(self) -> dict[str, Any]:
         """The reply as an assistant message, ready to append to `messages`."""
@@ -278,15 +298,16 @@ class _StopMatcher:
         return out
 
 
-class ReplyText:
-    """A reply's text as its tokens arrive: detokenized, cut at a stop string, finished at EOS
-    or after `max_tokens` tokens."""
+class ReplyStream:
+    """A reply as its tokens arrive, as `GenerationChunk`s: detokenized text cut at a stop string,
+    the finish (EOS, a stop string or `max_tokens`), tool-call deltas and the statistics."""
 
     def __init__(
         self,
         tokenizer: Tokenizer,
-        stop: str | Sequence[str] | None,
+        prompt_tokens: int,
         max_tokens: int,
+        stop: str | Sequence[str] | None = None,
         tools: Sequence[Any] | None = None,
         tool_choice: Any = "auto",
     ) -> None:
@@ -297,9 +318,13 @@ class ReplyText:
         # Special tokens other than EOS stay in the text (tool-call markers may be special tokens).
         self.detokenizer = tokenizer.detokenizer(skip_special_tokens=False)
         self.eos = set(tokenizer.eos_token_ids)
-        self.max_tokens, self.count = max_tokens, 0
+        self.prompt_tokens, self.max_tokens, self.count = prompt_tokens, max_tokens, 0
+        self.calls = ToolCallStream() if tools else None
+        self.emitted: list[str] = []
+        self.t0 = time.perf_counter()  # when the request began (its prefill)
+        self.t_first = 0.0
 
-    def add(self, token: int) -> tuple[str, str | None]:
+    def text(self, token: int) -> tuple[str, str | None]:
         """The text `token` completes, and the finish reason ("stop", "length") if it ends the reply."""
         self.count += 1
         if token in self.eos:
@@ -313,27 +338,91 @@ class ReplyText:
             return text + (rest if hit else rest + self.matcher.flush()), "stop" if hit else "length"
         return text, None
 
+    def add(self, token: int, logprobs: TokenLogprobs | None = None) -> GenerationChunk:
+        """The chunk of the next generated token; its `finish_reason` is set when the reply ends."""
+        now = time.perf_counter()
+        if not self.count:
+            self.t_first = now
+        text, finish = self.text(token)
+        self.emitted.append(text)
+        calls = deltas = None
+        if self.calls is not None:
+            deltas = self.calls.feed(text)[1]
+            if finish:
+                deltas += self.calls.finish()[1]
+                calls = parse_tool_calls("".join(self.emitted))[1]
+                finish = "tool_calls" if calls and finish == "stop" else finish
+        n = self.count
+        prompt_tps = self.prompt_tokens / max(self.t_first - self.t0, 1e-9)
+        tps = (n / (now - self.t_first)) if n > 1 and now > self.t_first else 0.0
+        peak = mx.get_peak_memory() / 1e9
+        return GenerationChunk(text, token, finish, self.prompt_tokens, n, prompt_tps, tps, peak, calls, deltas, logprobs)
 
-def request_constraint(
+
+@dataclass
+class Decoding:
+    """How one request's tokens are chosen and turned into chunks (see `prepare_decoding`)."""
+
+    ids: list[int]  # the prompt's token ids (those not already in the cache)
+    max_tokens: int
+    sampler: Sampler
+    processors: list[LogitsProcessor]
+    constraint: TokenConstraint | None
+    reply: ReplyStream
+
+
+def prepare_decoding(
     model: Model,
     tokenizer: Tokenizer,
-    processors: list[LogitsProcessor],
-    tools: Sequence[dict[str, Any]] | None,
-    tool_choice: str | dict[str, Any] | None,
-    response_format: dict[str, Any] | None,
-    constrain: bool,
-    max_tokens: int,
-) -> TokenConstraint | None:
-    """The request's grammar constraint, if any; bans the model's padding rows in `processors`."""
-    if model.args.vocab_size > tokenizer.vocab_size:
+    ids: Sequence[int],
+    cached: int = 0,
+    *,
+    tools: Sequence[dict[str, Any]] | None = None,
+    tool_choice: str | dict[str, Any] | None = "auto",
+    response_format: dict[str, Any] | None = None,
+    constrain: bool = True,
+    max_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    repetition_penalty: float | None = None,
+    repetition_context_size: int = 64,
+    seed: int | None = None,
+    stop: str | Sequence[str] | None = None,
+    logits_processors: Sequence[LogitsProcessor] | None = None,
+) -> Decoding:
+    """Check a prompt of `ids` after `cached` positions already in the cache, and build its
+    sampler, logits processors, grammar constraint and reply stream (`stream_generate`'s options)."""
+    ids = list(ids)
+    if not ids:
+        raise ValueError("the prompt is empty")
+    if max(ids) >= model.args.vocab_size or min(ids) < 0:
+        bad = max(ids) if max(ids) >= model.args.vocab_size else min(ids)
+        raise ValueError(
+            f"token id {bad} is outside the model's {model.args.vocab_size} embedding rows "
+            "(does the tokenizer belong to this model?)"
+        )
+    context = model.args.max_position_embeddings
+    if cached + len(ids) >= context:
+        raise ContextLengthError(
+            f"the prompt has {cached + len(ids)} tokens but the context window is {context}; "
+            "shorten the prompt or the conversation"
+        )
+    max_tokens = min(max_tokens, context - cached - len(ids))
+    sampler = make_sampler(temperature, top_p, top_k, min_p, seed)
+    processors = make_logits_processors(repetition_penalty, repetition_context_size, logits_processors)
+    if model.args.vocab_size > tokenizer.vocab_size:  # the model's padding rows past the tokenizer
         processors.append(vocab_limit_processor(tokenizer.vocab_size, model.args.vocab_size))
-    if not tools and response_format is None:
-        return None
-    from .constrained import build_processor
+    constraint = None
+    if tools or response_format is not None:
+        from .constrained import build_processor
 
-    return build_processor(
-        tokenizer, model.args.vocab_size, tools, tool_choice, response_format, constrain, max_tokens=max_tokens
-    )
+        constraint = build_processor(
+            tokenizer, model.args.vocab_size, tools, tool_choice, response_format, constrain, max_tokens=max_tokens
+        )
+    reply = ReplyStream(tokenizer, len(ids), max_tokens, stop, tools, tool_choice)
+    return Decoding(ids, max_tokens, sampler, processors, constraint, reply)
 
 
 def prompt_tokens(
@@ -400,57 +489,37 @@ def stream_generate(
     """
     tools = tool_schemas(tools)
     ids = prompt_tokens(tokenizer, prompt, messages, tools)
-    if not ids:
-        raise ValueError("the prompt is empty")
-    if max(ids) >= model.args.vocab_size or min(ids) < 0:
-        bad = max(ids) if max(ids) >= model.args.vocab_size else min(ids)
-        raise ValueError(
-            f"token id {bad} is outside the model's {model.args.vocab_size} embedding rows "
-            "(does the tokenizer belong to this model?)"
-        )
     if cache is None:
         cache = model.make_cache()
     start = cache[0].offset
-    context = model.args.max_position_embeddings
-    if start + len(ids) >= context:
-        raise ContextLengthError(
-            f"the prompt has {start + len(ids)} tokens but the context window is {context}; "
-            "shorten the prompt or the conversation"
-        )
-    max_tokens = min(max_tokens, context - start - len(ids))
-    sampler = make_sampler(temperature, top_p, top_k, min_p, seed)
-    processors = make_logits_processors(repetition_penalty, repetition_context_size, logits_processors)
-    constraint = request_constraint(model, tokenizer, processors, tools, tool_choice, response_format, constrain, max_tokens)
-    reply = ReplyText(tokenizer, stop, max_tokens, tools=tools, tool_choice=tool_choice)
-    eos = reply.eos
-    calls_stream = ToolCallStream() if tools else None
-    emitted: list[str] = []
-
-    def chunk(text: str, token: int | None, finish: str | None, n: int, logprobs: TokenLogprobs | None) -> GenerationChunk:
-        now = time.perf_counter()
-        emitted.append(text)
-        calls = deltas = None
-        if calls_stream is not None:
-            deltas = calls_stream.feed(text)[1]
-            if finish:
-                deltas += calls_stream.finish()[1]
-                calls = parse_tool_calls("".join(emitted))[1]
-                finish = "tool_calls" if calls and finish == "stop" else finish
-        tps = (n / (now - t_first)) if n > 1 and now > t_first else 0.0
-        return GenerationChunk(
-            text, token, finish, len(ids), n, len(ids) / prompt_time, tps, mx.get_peak_memory() / 1e9, calls, deltas, logprobs
-        )
-
-    t0 = time.perf_counter()
+    plan = prepare_decoding(
+        model,
+        tokenizer,
+        ids,
+        start,
+        tools=tools,
+        tool_choice=tool_choice,
+        response_format=response_format,
+        constrain=constrain,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        repetition_context_size=repetition_context_size,
+        seed=seed,
+        stop=stop,
+        logits_processors=logits_processors,
+    )
+    reply, processors = plan.reply, plan.processors
     n = 0
-    t_first = prompt_time = 0.0
-    finish: str | None = None
     wired = _wire_memory()
     try:
         prompt = mx.array(ids, dtype=mx.int32)
         logits = prefill(model, prompt, cache, prefill_chunk_size)
         history = prompt if processors else None
-        if max_tokens <= 0:
+        if plan.max_tokens <= 0:
             yield GenerationChunk("", None, "length", len(ids), 0)
             return
         logprobs = None
@@ -458,17 +527,15 @@ def stream_generate(
         # Not with the caller's own logits processors: they may keep state from call to call,
         # which a verify pass (several positions at once, some rolled back) would corrupt.
         if prompt_lookup and top_logprobs is None and not logits_processors:
-            lookup = PromptLookup(ids, temperature, top_p, top_k, min_p, seed, max_tokens=max_tokens, stop_ids=eos)
-        for token in decode(model, logits, cache, sampler, processors, history, constraint, top_logprobs, lookup):
+            lookup = PromptLookup(ids, temperature, top_p, top_k, min_p, seed, max_tokens=plan.max_tokens, stop_ids=reply.eos)
+        tokens = decode(model, logits, cache, plan.sampler, processors, history, plan.constraint, top_logprobs, lookup)
+        for token in tokens:
             if top_logprobs is not None:
                 token, logprobs = token
-            if n == 0:
-                t_first = time.perf_counter()
-                prompt_time = max(t_first - t0, 1e-9)
             n += 1
-            text, finish = reply.add(token)
-            yield chunk(text, token, finish, n, logprobs)
-            if finish:
+            chunk = reply.add(token, logprobs)
+            yield chunk
+            if chunk.finish_reason:
                 return
     finally:
         # Every layer to one absolute position, whatever was interrupted: the prompt and the
@@ -510,27 +577,11 @@ def generate(
     **kwargs: Any,
 ) -> GenerationResult:
     """Generate a complete reply; takes the same arguments as `stream_generate`."""
-    text, tokens, last = [], [], None
+    chunks = []
     t0 = time.perf_counter()
     ttft = 0.0
-    for last in stream_generate(model, tokenizer, prompt, **kwargs):
-        if not tokens and last.token is not None:
+    for chunk in stream_generate(model, tokenizer, prompt, **kwargs):
+        if not ttft and chunk.token is not None:
             ttft = time.perf_counter() - t0
-        text.append(last.text)
-        if last.token is not None:
-            tokens.append(last.token)
-    raw = "".join(text)
-    content, calls = parse_tool_calls(raw) if last.tool_calls is not None else (raw, [])
-    return GenerationResult(
-        content,
-        tokens,
-        last.finish_reason,
-        last.prompt_tokens,
-        last.generation_tokens,
-        last.prompt_tps,
-        last.generation_tps,
-        last.peak_memory,
-        ttft,
-        calls,
-        raw,
-    )
+        chunks.append(chunk)
+    return GenerationResult.from_chunks(chunks, ttft)

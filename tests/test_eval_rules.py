@@ -207,7 +207,7 @@ def test_authors_procedure_prompt_budget_and_decoding(monkeypatch):
     from nesso_fixture import nesso_folder
     from transformers import AutoTokenizer
 
-    import nesso_mlx.generation
+    import nesso_mlx.batch
     from nesso_mlx import load
 
     path = nesso_folder("added")  # <tool_call> is an added token here: how the prompt is tokenized matters
@@ -220,11 +220,15 @@ def test_authors_procedure_prompt_budget_and_decoding(monkeypatch):
     # a reply with special tokens in it and blank space around: " \n<tool_call>...</tool_call><|im_start|><|im_end|>"
     reply_ids = reference.encode(" \n" + call("get_weather", '{"city": "Bari"}'), add_special_tokens=False) + [128257, 128256]
 
-    def scripted(model_, tokenizer_, prompt, *, tools, constrain, max_tokens, temperature):
-        seen.append((prompt, tools, constrain, max_tokens, temperature))
-        return SimpleNamespace(tokens=reply_ids, raw_text="ignored")
+    def scripted(model_, tokenizer_, requests, *, batch_size, progress, tools, constrain, temperature):
+        replies = []
+        for request in requests:
+            assert set(request) == {"prompt", "max_tokens"}
+            seen.append((request["prompt"], tools, constrain, request["max_tokens"], temperature))
+            replies.append(SimpleNamespace(tokens=reply_ids, raw_text="ignored"))
+        return replies
 
-    monkeypatch.setattr(nesso_mlx.generation, "generate", scripted)
+    monkeypatch.setattr(nesso_mlx.batch, "batch_generate", scripted)
     report = run_tool_eval(model, tokenizer, {**data, "cases": cases}, constrain=False, rules="authors")
     expected_answer = reference.decode(reply_ids, skip_special_tokens=True).strip()
     for case, (prompt, tools, constrain, max_tokens, temperature), result in zip(cases, seen, report.results, strict=True):

@@ -302,7 +302,7 @@ def test_the_authors_case_file_loads(tmp_path):
 def test_eval_runs_end_to_end_on_a_tiny_model(tiny_folder, monkeypatch):
     from types import SimpleNamespace
 
-    import nesso_mlx.generation
+    import nesso_mlx.batch
 
     model, tokenizer = load(tiny_folder)
     data = load_cases(CASES)
@@ -315,11 +315,16 @@ def test_eval_runs_end_to_end_on_a_tiny_model(tiny_folder, monkeypatch):
     # case, per category and per language, and the request must carry the case's tools.
     outputs = {json.dumps(c["messages"]): HAND_WRITTEN[c["id"]][0] for c in data["cases"]}
 
-    def scripted(model_, tokenizer_, *, messages, tools, constrain, max_tokens, temperature):
-        assert tools == data["tools"] and constrain is True and max_tokens == 7 and temperature == 0.0
-        return SimpleNamespace(raw_text=outputs[json.dumps(messages)])
+    def scripted(model_, tokenizer_, requests, *, batch_size, progress, tools, constrain, temperature):
+        assert tools == data["tools"] and constrain is True and temperature == 0.0 and batch_size == 8
+        replies = []
+        for request in requests:
+            assert request["max_tokens"] == 7
+            replies.append(SimpleNamespace(raw_text=outputs[json.dumps(request["messages"])]))
+            progress(len(replies), len(requests))
+        return replies
 
-    monkeypatch.setattr(nesso_mlx.generation, "generate", scripted)
+    monkeypatch.setattr(nesso_mlx.batch, "batch_generate", scripted)
     seen = []
     report = run_tool_eval(model, tokenizer, data, constrain=True, max_tokens=7, progress=lambda d, t: seen.append((d, t)))
     expected = {c["id"]: HAND_WRITTEN[c["id"]][1] for c in data["cases"]}
