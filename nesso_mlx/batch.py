@@ -35,8 +35,8 @@ class BatchKVCache(KVCache):
         self.rows = rows
 
     @property
-    def rope_offset(self) -> mx.array:
-        return self.offset - self.rows.starts
+    def rope_offset(self) -> int | mx.array:
+        return self.offset - self.rows.starts if any(self.rows.start_list) else self.offset
 
     def attend(self, queries: mx.array, keys: mx.array, values: mx.array, scale: float) -> mx.array:
         keys, values = self.update_and_fetch(keys, values)
@@ -126,16 +126,21 @@ def select_rows(batch: list[BatchKVCache], keep: Sequence[int]) -> None:
     rows.set([s - cut for s in starts])
 
 
-def row_cache(batch: Sequence[BatchKVCache], row: int) -> list[KVCache]:
-    """Row `row` of a batch cache as a single-sequence cache (views, no copy)."""
+def row_cache(batch: Sequence[BatchKVCache], row: int, copy: bool = False) -> list[KVCache]:
+    """Row `row` of a batch cache as a single-sequence cache: views of the batch's buffers, or with
+    `copy` arrays of its own (to keep after the batch goes on: a view keeps the whole buffer alive)."""
     start = batch[0].rows.start_list[row]
     out = []
     for layer in batch:
         single = KVCache()
         keys, values = layer.state
         single.keys, single.values = keys[row : row + 1, :, start:, :], values[row : row + 1, :, start:, :]
+        if copy:
+            single.keys, single.values = mx.contiguous(single.keys), mx.contiguous(single.values)
         single.offset = layer.offset - start
         out.append(single)
+    if copy:
+        mx.eval([(layer.keys, layer.values) for layer in out])
     return out
 
 
@@ -193,11 +198,11 @@ class BatchDecoder:
             self._logits = mx.concatenate([self._logits, logits.astype(self._logits.dtype)])
         self.sequences.append(sequence)
 
-    def remove(self, sequence: BatchSequence) -> list[KVCache]:
-        """Take a sequence out; returns its cache (prompt and every token `step` returned for it
-        but the last, plus the one queued: roll it back as `stream_generate` does)."""
+    def remove(self, sequence: BatchSequence, copy: bool = False) -> list[KVCache]:
+        """Take a sequence out; returns its cache: the prompt and every token `step` returned for
+        it (the last one's pass still queued). `copy` as in `row_cache`."""
         i = self.sequences.index(sequence)
-        single = row_cache(self.cache, i)
+        single = row_cache(self.cache, i, copy)
         keep = [j for j in range(len(self.sequences)) if j != i]
         self.sequences.pop(i)
         if keep:

@@ -1,4 +1,4 @@
-"""The MLX side of `nesso-mlx serve`: one worker thread, fair scheduling and a prompt cache.
+"""The MLX side of `nesso-mlx serve`: one worker thread, continuous batching and a prompt cache.
 
 One thread does all MLX work. MLX streams belong to the thread that made them:
 `generation.generation_stream` is made when `nesso_mlx.generation` is imported, and using it from
@@ -7,12 +7,14 @@ not meant to be shared between threads either. So the worker thread imports the 
 module, loads the model, runs every forward pass and owns every cache; the asyncio side sends it
 `Job`s and receives plain dicts (through `Job.sink`, `loop.call_soon_threadsafe` in the server).
 
-Scheduling is fair round robin: each round, every active job takes one step (one decode step of
-its `stream_generate` generator, or one chunk of its prompt's prefill), so all streams progress
-together; up to `max_concurrency` jobs are active, the rest wait in arrival order. A job's first
-step (tokenize, check the context, compile its grammar) runs as soon as it arrives, so a bad
-request is refused at once even when the server is busy. A cancelled job (its client went away)
-is closed at its next turn: `stream_generate`'s `finally` rolls its cache back, and the slot is free.
+Scheduling is continuous batching: up to `max_concurrency` jobs are active, the rest wait in
+arrival order. Each round, every active job that is not decoding yet takes one step (one chunk of
+its prompt's prefill), then all the decoding jobs take one decode step together: one forward pass
+for the batch (`batch.BatchDecoder`), each with its own sampler, penalties and grammar. A job joins
+the batch when its prefill is done and leaves it the moment its reply ends. A job's first step
+(tokenize, check the context, compile its grammar) runs as soon as it arrives, so a bad request is
+refused at once even when the server is busy. A cancelled job (its client went away) is closed at
+its next turn: it leaves the batch, its cache is kept for reuse, and the slot is free.
 
 The prompt cache keeps the KV caches of finished requests (prompt and reply) in an LRU with a byte
 budget. A new request reuses the entry with the longest common token prefix and prefills only the
@@ -174,6 +176,23 @@ class Runtime:
         return self.model.args.vocab_size
 
 
+class BatchSlot:
+    """A request's row in the scheduler's batch (`Scheduler.decoder`): what joins it, and the
+    tokens the batch produced for it, waiting to be handled."""
+
+    def __init__(self, sequence: Any, cache: list[Any], logits: Any) -> None:
+        self.sequence, self.cache, self.logits = sequence, cache, logits
+        self.decoder: Any = None  # set by the scheduler when the row joins
+        self.inbox: deque[Any] = deque()
+
+    def leave(self) -> list[Any] | None:
+        """Take the row out of the batch; its cache (prompt and tokens, the last one's pass queued)."""
+        if self.decoder is None:
+            return None
+        decoder, self.decoder = self.decoder, None
+        return decoder.remove(self.sequence, copy=True)
+
+
 def generate_steps(
     rt: Runtime,
     ids: list[int],
@@ -183,18 +202,22 @@ def generate_steps(
     cache: list[Any] | None = None,
     position: int = 0,
 ) -> Iterator[Any]:
-    """`stream_generate`'s chunks for the prompt `ids`, with None at each scheduling point of the prefill.
+    """The prompt `ids` prefilled, then decoded in the scheduler's batch: yields None at each
+    scheduling point, a `BatchSlot` once (for the scheduler to add to its batch), then a
+    `GenerationChunk` per token.
 
     Without `cache`, the prompt cache gives the longest cached prefix (`stats["cached_tokens"]`);
     with one, its first `position` tokens of `ids` are already in it. The prompt is prefilled
     `rt.prefill_step` tokens per step; `options(prefix, n)` gives `stream_generate`'s keyword
     arguments for a prompt whose first tokens `prefix` are in the cache and `n` remain. However it
-    ends, the cache (prompt and reply but its last token) is stored in the prompt cache.
+    ends, the row leaves the batch and its cache (prompt and reply but its last token) is stored in
+    the prompt cache.
     """
     import mlx.core as mx
 
+    from .batch import BatchSequence
     from .cache import rollback_cache
-    from .generation import generation_stream, stream_generate
+    from .generation import GenerationChunk, TokenLogprobs, generation_stream, prefill, prepare_decoding
 
     if cache is None:
         cache, position = rt.prompt_cache.lookup(ids)
@@ -202,6 +225,7 @@ def generate_steps(
             cache, position = rt.model.make_cache(), 0
         stats["cached_tokens"] = position
     generated: list[int] = []
+    slot: BatchSlot | None = None
     try:
         while len(ids) - position > rt.prefill_step:
             step = mx.array(ids[position : position + rt.prefill_step], dtype=mx.int32)
@@ -210,22 +234,34 @@ def generate_steps(
             mx.eval([layer.state for layer in cache])
             position += rt.prefill_step
             yield None
-        chunks = stream_generate(
-            rt.model,
-            rt.tokenizer,
-            ids[position:],
-            cache=cache,
-            prefill_chunk_size=rt.prefill_step,
-            **options(ids[:position], len(ids) - position),
-        )
-        try:
-            for chunk in chunks:
-                if chunk.token is not None:
-                    generated.append(chunk.token)
+        kwargs = options(ids[:position], len(ids) - position)
+        top_logprobs = kwargs.pop("top_logprobs", None)
+        plan = prepare_decoding(rt.model, rt.tokenizer, ids[position:], position, **kwargs)
+        prompt = mx.array(plan.ids, dtype=mx.int32)
+        logits = prefill(rt.model, prompt, cache, rt.prefill_step)
+        if plan.max_tokens <= 0:
+            yield GenerationChunk("", None, "length", len(plan.ids), 0)
+            return
+        history = prompt if plan.processors else None
+        sequence = BatchSequence(plan.sampler, plan.processors, history, plan.constraint, top_logprobs)
+        slot = BatchSlot(sequence, cache, logits)
+        yield slot
+        while True:
+            if not slot.inbox:
+                yield None
+                continue
+            item = slot.inbox.popleft()
+            generated.append(item.token)
+            logprobs = TokenLogprobs(item.logprob, item.top or []) if item.logprob is not None else None
+            chunk = plan.reply.add(item.token, logprobs)
+            if chunk.finish_reason:  # leave the batch now: the job goes on (its last events) without it
+                cache = slot.leave()
                 yield chunk
-        finally:
-            chunks.close()
+                return
+            yield chunk
     finally:
+        if slot is not None and slot.decoder is not None:
+            cache = slot.leave()
         held = list(ids) + generated[:-1] if generated else list(ids[:position])
         if all(layer.offset >= len(held) for layer in cache):
             rollback_cache(cache, len(held))
@@ -263,8 +299,8 @@ def chat_job(rt: Runtime, request: ChatRequest, stream: bool) -> Iterator[Event 
     steps = generate_steps(rt, ids, options, stats)
     try:
         for chunk in steps:
-            if chunk is None:
-                yield None
+            if chunk is None or isinstance(chunk, BatchSlot):
+                yield chunk
                 continue
             deltas, entries = reply.add(chunk)
             finish = chunk.finish_reason or finish
@@ -366,8 +402,8 @@ def completion_job(rt: Runtime, request: CompletionRequest, stream: bool) -> Ite
             steps = generate_steps(rt, ids, options, stats, cache=cache, position=position)
             try:
                 for chunk in steps:
-                    if chunk is None:
-                        yield None
+                    if chunk is None or isinstance(chunk, BatchSlot):
+                        yield chunk
                         continue
                     text.append(chunk.text)
                     finish = chunk.finish_reason or finish
@@ -408,6 +444,12 @@ class Job:
         self.sink = sink
         self.cancelled = False
         self.generator: Iterator[Event | None] | None = None
+        self.slot: BatchSlot | None = None  # its row in the scheduler's batch, once it joined
+
+    @property
+    def decoding(self) -> bool:
+        """Whether its tokens come from the scheduler's batch (it is stepped when one arrives)."""
+        return self.slot is not None and self.slot.decoder is not None
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -420,15 +462,24 @@ def error_event(status: int, message: str, error_type: str, param: str | None = 
 
 
 class Scheduler:
-    """Round robin over the active jobs; runs in the thread that calls it (the worker, or a test)."""
+    """Continuous batching over the active jobs; runs in the thread that calls it (the worker, or a test).
+
+    Each round, every job that is not decoding yet takes one step (its checks, or one chunk of its
+    prompt's prefill); then the jobs that are decoding take one step together, one forward pass
+    for all of them (`batch.BatchDecoder`), and each handles its token. A job joins the batch when
+    its prefill is done and leaves it when it ends, is cancelled or fails.
+    """
 
     def __init__(self, runtime: Runtime, max_concurrency: int = 8) -> None:
+        from .batch import BatchDecoder
+
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
         self.runtime = runtime
         self.max_concurrency = max_concurrency
         self.pending: deque[Job] = deque()
         self.active: list[Job] = []
+        self.decoder = BatchDecoder(runtime.model)
 
     @property
     def busy(self) -> bool:
@@ -441,7 +492,8 @@ class Scheduler:
             self.pending.append(job)
 
     def round(self) -> None:
-        """Admit waiting jobs into free slots, then give each active job one step."""
+        """Admit waiting jobs into free slots, step the jobs that are not decoding, then decode one
+        token for all those that are."""
         while self.pending and len(self.active) < self.max_concurrency:
             job = self.pending.popleft()
             if job.cancelled:
@@ -449,6 +501,25 @@ class Scheduler:
                 continue
             self.active.append(job)
         for job in list(self.active):
+            if not job.decoding and not self._step(job):
+                self.active.remove(job)
+        if not len(self.decoder):
+            return
+        try:
+            tokens = self.decoder.step()
+        except Exception:
+            log.exception("a batched decode step failed")
+            for job in [j for j in self.active if j.decoding]:
+                job.sink(error_event(500, "the server failed while generating (see its log)", "server_error"))
+                self._close(job)
+                self.active.remove(job)
+            from .batch import BatchDecoder
+
+            self.decoder = BatchDecoder(self.runtime.model)
+            return
+        for item in tokens:
+            job = item.sequence.data
+            job.slot.inbox.append(item)
             if not self._step(job):
                 self.active.remove(job)
 
@@ -482,7 +553,12 @@ class Scheduler:
             log.exception("request failed")
             job.sink(error_event(500, "the server failed while generating (see its log)", "server_error"))
             return False
-        if event is not None:
+        if isinstance(event, BatchSlot):  # prefill done: the job's tokens now come from the batch
+            event.sequence.data = job
+            self.decoder.add(event.sequence, event.cache, event.logits)
+            event.decoder, event.cache, event.logits = self.decoder, None, None
+            job.slot = event
+        elif event is not None:
             job.sink(event)
         return True
 

@@ -230,7 +230,7 @@ def test_json_schema_response_format_validates(smol):
 
 def test_concurrent_streams_equal_their_solo_replies(smol):
     """Four streams at once (greedy, and one seeded sample) each give the reply they give alone, and
-    they progress together (round robin), not one after another."""
+    they progress together (batched), not one after another."""
     api = client(smol)
     requests = [
         {"messages": [{"role": "user", "content": question}], "temperature": 0, "max_tokens": 6}
@@ -617,15 +617,19 @@ def test_three_concurrent_streams_with_two_slots_equal_their_solo_replies(nesso)
 # --- in-process: the request layer, the prompt cache and the scheduler -------------------------------
 
 
-def run_jobs(runtime, works):
-    """Run `(work, stream)` jobs together on a Scheduler in this thread; returns each job's events."""
+def run_jobs(runtime, works, batch_sizes=None):
+    """Run `(work, stream)` jobs together on a Scheduler in this thread; returns each job's events
+    (and appends the batch's size after each round to `batch_sizes`)."""
     from nesso_mlx.server_engine import Job, Scheduler
 
     scheduler = Scheduler(runtime, max_concurrency=len(works))
     events = [[] for _ in works]
     for i, work in enumerate(works):
         scheduler.add(Job(work, events[i].append))
-    scheduler.run_until_idle()
+    while scheduler.busy:
+        scheduler.round()
+        if batch_sizes is not None:
+            batch_sizes.append(len(scheduler.decoder))
     return events
 
 
@@ -689,7 +693,7 @@ def test_prompt_cache_evicts_least_recently_used_entries_over_its_budget():
 
 
 def test_interleaved_jobs_give_their_solo_results(nesso_local):
-    """Round robin over plain, constrained-tool and JSON-schema jobs, two with logprobs: each job's
+    """Batched decoding of plain, constrained-tool and JSON-schema jobs, two with logprobs: each job's
     events are those it gives alone (MLX work of several generators interleaved on one thread)."""
     from nesso_mlx.server_engine import PromptCache, Runtime, chat_job
 
@@ -712,8 +716,37 @@ def test_interleaved_jobs_give_their_solo_results(nesso_local):
         return text
 
     solo = [strip_ids(run_jobs(Runtime(model, tokenizer, PromptCache(0)), [work(r)])[0]) for r in requests]
-    together = run_jobs(Runtime(model, tokenizer, PromptCache(0)), [work(r) for r in requests])
+    sizes = []
+    together = run_jobs(Runtime(model, tokenizer, PromptCache(0)), [work(r) for r in requests], sizes)
     assert [strip_ids(e) for e in together] == solo
+    assert max(sizes) == len(requests)  # decoded in one batch, not one after another
+
+
+def test_a_job_cancelled_in_the_batch_leaves_it_and_the_others_go_on(nesso_local):
+    """A client gone mid-stream: its row leaves the batch at once (its cache stored for reuse), and
+    the others' replies are those they give alone."""
+    from nesso_mlx.server_engine import Job, PromptCache, Runtime, Scheduler, chat_job
+
+    model, tokenizer = nesso_local
+    requests = [chat_request(word, max_tokens=16) for word in ("Uno", "Due", "Tre")]
+    solo = [run_jobs(Runtime(model, tokenizer, PromptCache(0)), [lambda rt, r=r: chat_job(rt, r, False)])[0] for r in requests]
+    runtime = Runtime(model, tokenizer, PromptCache(2**30))
+    scheduler = Scheduler(runtime, max_concurrency=3)
+    events = [[] for _ in requests]
+    jobs = [Job(lambda rt, r=r: chat_job(rt, r, False), events[i].append) for i, r in enumerate(requests)]
+    for job in jobs:
+        scheduler.add(job)
+    for _ in range(6):
+        scheduler.round()
+    assert len(scheduler.decoder) == 3
+    jobs[1].cancel()
+    scheduler.round()
+    assert len(scheduler.decoder) == 2 and jobs[1] not in scheduler.active
+    scheduler.run_until_idle()
+    assert len(scheduler.decoder) == 0
+    assert events[0][-1]["message"] == solo[0][-1]["message"] and events[2][-1]["message"] == solo[2][-1]["message"]
+    assert not any(e["type"] == "done" for e in events[1])
+    assert len(runtime.prompt_cache) == 3  # every row's cache was kept, the cancelled one's too
 
 
 def test_chat_reply_streamed_deltas_equal_the_message_even_for_malformed_calls():
