@@ -17,6 +17,7 @@ _EXPORTS = {
     "load": "loading",
     "generate": "generation",
     "stream_generate": "generation",
+    "batch_generate": "batch",
     "GenerationChunk": "generation",
     "GenerationResult": "generation",
     "Model": "model",
@@ -33,6 +34,7 @@ _EXPORTS = {
 }
 
 if TYPE_CHECKING:
+    from .batch import batch_generate
     from .cache import KVCache, load_cache, make_cache, rollback_cache, save_cache, trim_cache
     from .config import ModelArgs
     from .errors import NessoError
@@ -57,6 +59,7 @@ __all__ = [
     "ModelArgs",
     "NessoError",
     "Tokenizer",
+    "batch_generate",
     "generate",
     "load",
     "load_cache",
