@@ -240,6 +240,10 @@ class BatchDecoder:
                 else:
                     extras.append([])
             batch_tokens = mx.concatenate(tokens).astype(mx.int32)
+        # The tokens (and log-probabilities) first, then the forward pass that feeds them back: the
+        # host waits below only for the sampling, while the pass runs.
+        mx.async_eval(batch_tokens, *(a for extra in extras for a in extra))
+        with mx.stream(generation_stream):
             self._logits = self.model(batch_tokens[:, None], self.cache)[:, -1, :]
         mx.async_eval(self._logits)
         values = batch_tokens.tolist()
