@@ -182,6 +182,7 @@ class BatchDecoder:
         self.sequences: list[BatchSequence] = []
         self.cache: list[BatchKVCache] | None = None
         self._logits: mx.array | None = None  # (B, vocab), row i for sequences[i]
+        self.steps = 0
 
     def __len__(self) -> int:
         return len(self.sequences)
@@ -216,7 +217,11 @@ class BatchDecoder:
         """One token for every sequence (in order); the forward pass of these tokens is queued."""
         if not self.sequences:
             return []
-        from .generation import generation_stream
+        from .generation import CLEAR_CACHE_EVERY, generation_stream
+
+        self.steps += 1
+        if self.steps % CLEAR_CACHE_EVERY == 0:
+            mx.clear_cache()
 
         with mx.stream(generation_stream):
             logits = self._logits

@@ -26,6 +26,7 @@ from .tools import ToolCall, ToolCallDelta, ToolCallStream, ToolSpec, parse_tool
 
 # A dedicated stream lets the next decode step be queued while Python handles the current one.
 generation_stream = mx.new_stream(mx.default_device())
+CLEAR_CACHE_EVERY = 256  # decode steps between releases of MLX's buffer cache
 
 
 @dataclass
@@ -533,6 +534,8 @@ def stream_generate(
             if top_logprobs is not None:
                 token, logprobs = token
             n += 1
+            if n % CLEAR_CACHE_EVERY == 0:
+                mx.clear_cache()  # return freed buffers to the system now and then, as mlx-lm does
             chunk = reply.add(token, logprobs)
             yield chunk
             if chunk.finish_reason:
