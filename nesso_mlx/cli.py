@@ -621,6 +621,7 @@ def eval_tools(
     rules: str = typer.Option(
         "authors", "--rules", help="authors (the Nesso authors' script, as published) or strict (nesso-mlx's, stricter)"
     ),
+    batch_size: int = NumberOption(8, "--batch-size", help="cases decoded together (each as it would be alone)", low=1),
 ) -> None:
     """Score tool calling per category and language (greedy; all tools offered; tool_choice auto).
 
@@ -665,6 +666,7 @@ def eval_tools(
                     max_tokens=max_tokens,
                     progress=lambda done, total, t=task: bar.update(t, completed=done),
                     rules=rules,
+                    batch_size=batch_size,
                 )
             )
     names = ["constrained" if r.constrained else "free" for r in reports]

@@ -29,12 +29,13 @@ ALLOWED = {
     "--seed": (">= 0", ["-1", "1.5", str(2**64)]),
     "--quantize": ("4 or 8", ["3", "16", "four"]),
     "--limit": (">= 1", ["0", "-3"]),
+    "--batch-size": (">= 1", ["0", "-2", "many"]),
 }
 SAMPLING = ["--max-tokens", "--top-k", "--min-p", "--top-p", "--temperature", "--repetition-penalty", "--seed", "--quantize"]
 COMMANDS = {
     "chat": (["chat", "--model", "/m"], [*SAMPLING, "--max-context", "--max-steps"]),
     "generate": (["generate", "--prompt", "hi", "--model", "/m"], SAMPLING),
-    "eval tools": (["eval", "tools", "--cases", "cases.json", "--model", "/m"], ["--max-tokens", "--limit"]),
+    "eval tools": (["eval", "tools", "--cases", "cases.json", "--model", "/m"], ["--max-tokens", "--limit", "--batch-size"]),
 }
 CASES = [
     pytest.param(args, option, value, id=f"{command} {option} {value}")
