@@ -14,12 +14,13 @@ see alone.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
 
 from .cache import KVCache
+from .errors import NessoError
 from .sampling import LogitsProcessor, Sampler, log_softmax
 
 
@@ -27,7 +28,7 @@ class BatchKVCache(KVCache):
     """One layer's keys and values for a batch of rows, left-padded to a common end.
 
     `starts[b]` is where row b's keys begin; positions before it are padding, masked out. All the
-    layers of a batch share one `BatchRows` (the starts and the per-step mask).
+    layers of a batch share one `BatchRows` (the starts, the per-row rotary offsets and the mask).
     """
 
     def __init__(self, rows: BatchRows) -> None:
@@ -36,7 +37,7 @@ class BatchKVCache(KVCache):
 
     @property
     def rope_offset(self) -> int | mx.array:
-        return self.offset - self.rows.starts if any(self.rows.start_list) else self.offset
+        return self.rows.rope_offset(self.offset)
 
     def attend(self, queries: mx.array, keys: mx.array, values: mx.array, scale: float) -> mx.array:
         keys, values = self.update_and_fetch(keys, values)
@@ -45,8 +46,8 @@ class BatchKVCache(KVCache):
 
 
 class BatchRows:
-    """The rows' start positions, and the attention mask of the current step (built once for
-    all the layers)."""
+    """The rows' start positions, and what follows from them for the current step (built once for
+    all the layers): each row's rotary offset and the attention mask."""
 
     def __init__(self, starts: Sequence[int]) -> None:
         self.set(starts)
@@ -54,7 +55,14 @@ class BatchRows:
     def set(self, starts: Sequence[int]) -> None:
         self.start_list = [int(s) for s in starts]
         self.starts = mx.array(self.start_list, dtype=mx.int32)
-        self._mask: tuple[int, int, mx.array | None] | None = None
+        self._mask: tuple[int, int, mx.array | str | None] | None = None
+        self._rope: tuple[int, int | mx.array] | None = None
+
+    def rope_offset(self, offset: int) -> int | mx.array:
+        """Each row's rotary position at physical position `offset` (an int when no row is padded)."""
+        if self._rope is None or self._rope[0] != offset:
+            self._rope = (offset, offset - self.starts if any(self.start_list) else offset)
+        return self._rope[1]
 
     def mask(self, length: int, end: int) -> mx.array | str | None:
         """Boolean (B, 1, length, end) mask: causal among the new positions, padding hidden."""
@@ -72,46 +80,70 @@ class BatchRows:
         return mask
 
 
+def _pad(x: mx.array, left: int, right: int = 0) -> mx.array:
+    """`x` (B, H, N, D) with `left` and `right` zero positions added."""
+    if not left and not right:
+        return x
+    B, H, _, D = x.shape
+    parts = [mx.zeros((B, H, left, D), dtype=x.dtype)] if left else []
+    parts.append(x)
+    if right:
+        parts.append(mx.zeros((B, H, right, D), dtype=x.dtype))
+    return mx.concatenate(parts, axis=2)
+
+
+def _room(end: int) -> int:
+    """Spare positions after `end`, up to the next whole block (at least one), so the next
+    steps write in place instead of regrowing."""
+    return (end // KVCache.step + 1) * KVCache.step - end
+
+
+def _assign(layers: Sequence[BatchKVCache], arrays: Sequence[tuple[mx.array, mx.array]], end: int) -> None:
+    """Give every layer its new buffers (holding `end` valid positions, then spare room). The arrays
+    are all built before any layer changes, so a failure while building leaves the batch as it was."""
+    for layer, (keys, values) in zip(layers, arrays, strict=True):
+        layer.keys, layer.values, layer.offset = keys, values, end
+
+
+def _plain_state(layer: KVCache) -> tuple[mx.array, mx.array]:
+    if type(layer) is not KVCache and not isinstance(layer, BatchKVCache):
+        raise NessoError(
+            f"batched decoding takes full-precision, unbounded caches ({type(layer).__name__} given); "
+            "decode quantized or bounded caches one sequence at a time"
+        )
+    if not layer.state:
+        raise ValueError("a sequence must hold at least one position before it joins a batch")
+    return layer.state
+
+
 def merge_caches(caches: Sequence[Sequence[KVCache]]) -> list[BatchKVCache]:
     """A batch cache whose rows are the given single-sequence caches (each of batch 1)."""
     end = max(c[0].offset for c in caches)
     rows = BatchRows([end - c[0].offset for c in caches])
-    layers = []
+    arrays = []
     for i in range(len(caches[0])):
-        layer = BatchKVCache(rows)
-        parts_k, parts_v = [], []
-        for cache, start in zip(caches, rows.start_list, strict=True):
-            if not cache[i].state:
-                raise ValueError("a sequence must hold at least one position before it joins a batch")
-            keys, values = cache[i].state
-            parts_k.append(_pad_left(keys, start))
-            parts_v.append(_pad_left(values, start))
-        if end:
-            layer.set_state(mx.concatenate(parts_k), mx.concatenate(parts_v))
-        layers.append(layer)
+        states = [_plain_state(cache[i]) for cache in caches]
+        keys = mx.concatenate([_pad(k, start, _room(end)) for (k, _), start in zip(states, rows.start_list, strict=True)])
+        values = mx.concatenate([_pad(v, start, _room(end)) for (_, v), start in zip(states, rows.start_list, strict=True)])
+        arrays.append((keys, values))
+    layers = [BatchKVCache(rows) for _ in arrays]
+    _assign(layers, arrays, end)
     return layers
-
-
-def _pad_left(x: mx.array, n: int) -> mx.array:
-    if not n:
-        return x
-    B, H, _, D = x.shape
-    return mx.concatenate([mx.zeros((B, H, n, D), dtype=x.dtype), x], axis=2)
 
 
 def extend_caches(batch: list[BatchKVCache], other: list[BatchKVCache]) -> None:
     """Append `other`'s rows to `batch` (in place), padding whichever is shorter on the left."""
     a, b = batch[0].offset, other[0].offset
     end = max(a, b)
-    rows = batch[0].rows
+    arrays = []
     for mine, theirs in zip(batch, other, strict=True):
-        k1, v1 = mine.state
-        k2, v2 = theirs.state
-        mine.set_state(
-            mx.concatenate([_pad_left(k1, end - a), _pad_left(k2, end - b)]),
-            mx.concatenate([_pad_left(v1, end - a), _pad_left(v2, end - b)]),
-        )
-    rows.set([s + end - a for s in rows.start_list] + [s + end - b for s in other[0].rows.start_list])
+        (k1, v1), (k2, v2) = mine.state, theirs.state
+        keys = mx.concatenate([_pad(k1, end - a, _room(end)), _pad(k2, end - b, _room(end))])
+        values = mx.concatenate([_pad(v1, end - a, _room(end)), _pad(v2, end - b, _room(end))])
+        arrays.append((keys, values))
+    starts = [s + end - a for s in batch[0].rows.start_list] + [s + end - b for s in other[0].rows.start_list]
+    _assign(batch, arrays, end)
+    batch[0].rows.set(starts)
 
 
 def select_rows(batch: list[BatchKVCache], keep: Sequence[int]) -> None:
@@ -120,15 +152,19 @@ def select_rows(batch: list[BatchKVCache], keep: Sequence[int]) -> None:
     starts = [rows.start_list[i] for i in keep]
     cut = min(starts, default=0)
     index = mx.array(list(keep), dtype=mx.int32)
+    end = batch[0].offset - cut
+    arrays = []
     for layer in batch:
         keys, values = layer.state
-        layer.set_state(keys[index, :, cut:, :], values[index, :, cut:, :])
+        arrays.append((_pad(keys[index, :, cut:, :], 0, _room(end)), _pad(values[index, :, cut:, :], 0, _room(end))))
+    _assign(batch, arrays, end)
     rows.set([s - cut for s in starts])
 
 
 def row_cache(batch: Sequence[BatchKVCache], row: int, copy: bool = False) -> list[KVCache]:
     """Row `row` of a batch cache as a single-sequence cache: views of the batch's buffers, or with
-    `copy` arrays of its own (to keep after the batch goes on: a view keeps the whole buffer alive)."""
+    `copy` arrays of its own (to keep after the batch goes on: a view keeps the whole buffer alive;
+    the copies are queued, not waited for)."""
     start = batch[0].rows.start_list[row]
     out = []
     for layer in batch:
@@ -140,7 +176,7 @@ def row_cache(batch: Sequence[BatchKVCache], row: int, copy: bool = False) -> li
         single.offset = layer.offset - start
         out.append(single)
     if copy:
-        mx.eval([(layer.keys, layer.values) for layer in out])
+        mx.async_eval([(layer.keys, layer.values) for layer in out])
     return out
 
 
@@ -154,17 +190,19 @@ class BatchSequence:
     constraint: Any = None  # a `generation.TokenConstraint`
     top_logprobs: int | None = None
     data: Any = None  # the caller's own state
-    logits: mx.array | None = field(default=None, repr=False)  # (1, vocab): the next token's
 
 
 @dataclass
 class BatchToken:
-    """A token `BatchDecoder.step` produced for a sequence, with its log-probabilities if asked."""
+    """A token `BatchDecoder.step` produced for a sequence, with its log-probabilities if asked;
+    or the `error` that sequence's processors, sampler or grammar raised (then `token` is -1 and
+    the sequence must be removed: the other sequences are not affected)."""
 
     sequence: BatchSequence
     token: int
     logprob: float | None = None
     top: list[tuple[int, float]] | None = None
+    error: Exception | None = None
 
 
 class BatchDecoder:
@@ -175,6 +213,10 @@ class BatchDecoder:
     runs. A sequence's grammar constraint is advanced before its next token is sampled, so masks
     always see the latest token. The cache of each sequence runs one token ahead of what `step`
     returned (the queued pass), as in `generation.decode`.
+
+    An error in one sequence's processors, sampler or grammar comes back as that sequence's
+    `BatchToken.error`. An exception that escapes `step` (an interrupt, a failed evaluation)
+    leaves the decoder in an undefined state: discard it.
     """
 
     def __init__(self, model: Any) -> None:
@@ -189,29 +231,51 @@ class BatchDecoder:
 
     def add(self, sequence: BatchSequence, cache: Sequence[KVCache], logits: mx.array) -> None:
         """Join a sequence whose `cache` holds its prompt and whose `logits` ((1, vocab) or
-        (vocab,)) give its first token."""
+        (vocab,)) give its first token. On an error the decoder is unchanged."""
         joined = merge_caches([cache])
         logits = logits.reshape(1, -1)
         if self.cache is None:
             self.cache, self._logits = joined, logits
         else:
+            new_logits = mx.concatenate([self._logits, logits.astype(self._logits.dtype)])
             extend_caches(self.cache, joined)
-            self._logits = mx.concatenate([self._logits, logits.astype(self._logits.dtype)])
+            self._logits = new_logits
         self.sequences.append(sequence)
 
     def remove(self, sequence: BatchSequence, copy: bool = False) -> list[KVCache]:
         """Take a sequence out; returns its cache: the prompt and every token `step` returned for
         it (the last one's pass still queued). `copy` as in `row_cache`."""
-        i = self.sequences.index(sequence)
-        single = row_cache(self.cache, i, copy)
-        keep = [j for j in range(len(self.sequences)) if j != i]
-        self.sequences.pop(i)
+        return self.remove_many([sequence], copy)[0]
+
+    def remove_many(self, sequences: Sequence[BatchSequence], copy: bool = False) -> list[list[KVCache]]:
+        """`remove` for several sequences at once (one copy of the batch, not one per sequence)."""
+        gone = [self.sequences.index(seq) for seq in sequences]
+        singles = [row_cache(self.cache, i, copy) for i in gone]
+        keep = [j for j in range(len(self.sequences)) if j not in gone]
         if keep:
             select_rows(self.cache, keep)
             self._logits = self._logits[mx.array(keep, dtype=mx.int32)]
         else:
             self.cache, self._logits = None, None
-        return single
+        self.sequences = [self.sequences[j] for j in keep]
+        return singles
+
+    def _sample(self, seq: BatchSequence, row: mx.array) -> tuple[mx.array, list[mx.array]]:
+        """One sequence's next token (1,) from its logits row (1, vocab), and its log-probabilities."""
+        for processor in seq.processors:
+            row = processor(seq.history, row)
+        masked = row
+        if seq.constraint is not None and seq.constraint.active:
+            masked = mx.where(seq.constraint.mask(), row, -mx.inf)
+        token = seq.sampler(masked).astype(mx.int32)
+        extra: list[mx.array] = []
+        if seq.top_logprobs is not None:
+            scores = log_softmax(row)
+            extra = [mx.take_along_axis(scores, token[:, None], axis=-1)[0, 0]]
+            if seq.top_logprobs > 0:
+                best = mx.argpartition(-scores, seq.top_logprobs - 1, axis=-1)[0, : seq.top_logprobs]
+                extra += [best, scores[0, best]]
+        return token, extra
 
     def step(self) -> list[BatchToken]:
         """One token for every sequence (in order); the forward pass of these tokens is queued."""
@@ -222,29 +286,17 @@ class BatchDecoder:
         self.steps += 1
         if self.steps % CLEAR_CACHE_EVERY == 0:
             mx.clear_cache()
-
+        errors: dict[int, Exception] = {}
+        tokens, extras = [], []
         with mx.stream(generation_stream):
-            logits = self._logits
-            tokens, extras = [], []
             for i, seq in enumerate(self.sequences):
-                row = logits[i : i + 1]
-                for processor in seq.processors:
-                    row = processor(seq.history, row)
-                masked = row
-                if seq.constraint is not None and seq.constraint.active:
-                    masked = mx.where(seq.constraint.mask(), row, -mx.inf)
-                token = seq.sampler(masked)
+                try:
+                    token, extra = self._sample(seq, self._logits[i : i + 1])
+                except Exception as e:  # this sequence's processor, grammar or sampler
+                    errors[i], token, extra = e, mx.zeros((1,), dtype=mx.int32), []
                 tokens.append(token)
-                if seq.top_logprobs is not None:
-                    scores = log_softmax(row)
-                    extra = [mx.take_along_axis(scores, token[:, None], axis=-1)[0, 0]]
-                    if seq.top_logprobs > 0:
-                        best = mx.argpartition(-scores, seq.top_logprobs - 1, axis=-1)[0, : seq.top_logprobs]
-                        extra += [best, scores[0, best]]
-                    extras.append(extra)
-                else:
-                    extras.append([])
-            batch_tokens = mx.concatenate(tokens).astype(mx.int32)
+                extras.append(extra)
+            batch_tokens = mx.concatenate(tokens)
         # The tokens (and log-probabilities) first, then the forward pass that feeds them back: the
         # host waits below only for the sampling, while the pass runs.
         mx.async_eval(batch_tokens, *(a for extra in extras for a in extra))
@@ -253,11 +305,18 @@ class BatchDecoder:
         mx.async_eval(self._logits)
         values = batch_tokens.tolist()
         out = []
-        for seq, value, extra in zip(self.sequences, values, extras, strict=True):
+        for i, (seq, value, extra) in enumerate(zip(self.sequences, values, extras, strict=True)):
+            if i in errors:
+                out.append(BatchToken(seq, -1, error=errors[i]))
+                continue
+            try:
+                if seq.constraint is not None:
+                    seq.constraint.advance(value)
+            except Exception as e:
+                out.append(BatchToken(seq, -1, error=e))
+                continue
             if seq.history is not None:
                 seq.history = mx.concatenate([seq.history, mx.array([value], dtype=seq.history.dtype)])
-            if seq.constraint is not None:
-                seq.constraint.advance(value)
             item = BatchToken(seq, value)
             if extra:
                 item.logprob = extra[0].item()
@@ -358,10 +417,16 @@ def batch_generate(
     while waiting or len(decoder):
         while waiting and len(decoder) < batch_size:
             start(waiting.pop())
+        finished = []
         for item in decoder.step():
+            if item.error is not None:
+                raise item.error
             _, reply, chunks = item.sequence.data
             chunks.append(reply.add(item.token))
             if chunks[-1].finish_reason:
-                decoder.remove(item.sequence)
-                finish(item.sequence, chunks)
+                finished.append(item.sequence)
+        if finished:
+            decoder.remove_many(finished)
+            for sequence in finished:
+                finish(sequence, sequence.data[2])
     return results

@@ -227,8 +227,12 @@ def decode(
             first_mask = constraint.mask()
         token, history, extra = sample(logits, history, first_mask)
     mx.async_eval(token, *extra)
+    # A seeded sampler's key sequence (see make_sampler): a position drawn again after a trigger
+    # reuses its key, so each position takes one key, as in the batch decoder.
+    keys = getattr(sampler, "state", None)
     while True:
         before = history
+        saved = dict(keys) if keys is not None else None
         with mx.stream(generation_stream):
             next_logits = model(token[:, None], cache)[:, -1, :]
             if constraint is None or not constraint.active:
@@ -237,6 +241,8 @@ def decode(
             mx.async_eval(next_token, *next_extra)
             value = token.item()
             if constraint is not None and constraint.advance(value):
+                if saved is not None:
+                    keys.update(saved)
                 with mx.stream(generation_stream):
                     next_token, history, next_extra = sample(next_logits, before, constraint.mask())
                 mx.async_eval(next_token, *next_extra)

@@ -245,6 +245,7 @@ def generate_steps(
         history = prompt if plan.processors else None
         sequence = BatchSequence(plan.sampler, plan.processors, history, plan.constraint, top_logprobs)
         slot = BatchSlot(sequence, cache, logits)
+        cache = None  # the batch holds a copy now; the row's own cache comes back when it leaves
         yield slot
         while True:
             if not slot.inbox:
@@ -262,8 +263,10 @@ def generate_steps(
     finally:
         if slot is not None and slot.decoder is not None:
             cache = slot.leave()
+        if cache is None:  # it never joined the batch after all (the scheduler failed to add it)
+            cache = slot.cache if slot is not None else None
         held = list(ids) + generated[:-1] if generated else list(ids[:position])
-        if all(layer.offset >= len(held) for layer in cache):
+        if cache is not None and all(layer.offset >= len(held) for layer in cache):
             rollback_cache(cache, len(held))
             rt.prompt_cache.store(held, cache)
 
@@ -519,6 +522,12 @@ class Scheduler:
             return
         for item in tokens:
             job = item.sequence.data
+            if item.error is not None:  # this request's own processors or grammar failed
+                log.error("request failed while decoding", exc_info=item.error)
+                job.sink(error_event(500, "the server failed while generating (see its log)", "server_error"))
+                self._close(job)  # leaves the batch
+                self.active.remove(job)
+                continue
             job.slot.inbox.append(item)
             if not self._step(job):
                 self.active.remove(job)
@@ -555,7 +564,13 @@ class Scheduler:
             return False
         if isinstance(event, BatchSlot):  # prefill done: the job's tokens now come from the batch
             event.sequence.data = job
-            self.decoder.add(event.sequence, event.cache, event.logits)
+            try:
+                self.decoder.add(event.sequence, event.cache, event.logits)
+            except Exception:  # the decoder is unchanged (`add` is all or nothing)
+                log.exception("a request could not join the batch")
+                job.sink(error_event(500, "the server failed while generating (see its log)", "server_error"))
+                self._close(job)
+                return False
             event.decoder, event.cache, event.logits = self.decoder, None, None
             job.slot = event
         elif event is not None:

@@ -171,3 +171,79 @@ def test_bad_requests(tiny):
     with pytest.raises(ValueError, match="batch_size"):
         batch_generate(model, tokenizer, ["a"], batch_size=0)
     assert batch_generate(model, tokenizer, []) == []
+
+
+@pytest.mark.parametrize("variant", ["text", "added"])
+def test_seeded_tool_call_after_a_trigger_equals_generate(variant):
+    """An "auto" call that really starts (the opening tag forced as the 2nd token): the grammar
+    switches on mid-reply, and seeded sampling still draws what `generate` draws."""
+    model, tokenizer = load(nesso_folder(variant), dtype="float32")
+    messages = [{"role": "user", "content": "Che tempo fa a Bari?"}]
+    n_prompt = len(tokenizer.apply_chat_template(messages, tools=[TOOL]))
+    opening = tokenizer.encode("<tool_call>", add_special_tokens=False)
+
+    def force_call(tokens: mx.array, logits: mx.array) -> mx.array:
+        at = tokens.size - n_prompt - 1  # the 2nd generated token onwards: the opening tag
+        if 0 <= at < len(opening):
+            return mx.where(mx.arange(logits.shape[-1])[None] == opening[at], mx.zeros_like(logits), -mx.inf)
+        return logits
+
+    request = {"messages": messages, "tools": [TOOL], "tool_choice": "auto", "max_tokens": 40, "logits_processors": [force_call]}
+    for seed in (7, 8):
+        alone = generate(model, tokenizer, temperature=1.0, seed=seed, **request)
+        assert "<tool_call>" in alone.raw_text  # the trigger did fire
+        together = batch_generate(model, tokenizer, [request, chat("Ciao", max_tokens=30)], temperature=1.0, seed=seed)
+        assert together[0].tokens == alone.tokens
+        if alone.finish_reason == "tool_calls":
+            assert together[0].tool_calls[0].name == "meteo"
+
+
+def test_one_sequence_failing_leaves_the_others_alone(tiny):
+    model, tokenizer = tiny
+    prompts = [tokenizer.encode(p) for p in PROMPTS[:3]]
+    alone = [generate(model, tokenizer, p, max_tokens=6).tokens for p in prompts]
+    limit = [vocab_limit_processor(tokenizer.vocab_size, model.args.vocab_size)]
+    calls = {"n": 0}
+
+    def breaks_on_third_call(tokens: mx.array, logits: mx.array) -> mx.array:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("a processor bug")
+        return logits
+
+    decoder = BatchDecoder(model)
+    seqs = []
+    for i, ids in enumerate(prompts):
+        cache = model.make_cache()
+        logits = model(mx.array([ids]), cache)[:, -1, :]
+        extra = [breaks_on_third_call] if i == 1 else []
+        seqs.append(BatchSequence(make_sampler(0.0), [*limit, *extra], mx.array(ids), data=i))
+        decoder.add(seqs[-1], cache, logits)
+    got: dict[int, list[int]] = {0: [], 1: [], 2: []}
+    for _ in range(6):
+        for item in decoder.step():
+            if item.error is not None:
+                assert item.sequence is seqs[1] and "processor bug" in str(item.error)
+                decoder.remove(item.sequence)
+                continue
+            got[item.sequence.data].append(item.token)
+    assert got[0] == alone[0] and got[2] == alone[2] and got[1] == alone[1][:2]
+    with pytest.raises(RuntimeError, match="processor bug"):  # batch_generate hands the error to its caller
+        calls["n"] = 0
+        batch_generate(model, tokenizer, [chat("a", logits_processors=[breaks_on_third_call]), chat("b")], max_tokens=6)
+
+
+def test_quantized_or_bounded_caches_are_refused_in_one_line(tmp_path):
+    from conftest import TINY_CONFIG
+
+    from nesso_mlx.errors import NessoError
+
+    config = dict(TINY_CONFIG, hidden_size=128, num_attention_heads=2, num_key_value_heads=1)  # head_dim 64
+    model, _ = load(write_model_folder(tmp_path / "m", config), dtype="float32")
+    for options in ({"kv_bits": 8}, {"max_kv_size": 64}):
+        cache = model.make_cache(**options)
+        logits = model(mx.array([[1, 2, 3]]), cache)[:, -1, :]
+        decoder = BatchDecoder(model)
+        with pytest.raises(NessoError, match="full-precision, unbounded"):
+            decoder.add(BatchSequence(make_sampler(0.0)), cache, logits)
+        assert len(decoder) == 0 and decoder.cache is None

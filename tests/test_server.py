@@ -956,3 +956,61 @@ def test_the_servers_default_max_tokens_caps_only_requests_without_one(nesso_loc
     )
     assert (a[-1]["finish_reason"], a[-1]["usage"]["completion_tokens"]) == ("length", 5)
     assert (b[-1]["finish_reason"], b[-1]["usage"]["completion_tokens"]) == ("length", 9)
+
+
+def test_a_request_failing_in_the_batch_fails_alone(nesso_local, monkeypatch):
+    """One request's processors raise while decoding: it gets a 500, the others their solo replies,
+    and the scheduler ends idle with an empty batch."""
+    import nesso_mlx.generation as generation
+    from nesso_mlx.server_engine import PromptCache, Runtime, chat_job
+
+    model, tokenizer = nesso_local
+    requests = [chat_request(word, max_tokens=10) for word in ("Uno", "Due", "Tre")]
+    solo = [run_jobs(Runtime(model, tokenizer, PromptCache(0)), [lambda rt, r=r: chat_job(rt, r, False)])[0] for r in requests]
+    real = generation.prepare_decoding
+
+    def breaking(model_, tokenizer_, ids, cached=0, **options):
+        plan = real(model_, tokenizer_, ids, cached, **options)
+        if "Due" in tokenizer_.decode(ids):
+            plan.processors.append(lambda tokens, logits: (_ for _ in ()).throw(RuntimeError("processor bug")))
+        return plan
+
+    monkeypatch.setattr(generation, "prepare_decoding", breaking)
+    events = run_jobs(Runtime(model, tokenizer, PromptCache(2**30)), [lambda rt, r=r: chat_job(rt, r, False) for r in requests])
+    assert events[1][-1]["type"] == "error" and events[1][-1]["status"] == 500
+    assert events[0][-1]["message"] == solo[0][-1]["message"] and events[2][-1]["message"] == solo[2][-1]["message"]
+
+
+def test_a_request_that_cannot_join_the_batch_gets_an_error_not_a_hang(nesso_local, monkeypatch):
+    """A cache the batch cannot take (here a bounded one): a 500 at once; the scheduler goes idle."""
+    from nesso_mlx.server_engine import Job, PromptCache, Runtime, Scheduler, chat_job
+
+    model, tokenizer = nesso_local
+    real = type(model).make_cache
+    monkeypatch.setattr(type(model), "make_cache", lambda self, *a, **k: real(self, max_kv_size=64))
+    runtime = Runtime(model, tokenizer, PromptCache(0))
+    scheduler = Scheduler(runtime, max_concurrency=2)
+    events: list = []
+    scheduler.add(Job(lambda rt: chat_job(rt, chat_request("Uno", max_tokens=5), False), events.append))
+    for _ in range(5):
+        scheduler.round()
+    assert not scheduler.busy and len(scheduler.decoder) == 0
+    assert events[-1]["type"] == "error" and events[-1]["status"] == 500
+
+
+def test_a_job_cancelled_while_prefilling_never_joins(nesso_local):
+    from nesso_mlx.server_engine import Job, PromptCache, Runtime, Scheduler, chat_job
+
+    model, tokenizer = nesso_local
+    runtime = Runtime(model, tokenizer, PromptCache(2**30), prefill_step=4)  # several prefill steps
+    scheduler = Scheduler(runtime, max_concurrency=2)
+    events: list = []
+    job = Job(lambda rt: chat_job(rt, chat_request("Uno due tre quattro cinque", max_tokens=5), False), events.append)
+    scheduler.add(job)
+    scheduler.round()
+    scheduler.round()
+    assert not job.decoding and job in scheduler.active
+    job.cancel()
+    scheduler.run_until_idle()
+    assert len(scheduler.decoder) == 0 and not any(e["type"] == "done" for e in events)
+    assert len(runtime.prompt_cache) == 1  # the prefilled part is kept for the next request
