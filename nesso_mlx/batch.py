@@ -21,7 +21,7 @@ import mlx.core as mx
 
 from .cache import KVCache
 from .errors import NessoError
-from .sampling import LogitsProcessor, Sampler, log_softmax
+from .sampling import LogitsProcessor, Sampler, greedy, log_softmax
 
 
 class BatchKVCache(KVCache):
@@ -260,6 +260,11 @@ class BatchDecoder:
         self.sequences = [self.sequences[j] for j in keep]
         return singles
 
+    @staticmethod
+    def _plain_greedy(seq: BatchSequence) -> bool:
+        active = seq.constraint is not None and seq.constraint.active
+        return seq.sampler is greedy and not seq.processors and not active and seq.top_logprobs is None
+
     def _sample(self, seq: BatchSequence, row: mx.array) -> tuple[mx.array, list[mx.array]]:
         """One sequence's next token (1,) from its logits row (1, vocab), and its log-probabilities."""
         for processor in seq.processors:
@@ -289,7 +294,18 @@ class BatchDecoder:
         errors: dict[int, Exception] = {}
         tokens, extras = [], []
         with mx.stream(generation_stream):
+            # Plain greedy rows (no processors, grammar or logprobs) take one argmax together.
+            plain = [i for i, seq in enumerate(self.sequences) if self._plain_greedy(seq)]
+            if len(plain) > 1:
+                together = greedy(self._logits[mx.array(plain, dtype=mx.int32)]).astype(mx.int32)
+                where = {i: j for j, i in enumerate(plain)}
+            else:
+                where = {}
             for i, seq in enumerate(self.sequences):
+                if i in where:
+                    tokens.append(together[where[i] : where[i] + 1])
+                    extras.append([])
+                    continue
                 try:
                     token, extra = self._sample(seq, self._logits[i : i + 1])
                 except Exception as e:  # this sequence's processor, grammar or sampler

@@ -73,6 +73,11 @@ def filter_logprobs(logits: mx.array, top_k: int = 0, top_p: float = 1.0, min_p:
     return _filter(logprobs, top_k, top_p, min_p)
 
 
+def greedy(logits: mx.array) -> mx.array:
+    """The most likely token of each row: the sampler of temperature 0."""
+    return mx.argmax(logits, axis=-1)
+
+
 def make_sampler(
     temperature: float = 0.0,
     top_p: float = 1.0,
@@ -101,7 +106,7 @@ def make_sampler(
     if top_k < 0:
         raise ValueError(f"top_k must be >= 0, got {top_k}")
     if temperature == 0:
-        return lambda logits: mx.argmax(logits, axis=-1)
+        return greedy
 
     inverse_temperature = 1.0 / temperature
 
