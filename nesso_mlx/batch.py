@@ -180,7 +180,7 @@ def row_cache(batch: Sequence[BatchKVCache], row: int, copy: bool = False) -> li
     return out
 
 
-@dataclass
+@dataclass(eq=False)  # rows are told apart by identity: two greedy rows may hold equal fields
 class BatchSequence:
     """One row of a `BatchDecoder`: how its next token is chosen, and its history."""
 
@@ -192,7 +192,7 @@ class BatchSequence:
     data: Any = None  # the caller's own state
 
 
-@dataclass
+@dataclass(eq=False)
 class BatchToken:
     """A token `BatchDecoder.step` produced for a sequence, with its log-probabilities if asked;
     or the `error` that sequence's processors, sampler or grammar raised (then `token` is -1 and
@@ -249,7 +249,7 @@ class BatchDecoder:
 
     def remove_many(self, sequences: Sequence[BatchSequence], copy: bool = False) -> list[list[KVCache]]:
         """`remove` for several sequences at once (one copy of the batch, not one per sequence)."""
-        gone = [self.sequences.index(seq) for seq in sequences]
+        gone = [next(i for i, row in enumerate(self.sequences) if row is seq) for seq in sequences]
         singles = [row_cache(self.cache, i, copy) for i in gone]
         keep = [j for j in range(len(self.sequences)) if j not in gone]
         if keep:
@@ -262,8 +262,7 @@ class BatchDecoder:
 
     @staticmethod
     def _plain_greedy(seq: BatchSequence) -> bool:
-        active = seq.constraint is not None and seq.constraint.active
-        return seq.sampler is greedy and not seq.processors and not active and seq.top_logprobs is None
+        return seq.sampler is greedy and not seq.processors and seq.constraint is None and seq.top_logprobs is None
 
     def _sample(self, seq: BatchSequence, row: mx.array) -> tuple[mx.array, list[mx.array]]:
         """One sequence's next token (1,) from its logits row (1, vocab), and its log-probabilities."""
@@ -273,6 +272,8 @@ class BatchDecoder:
         if seq.constraint is not None and seq.constraint.active:
             masked = mx.where(seq.constraint.mask(), row, -mx.inf)
         token = seq.sampler(masked).astype(mx.int32)
+        if token.shape != (1,):
+            raise ValueError(f"a sampler or logits processor gave tokens of shape {token.shape}, not (1,)")
         extra: list[mx.array] = []
         if seq.top_logprobs is not None:
             scores = log_softmax(row)

@@ -229,7 +229,7 @@ def decode(
     mx.async_eval(token, *extra)
     # A seeded sampler's key sequence (see make_sampler): a position drawn again after a trigger
     # reuses its key, so each position takes one key, as in the batch decoder.
-    keys = getattr(sampler, "state", None)
+    keys = getattr(sampler, "key_state", None)
     while True:
         before = history
         saved = dict(keys) if keys is not None else None

@@ -130,7 +130,7 @@ def make_sampler(
         state["key"], key = mx.random.split(state["key"])
         return draw(logits, key)
 
-    sample_seeded.state = state  # the key sequence, for a caller that must draw a position again
+    sample_seeded.key_state = state  # the key sequence, for a caller that must draw a position again
     return sample_seeded
 
 

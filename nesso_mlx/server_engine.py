@@ -189,8 +189,9 @@ class BatchSlot:
         """Take the row out of the batch; its cache (prompt and tokens, the last one's pass queued)."""
         if self.decoder is None:
             return None
-        decoder, self.decoder = self.decoder, None
-        return decoder.remove(self.sequence, copy=True)
+        cache = self.decoder.remove(self.sequence, copy=True)
+        self.decoder = None  # only once it is out: a failed remove leaves it joined (see Scheduler.round)
+        return cache
 
 
 def generate_steps(
@@ -522,6 +523,12 @@ class Scheduler:
             return
         for item in tokens:
             job = item.sequence.data
+            if job not in self.active:  # a row its job could not take out (its leave failed): drop it
+                try:
+                    self.decoder.remove(item.sequence)
+                except Exception:
+                    log.exception("dropping an orphaned batch row failed")
+                continue
             if item.error is not None:  # this request's own processors or grammar failed
                 log.error("request failed while decoding", exc_info=item.error)
                 job.sink(error_event(500, "the server failed while generating (see its log)", "server_error"))

@@ -246,3 +246,32 @@ def test_quantized_or_bounded_caches_are_refused_in_one_line(tmp_path):
         with pytest.raises(NessoError, match="full-precision, unbounded"):
             decoder.add(BatchSequence(make_sampler(0.0)), cache, logits)
         assert len(decoder) == 0 and decoder.cache is None
+
+
+def test_plain_greedy_rows_grouped_and_told_apart(tmp_path):
+    """Rows with nothing but the greedy sampler share one argmax, and equal-looking rows are still
+    different rows: removing the second takes out the second."""
+    from conftest import TINY_CONFIG
+
+    model, tokenizer = load(write_model_folder(tmp_path / "m", dict(TINY_CONFIG, vocab_size=265), seed=3), dtype="float32")
+    assert model.args.vocab_size == tokenizer.vocab_size  # no padding rows: no processors at all
+    prompts = [tokenizer.encode(p) for p in PROMPTS[:3]]
+    alone = [generate(model, tokenizer, p, max_tokens=6).tokens for p in prompts]
+    decoder = BatchDecoder(model)
+    seqs = [BatchSequence(make_sampler(0.0)) for _ in prompts]
+    assert seqs[0] != seqs[1]
+    for seq, ids in zip(seqs, prompts, strict=True):
+        cache = model.make_cache()
+        decoder.add(seq, cache, model(mx.array([ids]), cache)[:, -1, :])
+    got: list[list[int]] = [[], [], []]
+    for step in range(6):
+        for item in decoder.step():
+            got[seqs.index(item.sequence)].append(item.token)  # identity: no two rows are equal
+        if step == 2:
+            cache = decoder.remove(seqs[1])
+            assert cache[0].offset == len(prompts[1]) + 3 and decoder.sequences == [seqs[0], seqs[2]]
+    assert got[0] == alone[0] and got[2] == alone[2] and got[1] == alone[1][:3]
+    shared = [lambda tokens, logits: logits]  # one processor list shared by every request
+    requests = [{"prompt": p, "max_tokens": 3 + 2 * i} for i, p in enumerate(PROMPTS[:3])]
+    together = batch_generate(model, tokenizer, requests, logits_processors=shared)
+    assert [r.tokens for r in together] == [generate(model, tokenizer, **r).tokens for r in requests]
