@@ -184,6 +184,7 @@ class BatchSlot:
         self.sequence, self.cache, self.logits = sequence, cache, logits
         self.decoder: Any = None  # set by the scheduler when the row joins
         self.inbox: deque[Any] = deque()
+        self.broken = False  # the batch failed: its cache is not to be reused
 
     def leave(self) -> list[Any] | None:
         """Take the row out of the batch; its cache (prompt and tokens, the last one's pass queued)."""
@@ -267,6 +268,8 @@ def generate_steps(
         if cache is None:  # it never joined the batch after all (the scheduler failed to add it)
             cache = slot.cache if slot is not None else None
         held = list(ids) + generated[:-1] if generated else list(ids[:position])
+        if slot is not None and slot.broken:
+            cache = None  # from a batch whose step failed: not worth reusing
         if cache is not None and all(layer.offset >= len(held) for layer in cache):
             rollback_cache(cache, len(held))
             rt.prompt_cache.store(held, cache)
@@ -514,6 +517,7 @@ class Scheduler:
         except Exception:
             log.exception("a batched decode step failed")
             for job in [j for j in self.active if j.decoding]:
+                job.slot.broken = True
                 job.sink(error_event(500, "the server failed while generating (see its log)", "server_error"))
                 self._close(job)
                 self.active.remove(job)

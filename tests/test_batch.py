@@ -275,3 +275,23 @@ def test_plain_greedy_rows_grouped_and_told_apart(tmp_path):
     requests = [{"prompt": p, "max_tokens": 3 + 2 * i} for i, p in enumerate(PROMPTS[:3])]
     together = batch_generate(model, tokenizer, requests, logits_processors=shared)
     assert [r.tokens for r in together] == [generate(model, tokenizer, **r).tokens for r in requests]
+
+
+def test_a_join_that_fails_leaves_the_batch_as_it_was(tiny, tmp_path):
+    model, tokenizer = tiny
+    ids = tokenizer.encode(PROMPTS[1])
+    alone = generate(model, tokenizer, ids, max_tokens=5).tokens
+    limit = [vocab_limit_processor(tokenizer.vocab_size, model.args.vocab_size)]
+    decoder = BatchDecoder(model)
+    cache = model.make_cache()
+    first = BatchSequence(make_sampler(0.0), limit, mx.array(ids))
+    decoder.add(first, cache, model(mx.array([ids]), cache)[:, -1, :])
+    got = [decoder.step()[0].token]
+    short = model.make_cache()[:1]  # one layer: cannot join a batch of this model's layers
+    model.layers[0](mx.zeros((1, 2, model.args.hidden_size)), short[0])
+    with pytest.raises(ValueError):
+        decoder.add(BatchSequence(make_sampler(0.0)), short, mx.zeros((1, model.args.vocab_size)))
+    assert len(decoder) == 1 and decoder._logits.shape[0] == 1
+    for _ in range(4):
+        got.append(decoder.step()[0].token)
+    assert got == alone

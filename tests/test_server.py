@@ -1014,3 +1014,31 @@ def test_a_job_cancelled_while_prefilling_never_joins(nesso_local):
     scheduler.run_until_idle()
     assert len(scheduler.decoder) == 0 and not any(e["type"] == "done" for e in events)
     assert len(runtime.prompt_cache) == 1  # the prefilled part is kept for the next request
+
+
+def test_a_failed_batch_step_fails_its_requests_and_the_server_goes_on(nesso_local, monkeypatch):
+    """An error that escapes the batch's step (here, injected): every request in the batch gets a
+    500, none of their caches is kept, and the next request is served normally."""
+    from nesso_mlx.batch import BatchDecoder
+    from nesso_mlx.server_engine import Job, PromptCache, Runtime, Scheduler, chat_job
+
+    model, tokenizer = nesso_local
+    request = chat_request("Tre", max_tokens=6)
+    solo = run_jobs(Runtime(model, tokenizer, PromptCache(0)), [lambda rt: chat_job(rt, request, False)])[0]
+    runtime = Runtime(model, tokenizer, PromptCache(2**30))
+    scheduler = Scheduler(runtime, max_concurrency=4)
+    events: list = [[], []]
+    for i, word in enumerate(("Uno", "Due")):
+        scheduler.add(Job(lambda rt, w=word: chat_job(rt, chat_request(w, max_tokens=20), False), events[i].append))
+    for _ in range(4):
+        scheduler.round()
+    real = BatchDecoder.step
+    monkeypatch.setattr(BatchDecoder, "step", lambda self: (_ for _ in ()).throw(RuntimeError("device lost")))
+    scheduler.round()
+    monkeypatch.setattr(BatchDecoder, "step", real)
+    assert [e[-1]["status"] for e in events] == [500, 500] and not scheduler.busy
+    assert len(runtime.prompt_cache) == 0
+    after: list = []
+    scheduler.add(Job(lambda rt: chat_job(rt, request, False), after.append))
+    scheduler.run_until_idle()
+    assert after[-1]["message"] == solo[-1]["message"]
