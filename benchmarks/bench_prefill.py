@@ -2,6 +2,7 @@
 
     python benchmarks/bench_prefill.py                                   # Nesso's shape, random bf16 weights
     python benchmarks/bench_prefill.py --prompt 2048 --chunks 128,256,512,1024,2048 --repeats 2
+    python benchmarks/bench_prefill.py --model PATH                      # a real model folder
 
 A prompt of `--prompt` tokens is prefilled into a fresh cache in chunks of each size, by
 nesso-mlx (`generation.prefill`) and by mlx-lm (`generate_step`'s `prefill_step_size`, its first
@@ -28,6 +29,7 @@ def main() -> None:
     parser.add_argument("--chunks", default="128,256,512,1024")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--shape", choices=["nesso", "tiny"], default="nesso")
+    parser.add_argument("--model", default=None, help="a model folder instead of a random --shape model")
     args = parser.parse_args()
 
     import mlx.core as mx
@@ -38,7 +40,13 @@ def main() -> None:
 
     from nesso_mlx.generation import prefill
 
-    model, _, label = nesso_shaped_model(args.shape)
+    if args.model:
+        from nesso_mlx import load
+
+        model, _ = load(args.model)
+        label = args.model
+    else:
+        model, _, label = nesso_shaped_model(args.shape)
     a = model.args
     theirs = llama.Model(
         llama.ModelArgs(
