@@ -85,6 +85,16 @@ def nesso_shaped_model(shape: str):
     return model, tokenizer, f"{shape} shape, vocabulary {model.args.vocab_size}"
 
 
+def bench_model(path: str | None, shape: str):
+    """(model, tokenizer, label): the folder `path` if given, else a random model of `shape`."""
+    if path:
+        from nesso_mlx import load
+
+        model, tokenizer = load(path)
+        return model, tokenizer, path
+    return nesso_shaped_model(shape)
+
+
 def instrument():
     """Time the grammar's host work per token: advance() plus mask()."""
     import nesso_mlx.constrained as constrained
@@ -141,13 +151,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    from nesso_mlx import generate, load
+    from nesso_mlx import generate
 
-    if args.model:
-        model, tokenizer = load(args.model)
-        label = args.model
-    else:
-        model, tokenizer, label = nesso_shaped_model(args.shape)
+    model, tokenizer, label = bench_model(args.model, args.shape)
     timings = instrument()
     messages = [{"role": "user", "content": "Descrivi Roma in JSON."}]
     modes = {

@@ -33,20 +33,14 @@ def main() -> None:
     args = parser.parse_args()
 
     import mlx.core as mx
-    from bench_constrained import nesso_shaped_model
+    from bench_constrained import bench_model
     from mlx_lm.generate import generate_step
     from mlx_lm.models import llama
     from mlx_lm.sample_utils import make_sampler
 
     from nesso_mlx.generation import prefill
 
-    if args.model:
-        from nesso_mlx import load
-
-        model, _ = load(args.model)
-        label = args.model
-    else:
-        model, _, label = nesso_shaped_model(args.shape)
+    model, _, label = bench_model(args.model, args.shape)
     a = model.args
     theirs = llama.Model(
         llama.ModelArgs(
