@@ -72,7 +72,9 @@ class LookupController:
     MISSES_BEFORE_PAUSE = 4  # drafts whose first token the step did not confirm, in a row
 
     def __init__(self, max_draft: int = 10, timed: bool = True) -> None:
-        self.max_draft, self.k, self.timed = max_draft, 4, timed
+        # A first probe of 2 tokens: a failed one costs little even where a verify pass costs
+        # several steps (this CPU); full acceptance grows the draft by 2 each time.
+        self.max_draft, self.k, self.timed = max_draft, 2, timed
         self.step_time: float | None = None  # seconds per plain decode step (moving average)
         self.gain = 1.0  # tokens per second of verifying, relative to plain steps (moving average)
         self.paused = 0  # plain steps left before drafting again
