@@ -21,7 +21,16 @@ import mlx.core as mx
 
 from .cache import KVCache
 from .errors import NessoError
-from .sampling import LogitsProcessor, Sampler, greedy, log_softmax
+from .generation import (
+    CLEAR_CACHE_EVERY,
+    GenerationChunk,
+    GenerationResult,
+    generation_stream,
+    prefill,
+    prepare_decoding,
+    prompt_tokens,
+)
+from .sampling import LogitsProcessor, Sampler, greedy, log_softmax, reads_history
 
 
 class BatchKVCache(KVCache):
@@ -287,8 +296,6 @@ class BatchDecoder:
         """One token for every sequence (in order); the forward pass of these tokens is queued."""
         if not self.sequences:
             return []
-        from .generation import CLEAR_CACHE_EVERY, generation_stream
-
         self.steps += 1
         if self.steps % CLEAR_CACHE_EVERY == 0:
             mx.clear_cache()
@@ -386,7 +393,6 @@ def batch_generate(
     sequence's slot goes to the next request at once (continuous batching). `progress(done, total)`
     is called as replies finish.
     """
-    from .generation import GenerationChunk, GenerationResult, prefill, prepare_decoding, prompt_tokens
     from .tools import tool_schemas
 
     if batch_size < 1:
@@ -418,7 +424,8 @@ def batch_generate(
         cache = model.make_cache()
         tokens = mx.array(plan.ids, dtype=mx.int32)
         logits = prefill(model, tokens, cache, prefill_chunk_size)
-        sequence = BatchSequence(plan.sampler, plan.processors, tokens if plan.processors else None, plan.constraint)
+        history = tokens if reads_history(plan.processors) else None
+        sequence = BatchSequence(plan.sampler, plan.processors, history, plan.constraint)
         sequence.data = (index, plan.reply, [])
         if plan.max_tokens <= 0:
             finish(sequence, [GenerationChunk("", None, "length", len(ids), 0)])

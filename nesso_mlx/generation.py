@@ -18,6 +18,7 @@ from .sampling import (
     log_softmax,
     make_logits_processors,
     make_sampler,
+    reads_history,
     vocab_limit_processor,
 )
 from .speculative import PromptLookup
@@ -158,6 +159,7 @@ def decode(
     rest of the prediction is verified in one forward pass.
     """
     history = history if history is not None else mx.array([], dtype=mx.int32)
+    track = reads_history(processors)  # keep the history only for processors that read it
 
     def process(logits: mx.array, history: mx.array) -> mx.array:
         for processor in processors:
@@ -177,7 +179,7 @@ def decode(
         return token, grow(history, token), extra
 
     def grow(history: mx.array, token: mx.array) -> mx.array:
-        return mx.concatenate([history, token.astype(history.dtype)]) if processors else history
+        return mx.concatenate([history, token.astype(history.dtype)]) if track else history
 
     def output(token: mx.array, extra: list[mx.array]):
         value = token.item()
@@ -213,7 +215,7 @@ def decode(
         lookup.controller.verified(len(draft), accepted, time.perf_counter() - t0)
         kept = draft[:accepted]
         rollback_cache(cache, start + 1 + accepted)
-        if processors:
+        if track:
             history = grow(history[: history.size - (len(draft) - accepted)], mx.array([following]))
         if constraint is not None:
             for token in kept:
@@ -525,7 +527,7 @@ def stream_generate(
     try:
         prompt = mx.array(ids, dtype=mx.int32)
         logits = prefill(model, prompt, cache, prefill_chunk_size)
-        history = prompt if processors else None
+        history = prompt if reads_history(processors) else None
         if plan.max_tokens <= 0:
             yield GenerationChunk("", None, "length", len(ids), 0)
             return

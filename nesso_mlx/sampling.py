@@ -158,7 +158,13 @@ def vocab_limit_processor(tokenizer_size: int, model_vocab: int) -> LogitsProces
     def process(tokens: mx.array, logits: mx.array) -> mx.array:
         return logits + ban.astype(logits.dtype)
 
+    process.reads_history = False  # so no token history is kept for it alone
     return process
+
+
+def reads_history(processors: Sequence[LogitsProcessor]) -> bool:
+    """Whether any of `processors` looks at the tokens so far (the vocabulary limit does not)."""
+    return any(getattr(p, "reads_history", True) for p in processors)
 
 
 def make_logits_processors(

@@ -220,6 +220,7 @@ def generate_steps(
     from .batch import BatchSequence
     from .cache import rollback_cache
     from .generation import GenerationChunk, TokenLogprobs, generation_stream, prefill, prepare_decoding
+    from .sampling import reads_history
 
     if cache is None:
         cache, position = rt.prompt_cache.lookup(ids)
@@ -244,7 +245,7 @@ def generate_steps(
         if plan.max_tokens <= 0:
             yield GenerationChunk("", None, "length", len(plan.ids), 0)
             return
-        history = prompt if plan.processors else None
+        history = prompt if reads_history(plan.processors) else None
         sequence = BatchSequence(plan.sampler, plan.processors, history, plan.constraint, top_logprobs)
         slot = BatchSlot(sequence, cache, logits)
         cache = None  # the batch holds a copy now; the row's own cache comes back when it leaves
@@ -263,7 +264,9 @@ def generate_steps(
                 return
             yield chunk
     finally:
-        if slot is not None and slot.decoder is not None:
+        if slot is not None and slot.broken:
+            slot.decoder = None  # the failed batch is dropped whole: no row copied out of it
+        elif slot is not None and slot.decoder is not None:
             cache = slot.leave()
         if cache is None:  # it never joined the batch after all (the scheduler failed to add it)
             cache = slot.cache if slot is not None else None
