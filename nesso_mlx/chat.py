@@ -114,6 +114,7 @@ class ChatSession:
         low_water: float = LOW_WATER,
         kv_bits: int | None = None,
         max_kv_size: int | None = None,
+        prompt_lookup: bool = False,
     ) -> None:
         if not 0 < low_water <= 1:
             raise ValueError(f"low_water must be in (0, 1], got {low_water}")
@@ -126,6 +127,7 @@ class ChatSession:
         self.tool_choice: str | dict[str, Any] = "auto"  # for the next replies: "auto", "required", "none" or a tool
         self.messages: list[dict[str, Any]] = []
         self.cache_options = {"kv_bits": kv_bits, "max_kv_size": max_kv_size}
+        self.prompt_lookup = prompt_lookup  # prompt-lookup decoding (see `stream_generate`)
         self.cache = model.make_cache(**self.cache_options)
         self.cached_tokens: list[int] = []  # the tokens whose keys/values are in the cache
         self.last = TurnStats()
@@ -305,6 +307,7 @@ class ChatSession:
             tools=self.tools,
             tool_choice=self.tool_choice,
             prefill_chunk_size=self.prefill_chunk_size,
+            prompt_lookup=self.prompt_lookup,
         )
 
     def add_tool_result(self, content: str) -> None:

@@ -163,6 +163,11 @@ KVBitsOption = NumberOption(None, "--kv-bits", help="store the KV cache quantize
 MaxKVSizeOption = NumberOption(
     None, "--max-kv-size", help="bound the KV cache: 4 attention sinks + a sliding window of N positions in all", low=9
 )
+PromptLookupOption = typer.Option(
+    True,
+    "--prompt-lookup/--no-prompt-lookup",
+    help="draft tokens from the prompt and grammar-forced tokens, verified in one pass (same output)",
+)
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -286,6 +291,7 @@ def chat(
     ),
     kv_bits: int | None = KVBitsOption,
     max_kv_size: int | None = MaxKVSizeOption,
+    prompt_lookup: bool = PromptLookupOption,
 ) -> None:
     from .chat import ChatSession, SamplingSettings
     from .registry import home
@@ -314,6 +320,7 @@ def chat(
             tools=list(functions.values()) if functions else None,
             kv_bits=kv_bits,
             max_kv_size=max_kv_size,
+            prompt_lookup=prompt_lookup,
         )
     except ValueError as e:  # --kv-bits on a model whose head dimension cannot be quantized
         fail(str(e))
@@ -369,6 +376,7 @@ def generate(
     no_constrain: bool = typer.Option(False, "--no-constrain", help="do not constrain tool calls to their schemas"),
     kv_bits: int | None = KVBitsOption,
     max_kv_size: int | None = MaxKVSizeOption,
+    prompt_lookup: bool = PromptLookupOption,
 ) -> None:
     if prompt == "-":
         stdin = getattr(sys.stdin, "buffer", None)
@@ -422,6 +430,7 @@ def generate(
             response_format=response_format,
             constrain=not no_constrain,
             cache=loaded.make_cache(kv_bits=kv_bits, max_kv_size=max_kv_size),
+            prompt_lookup=prompt_lookup,
         ):
             text.append(last.text)
             if last.token is not None:
