@@ -272,6 +272,16 @@ class GrammarProcessor:
 
     # --- for speculative decoding: looking ahead without moving ---------------------------------
 
+    def forced(self) -> list[int]:
+        """The tokens the grammar forces next: llguidance's fast-forward tokens, the usual tokens
+        of the bytes that are the only way on (a JSON key, a tool's name); [] when none or free.
+
+        Another spelling of the same bytes may still be allowed, so they are a draft to verify,
+        not tokens to emit unverified."""
+        if self.matcher is None or self.finished or self.matcher.is_stopped() or self.matcher.is_error():
+            return []
+        return self.matcher.compute_ff_tokens()
+
     def free_prefix(self, tokens: Sequence[int]) -> int:
         """How many of `tokens` are free text that would not switch the constraint on."""
         if self.matcher is not None:

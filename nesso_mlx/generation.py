@@ -129,6 +129,15 @@ class TokenConstraint(Protocol):
     def mask(self) -> mx.array:
         """Boolean (vocab,) array of the tokens allowed next."""
 
+    def forced(self) -> list[int]:
+        """Tokens that are the only way on from here, as a draft (prompt lookup)."""
+
+    def lookahead(self, tokens: Sequence[int]) -> list[mx.array]:
+        """The masks after each leading token of `tokens` the constraint takes; no state change."""
+
+    def free_prefix(self, tokens: Sequence[int]) -> int:
+        """How many of `tokens` are free text that would not switch the constraint on."""
+
 
 def decode(
     model: Model,
@@ -188,9 +197,10 @@ def decode(
         top = sorted(zip(extra[1].tolist(), extra[2].tolist(), strict=True), key=lambda t: -t[1]) if len(extra) > 1 else []
         return value, TokenLogprobs(extra[0].item(), top)
 
-    def verify(first: int, draft: list[int], history: mx.array) -> tuple[list[int], int, mx.array]:
-        """Check `draft` after the confirmed token `first` in one pass; returns the kept draft
-        tokens, the token that follows them (not yet in the cache) and the history."""
+    def verify(first: int, draft: list[int], history: mx.array, forced: int) -> tuple[list[int], int, mx.array]:
+        """Check `draft` (its first `forced` tokens forced by the grammar) after the confirmed token
+        `first` in one pass; returns the kept draft tokens, the token that follows them (not yet
+        in the cache) and the history."""
         if constraint is not None:
             constraint.advance(first)
             if constraint.active:
@@ -212,7 +222,7 @@ def decode(
                 if i < len(draft):
                     history = grow(history, mx.array([draft[i]]))
             accepted, following = lookup.accept(mx.concatenate(rows), draft)
-        lookup.controller.verified(len(draft), accepted, time.perf_counter() - t0)
+        lookup.controller.verified(len(draft), accepted, time.perf_counter() - t0, forced)
         kept = draft[:accepted]
         rollback_cache(cache, start + 1 + accepted)
         if track:
@@ -262,13 +272,16 @@ def decode(
             continue
         lookup.index.append(value)
         lookup.controller.plain_step()
-        if not lookup.controller.wants_draft() or not (draft := lookup.draft()):
+        # Tokens a grammar forces (a JSON key, a tool's name) are drafted even while n-gram
+        # drafting is paused: they are almost always kept.
+        forced = constraint.forced() if constraint is not None and constraint.active else []
+        if not (forced or lookup.controller.wants_draft()) or not (draft := lookup.draft(forced)):
             continue
         first = token.item()  # wait for step n+1: it confirms the draft's first token or not
         if first != draft[0]:
             lookup.controller.missed()
             continue
-        kept, following, history = verify(first, draft[1:], history)
+        kept, following, history = verify(first, draft[1:], history, max(len(forced) - 1, 0))
         for value in (first, *kept):
             yield value
             lookup.index.append(value)

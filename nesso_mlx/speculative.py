@@ -48,13 +48,23 @@ class NgramIndex:
                 self.match[n] = self.last[n].get(gram)
                 self.last[n][gram] = end
 
-    def draft(self, k: int) -> list[int]:
-        """Up to `k` tokens that followed the latest earlier occurrence of the current n-gram."""
+    def draft(self, k: int, after: Sequence[int] = ()) -> list[int]:
+        """Up to `k` tokens that followed the latest earlier occurrence of the current n-gram;
+        with `after`, of the n-gram the tokens will end with once `after` follows them (the
+        index itself is not changed)."""
+        tokens, after = self.tokens, list(after)
+        total = len(tokens) + len(after)
         for n in self.sizes:
-            if (at := self.match[n]) is not None:
+            if not after:
+                at = self.match[n]
+            elif total >= n:
+                at = self.last[n].get(tuple((tokens[-n:] + after)[-n:]))
+            else:
+                continue
+            if at is not None:
                 # Past the end, a match close behind (a repetition) continues with its period.
-                period = len(self.tokens) - 1 - at
-                draft = self.tokens[at + 1 : at + 1 + k]
+                period = total - 1 - at
+                draft = (tokens[at + 1 : at + 1 + k] + after)[:k]
                 while len(draft) < k:
                     draft.append(draft[len(draft) - period])
                 return draft
@@ -62,24 +72,49 @@ class NgramIndex:
 
 
 class LookupController:
-    """Chooses the draft length by measurement: acceptance, and the cost of a verify pass vs a step.
+    """Decides whether to verify a draft, and how long, by its expected gain.
 
-    Untimed (`timed=False`, for seeded sampling, whose output must not depend on the machine's
-    speed), a verify pass is assumed to cost one step plus a tenth of a step per drafted token.
+    Each drafted token is taken to be kept with probability `acceptance` when those before it
+    were, so a pass over k drafted tokens yields 1 + a + ... + a^k tokens (the kept ones and the
+    one after them) for 1 + c*k plain steps, c = `cost_per_token`. The draft length is the k
+    that gives the most tokens per step; when no length beats a plain step, drafting pauses and
+    later probes with one token. Timed, c is measured from verify passes against plain steps on
+    this machine (about 0.4 on a CPU, where a pass is compute-bound; near 0 on a GPU), starting
+    from a cautious guess. Untimed (`timed=False`, for seeded sampling, whose output must not
+    depend on the machine's speed), c is fixed. Acceptance is counted from the n-gram drafts
+    only: grammar-forced tokens, almost always kept, would make it look better than it is.
     """
 
-    VERIFY_COST_PER_TOKEN = 0.1  # untimed: a verify pass's extra cost per drafted token, in steps
+    UNTIMED_COST_PER_TOKEN = 0.1
+    TIMED_FIRST_GUESS = 0.5  # until a pass is measured: cheap first probes even where passes are dear
     MISSES_BEFORE_PAUSE = 4  # drafts whose first token the step did not confirm, in a row
+    PAUSE = 32  # plain steps without n-gram drafts when drafting does not pay
 
     def __init__(self, max_draft: int = 10, timed: bool = True) -> None:
-        # A first probe of 2 tokens: a failed one costs little even where a verify pass costs
-        # several steps (this CPU); full acceptance grows the draft by 2 each time.
-        self.max_draft, self.k, self.timed = max_draft, 2, timed
+        self.max_draft, self.timed = max_draft, timed
+        self.cost_per_token = self.TIMED_FIRST_GUESS if timed else self.UNTIMED_COST_PER_TOKEN
         self.step_time: float | None = None  # seconds per plain decode step (moving average)
-        self.gain = 1.0  # tokens per second of verifying, relative to plain steps (moving average)
+        self.kept, self.rejected = 2.0, 1.0  # decaying counts behind `acceptance` (prior 2/3)
         self.paused = 0  # plain steps left before drafting again
+        self.probe = False  # after a pause: one short draft to measure again
         self.verifies = self.drafted = self.accepted = self.misses = 0
         self._last: float | None = None
+
+    @property
+    def acceptance(self) -> float:
+        return self.kept / (self.kept + self.rejected)
+
+    def expected_speedup(self, k: int) -> float:
+        """Tokens per plain step of a pass over `k` drafted tokens, by the current estimates."""
+        a = min(self.acceptance, 0.999)
+        return (1 - a ** (k + 1)) / (1 - a) / (1 + self.cost_per_token * k)
+
+    @property
+    def k(self) -> int:
+        """The draft length to verify next (beyond the token the plain step confirms)."""
+        if self.probe:
+            return 1
+        return max(range(1, self.max_draft + 1), key=self.expected_speedup)
 
     def plain_step(self) -> None:
         """Called once per token made by a plain (pipelined) step."""
@@ -90,37 +125,46 @@ class LookupController:
         self._last = now
         if self.paused:
             self.paused -= 1
+            self.probe = not self.paused
 
     def wants_draft(self) -> bool:
-        return not self.paused and (self.step_time is not None or not self.timed)
+        """Whether to look for an n-gram draft now."""
+        if self.paused or (self.timed and self.step_time is None):
+            return False
+        if self.probe or self.expected_speedup(self.k) > 1.0:
+            return True
+        self.paused = self.PAUSE
+        return False
 
     def missed(self) -> None:
         """A draft's first token was not confirmed. Checking cost the pipeline a step's overlap
         (the host waited for the token), so after several misses in a row, pause."""
         self.misses += 1
         if self.misses >= self.MISSES_BEFORE_PAUSE:
-            self.paused, self.misses = 16, 0
+            self.paused, self.misses = self.PAUSE // 2, 0
 
-    def verified(self, drafted: int, accepted: int, seconds: float) -> None:
-        """Record a verify pass: `accepted` of `drafted` tokens kept (plus the bonus token) in `seconds`."""
+    def verified(self, drafted: int, accepted: int, seconds: float, forced: int = 0) -> None:
+        """Record a verify pass: `accepted` of `drafted` tokens kept (plus the one after them) in
+        `seconds`; the first `forced` drafted tokens came from the grammar."""
         self.verifies += 1
         self.drafted += drafted
         self.accepted += accepted
-        self.misses = 0
-        if self.timed:
-            gain = (accepted + 1) * (self.step_time or seconds) / max(seconds, 1e-9)
-        else:
-            gain = (accepted + 1) / (1 + self.VERIFY_COST_PER_TOKEN * drafted)
-        self.gain = 0.8 * self.gain + 0.2 * gain
-        self.k = min(self.max_draft, self.k + 2) if accepted == drafted else max(1, accepted + 1)
-        if self.gain < 0.95:  # verifying costs more than it saves here: plain steps for a while
-            self.paused, self.gain, self.k = 32, 1.0, 2
+        self.misses, self.probe = 0, False
+        if self.timed and self.step_time and drafted:
+            cost = max(seconds / self.step_time - 1, 0.0) / drafted
+            self.cost_per_token = 0.7 * self.cost_per_token + 0.3 * min(cost, 2.0)
+        forced = min(forced, drafted)
+        if accepted >= forced and drafted > forced:  # the n-gram part was tried
+            self.kept = 0.9 * self.kept + (accepted - forced)
+            self.rejected = 0.9 * self.rejected + (accepted < drafted)
         self._last = time.perf_counter()
 
 
 class PromptLookup:
     """What the decode loop needs to draft and verify: the n-gram index, the controller and the
     sampling settings (for the acceptance rule)."""
+
+    MAX_FORCED = 32  # grammar-forced tokens drafted at once (a tool call opens with about 20)
 
     def __init__(
         self,
@@ -144,10 +188,15 @@ class PromptLookup:
         base = (seed + 0x9E3779B9) % 2**32 if seed is not None else time.time_ns() % 2**32
         self.key = mx.random.key(base) if temperature else None
 
-    def draft(self) -> list[int]:
+    def draft(self, forced: Sequence[int] = ()) -> list[int]:
         """The next draft (its first token is the one the pending step should confirm), cut after
-        a stop token and to what the token budget leaves; [] when there is nothing to verify."""
-        draft = self.index.draft(self.controller.k + 1)
+        a stop token and to what the token budget leaves; [] when there is nothing to verify.
+
+        `forced`, the tokens a grammar forces next, lead the draft (up to `MAX_FORCED`: they are
+        almost always kept); the n-gram index continues it up to the controller's length."""
+        draft, length = list(forced[: self.MAX_FORCED]), self.controller.k + 1
+        if len(draft) < length:
+            draft += self.index.draft(length - len(draft), after=draft)
         if (stop := next((i for i, t in enumerate(draft) if t in self.stop_ids), None)) is not None:
             draft = draft[: stop + 1]
         if self.max_tokens is not None:

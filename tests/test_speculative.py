@@ -23,11 +23,11 @@ def always_draft(monkeypatch):
     stats = {"verifies": 0, "drafted": 0, "accepted": 0}
     original = speculative.LookupController.verified
 
-    def verified(self, drafted, accepted, seconds):
+    def verified(self, drafted, accepted, seconds, forced=0):
         stats["verifies"] += 1
         stats["drafted"] += drafted
         stats["accepted"] += accepted
-        original(self, drafted, accepted, seconds)
+        original(self, drafted, accepted, seconds, forced)
         self.paused = 0
 
     monkeypatch.setattr(speculative.LookupController, "wants_draft", lambda self: True)
@@ -45,6 +45,21 @@ def test_ngram_index_drafts_what_followed_the_latest_earlier_match():
     assert index.draft(2) == []  # "2 3 9" and "3 9" are new
     index = NgramIndex([5, 8, 5, 8])
     assert index.draft(4) == [5, 8, 5, 8]  # a repetition continues with its period
+
+
+def test_ngram_index_drafts_after_tokens_still_to_come():
+    """`after` (grammar-forced tokens) ends the n-gram looked up; the index itself does not move."""
+    index = NgramIndex([1, 2, 3, 4, 5, 1, 2])
+    assert index.draft(4, after=[3]) == [4, 5, 1, 2]  # "1 2 3" came before, followed by 4 5 1 2
+    assert index.draft(3, after=[3, 4, 5, 1, 2, 3]) == [4, 5, 1]
+    assert index.draft(3, after=[9]) == []
+    assert index.tokens == [1, 2, 3, 4, 5, 1, 2] and index.draft(2) == [3, 4]
+    index = NgramIndex([7, 8, 7, 8])
+    assert index.draft(5, after=[7]) == [8, 7, 8, 7, 8]  # the period runs on through `after`
+    lookup = speculative.PromptLookup([1, 2, 3, 4, 5, 6, 1], max_tokens=100)
+    lookup.controller.probe = True  # k = 1: drafts of 2 tokens
+    assert lookup.draft([2]) == [2, 3]  # forced tokens first, the n-gram continues after them
+    assert lookup.draft(list(range(10, 50))) == list(range(10, 10 + speculative.PromptLookup.MAX_FORCED))
 
 
 COPYING = [
@@ -124,8 +139,8 @@ def test_drafts_stop_at_eos_and_at_the_token_budget(always_draft, copying, monke
     drafts = []
     original = speculative.PromptLookup.draft
 
-    def draft(self):
-        out = original(self)
+    def draft(self, forced=()):
+        out = original(self, forced)
         drafts.append((len(self.index.tokens) - self.prompt_length, out))
         return out
 
@@ -267,3 +282,96 @@ def test_seeded_sampling_with_lookup_is_reproducible(copying, monkeypatch, tmp_p
     lookup = speculative.PromptLookup([1, 2], temperature=0.7, seed=11)
     assert not lookup.controller.timed
     assert not mx.array_equal(lookup.key, mx.random.key(11)).item()  # not the sampler's key
+
+
+def byte_spelled(processor) -> list[int]:
+    """The forced bytes spelled one byte-token each: grammar-valid, but not the tokens a model picks."""
+    from nesso_mlx.constrained import _byte_tokens
+
+    tokens = processor.matcher.compute_ff_tokens() if not processor.finished and not processor.matcher.is_stopped() else []
+    return _byte_tokens(processor.tokenizer, b"".join(processor.tokenizer.token_bytes(t) for t in tokens))
+
+
+@pytest.mark.parametrize("variant", ["text", "added"])
+@pytest.mark.parametrize("spelling", ["usual", "bytes"])
+def test_grammar_forced_tokens_are_drafted_and_verified(monkeypatch, variant, spelling):
+    """A tool call's opening and a schema's keys are forced by the grammar: they are drafted even
+    while n-gram drafting is paused (never here), in long drafts, and verified like any draft (a
+    spelling the model would not choose is rejected): the output is plain decoding's."""
+    from nesso_mlx.constrained import GrammarProcessor
+
+    passes = []
+    original = speculative.LookupController.verified
+
+    def verified(self, drafted, accepted, seconds, forced=0):
+        passes.append((drafted, accepted))
+        original(self, drafted, accepted, seconds, forced)
+
+    monkeypatch.setattr(speculative.LookupController, "wants_draft", lambda self: False)
+    monkeypatch.setattr(speculative.LookupController, "verified", verified)
+    if spelling == "bytes":
+        monkeypatch.setattr(GrammarProcessor, "forced", byte_spelled)
+    model, tokenizer = load(nesso_folder(variant), dtype="float32")
+    messages = [{"role": "user", "content": "Trova Bari, poi rispondi in JSON."}]
+    for request in (
+        {"tools": [TOOL], "tool_choice": "required"},
+        {"response_format": {"type": "json_schema", "json_schema": {"schema": SCHEMA}}},
+    ):
+        passes.clear()
+        plain = generate(model, tokenizer, messages=messages, max_tokens=40, **request)
+        fast = generate(model, tokenizer, messages=messages, max_tokens=40, prompt_lookup=True, **request)
+        assert fast.tokens == plain.tokens, (request, spelling)
+        assert passes, request  # drafting happened with the n-gram drafts off: forced tokens only
+        if spelling == "usual":
+            assert all(a == d for d, a in passes), passes  # the usual spelling is what greedy picks here
+            if "tools" in request:  # '\n{"name": "trova", "arguments": {"testo":' after the open tag
+                assert passes[0][0] >= 10, passes
+        else:
+            assert any(a < d for d, a in passes), passes  # byte by byte is rejected at once
+
+
+def test_controller_sizes_drafts_by_measured_cost_and_acceptance(monkeypatch):
+    """Where a pass is dear (a CPU, ~0.45 step per drafted token), drafts stay short; where it is
+    cheap (a GPU, ~0.05), they grow. The cost is measured, not assumed; drafting that never pays
+    pauses and then probes with one token; grammar-forced tokens do not count as n-gram acceptance."""
+    clock = [0.0]
+    monkeypatch.setattr(speculative.time, "perf_counter", lambda: clock[0])
+
+    def run(cost: float, keep: int, passes: int = 25):
+        controller = speculative.LookupController(max_draft=10)
+        lengths, plain_between = [], []
+        for _ in range(3):
+            clock[0] += 1.0  # a plain step takes 1 s
+            controller.plain_step()
+        for _ in range(passes):
+            plain = 0
+            while not controller.wants_draft():
+                clock[0] += 1.0
+                controller.plain_step()
+                plain += 1
+            k = controller.k
+            lengths.append(k)
+            plain_between.append(plain)
+            clock[0] += 1 + cost * k
+            controller.verified(k, min(k, keep), 1 + cost * k)
+            clock[0] += 1.0
+            controller.plain_step()
+        return lengths, plain_between, controller
+
+    gpu, _, fast = run(cost=0.05, keep=2)
+    cpu, _, slow = run(cost=0.45, keep=2)
+    assert abs(fast.cost_per_token - 0.05) < 0.02 and abs(slow.cost_per_token - 0.45) < 0.05
+    assert cpu[0] == gpu[0] == 1  # the first probe is short until the cost is known
+    assert min(gpu[5:]) >= 4 and max(cpu[5:]) <= 3, (gpu, cpu)
+    full, _, _ = run(cost=0.05, keep=10)
+    assert full[-1] == 10  # everything kept and cheap: the longest drafts
+    never, waits, hopeless = run(cost=0.45, keep=0, passes=6)
+    assert max(waits) >= speculative.LookupController.PAUSE - 1 and never[-1] == 1  # paused, then a 1-token probe
+    assert hopeless.acceptance < 0.3
+
+    controller = speculative.LookupController(timed=False)
+    before = controller.acceptance
+    controller.verified(10, 10, 1.0, forced=10)  # forced tokens only: nothing learnt about n-grams
+    assert controller.acceptance == before
+    controller.verified(12, 10, 1.0, forced=10)  # both n-gram tokens rejected
+    assert controller.acceptance < before
