@@ -71,28 +71,64 @@ class NgramIndex:
         return []
 
 
+class PassCost:
+    """What a verify pass over k drafted tokens costs in plain decode steps: a line, base +
+    per_token * k, fitted to measured passes (recent ones weigh more) over a prior guess.
+
+    On a GPU a pass costs about one step whatever k; on a CPU a pass is compute-bound and a
+    2-token pass already costs more than a step (matrix-matrix instead of matrix-vector)."""
+
+    DECAY = 0.8
+
+    def __init__(self, per_token: float, base: float = 1.0) -> None:
+        self.sums = [0.0] * 5  # weight, sum w*k, sum w*cost, sum w*k*k, sum w*k*cost
+        # The prior: two quarter-weight passes on the guessed line, at k = 1 and k = 4, fading
+        # like every measured pass.
+        for k in (1, 4):
+            self._add(k, base + per_token * k, 0.25)
+        self.base, self.per_token = self._fit()
+
+    def add(self, k: int, steps: float) -> None:
+        """Record a measured pass: `k` drafted tokens in `steps` plain steps."""
+        self.sums = [self.DECAY * v for v in self.sums]
+        self._add(k, steps, 1.0)
+        self.base, self.per_token = self._fit()
+
+    def _add(self, k: float, steps: float, weight: float) -> None:
+        for i, v in enumerate((1.0, k, steps, k * k, k * steps)):
+            self.sums[i] += weight * v
+
+    def _fit(self) -> tuple[float, float]:
+        w, x, y, xx, xy = self.sums
+        per_token = max((w * xy - x * y) / max(w * xx - x * x, 1e-9), 0.005)
+        return max((y - per_token * x) / w, 1.0), per_token
+
+    def __call__(self, k: int) -> float:
+        return self.base + self.per_token * k
+
+
 class LookupController:
     """Decides whether to verify a draft, and how long, by its expected gain.
 
     Each drafted token is taken to be kept with probability `acceptance` when those before it
     were, so a pass over k drafted tokens yields 1 + a + ... + a^k tokens (the kept ones and the
-    one after them) for 1 + c*k plain steps, c = `cost_per_token`. The draft length is the k
-    that gives the most tokens per step; when no length beats a plain step, drafting pauses and
-    later probes with one token. Timed, c is measured from verify passes against plain steps on
-    this machine (about 0.4 on a CPU, where a pass is compute-bound; near 0 on a GPU), starting
-    from a cautious guess. Untimed (`timed=False`, for seeded sampling, whose output must not
-    depend on the machine's speed), c is fixed. Acceptance is counted from the n-gram drafts
-    only: grammar-forced tokens, almost always kept, would make it look better than it is.
+    one after them) for `cost(k)` plain steps. The draft length is the k that gives the most
+    tokens per step; when no length beats a plain step, drafting pauses and later probes with
+    one token. Timed, the cost is measured from verify passes against plain steps on this
+    machine (see `PassCost`), starting from a cautious guess. Untimed (`timed=False`, for seeded
+    sampling, whose output must not depend on the machine's speed), a pass is taken to cost
+    1 + 0.1 k steps. Acceptance is counted from the n-gram drafts only: grammar-forced tokens,
+    almost always kept, would make it look better than it is.
     """
 
     UNTIMED_COST_PER_TOKEN = 0.1
-    TIMED_FIRST_GUESS = 0.5  # until a pass is measured: cheap first probes even where passes are dear
+    TIMED_FIRST_GUESS = 0.5  # per drafted token, until passes are measured: cheap first probes
     MISSES_BEFORE_PAUSE = 4  # drafts whose first token the step did not confirm, in a row
     PAUSE = 32  # plain steps without n-gram drafts when drafting does not pay
 
     def __init__(self, max_draft: int = 10, timed: bool = True) -> None:
         self.max_draft, self.timed = max_draft, timed
-        self.cost_per_token = self.TIMED_FIRST_GUESS if timed else self.UNTIMED_COST_PER_TOKEN
+        self.cost = PassCost(self.TIMED_FIRST_GUESS if timed else self.UNTIMED_COST_PER_TOKEN)
         self.step_time: float | None = None  # seconds per plain decode step (moving average)
         self.kept, self.rejected = 2.0, 1.0  # decaying counts behind `acceptance` (prior 2/3)
         self.paused = 0  # plain steps left before drafting again
@@ -107,7 +143,7 @@ class LookupController:
     def expected_speedup(self, k: int) -> float:
         """Tokens per plain step of a pass over `k` drafted tokens, by the current estimates."""
         a = min(self.acceptance, 0.999)
-        return (1 - a ** (k + 1)) / (1 - a) / (1 + self.cost_per_token * k)
+        return (1 - a ** (k + 1)) / (1 - a) / self.cost(k)
 
     @property
     def k(self) -> int:
@@ -151,8 +187,7 @@ class LookupController:
         self.accepted += accepted
         self.misses, self.probe = 0, False
         if self.timed and self.step_time and drafted:
-            cost = max(seconds / self.step_time - 1, 0.0) / drafted
-            self.cost_per_token = 0.7 * self.cost_per_token + 0.3 * min(cost, 2.0)
+            self.cost.add(drafted, min(seconds / self.step_time, 4.0 * (drafted + 1)))
         forced = min(forced, drafted)
         if accepted >= forced and drafted > forced:  # the n-gram part was tried
             self.kept = 0.9 * self.kept + (accepted - forced)

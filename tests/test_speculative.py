@@ -337,7 +337,7 @@ def test_controller_sizes_drafts_by_measured_cost_and_acceptance(monkeypatch):
     clock = [0.0]
     monkeypatch.setattr(speculative.time, "perf_counter", lambda: clock[0])
 
-    def run(cost: float, keep: int, passes: int = 25):
+    def run(cost: float, keep: int, passes: int = 25, base: float = 1.0):
         controller = speculative.LookupController(max_draft=10)
         lengths, plain_between = [], []
         for _ in range(3):
@@ -352,19 +352,23 @@ def test_controller_sizes_drafts_by_measured_cost_and_acceptance(monkeypatch):
             k = controller.k
             lengths.append(k)
             plain_between.append(plain)
-            clock[0] += 1 + cost * k
-            controller.verified(k, min(k, keep), 1 + cost * k)
+            seconds = base - cost + cost * k if base > 1 else 1 + cost * k
+            clock[0] += seconds
+            controller.verified(k, min(k, keep), seconds)
             clock[0] += 1.0
             controller.plain_step()
         return lengths, plain_between, controller
 
     gpu, _, fast = run(cost=0.05, keep=2)
     cpu, _, slow = run(cost=0.45, keep=2)
-    assert abs(fast.cost_per_token - 0.05) < 0.02 and abs(slow.cost_per_token - 0.45) < 0.05
+    assert abs(fast.cost.per_token - 0.05) < 0.03 and abs(slow.cost.per_token - 0.45) < 0.05
     assert cpu[0] == gpu[0] == 1  # the first probe is short until the cost is known
     assert min(gpu[5:]) >= 4 and max(cpu[5:]) <= 3, (gpu, cpu)
     full, _, _ = run(cost=0.05, keep=10)
     assert full[-1] == 10  # everything kept and cheap: the longest drafts
+    dear_short, _, dear = run(cost=0.45, keep=10, base=1.8)  # a CPU: even a 1-token pass costs 1.8 steps
+    assert abs(dear.cost.base - 1.35) < 0.15 and abs(dear.cost.per_token - 0.45) < 0.05, dear.cost.sums
+    assert dear_short[-1] == 10  # everything kept: long drafts amortize the dear pass
     never, waits, hopeless = run(cost=0.45, keep=0, passes=6)
     assert max(waits) >= speculative.LookupController.PAUSE - 1 and never[-1] == 1  # paused, then a 1-token probe
     assert hopeless.acceptance < 0.3
