@@ -10,7 +10,8 @@ Workloads (each repeated, nesso-mlx and mlx-lm alternating so machine drift affe
 - `turn2`: the second turn of a conversation whose first turn is cached (time to first token).
 
 Decode speed of the request workloads counts the tokens each engine generated; with
-`--prompt-lookup` nesso-mlx uses prompt-lookup speculative decoding there.
+`--prompt-lookup` (the default) nesso-mlx uses prompt-lookup decoding there: n-gram drafts, and
+under a grammar the tokens it forces (see `speculative.py`).
 """
 
 from __future__ import annotations

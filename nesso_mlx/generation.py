@@ -279,7 +279,8 @@ def decode(
             continue
         first = token.item()  # wait for step n+1: it confirms the draft's first token or not
         if first != draft[0]:
-            lookup.controller.missed()
+            if not forced:  # the model spelled forced bytes its own way: no sign n-grams fail
+                lookup.controller.missed()
             continue
         kept, following, history = verify(first, draft[1:], history, max(len(forced) - 1, 0))
         for value in (first, *kept):
