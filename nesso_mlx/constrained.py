@@ -301,18 +301,25 @@ class GrammarProcessor:
         the grammar only; the state is left unchanged.
 
         It stops before a token the grammar rejects and before one after which the output could
-        end (a closed call, a complete JSON value): what may follow that is decided by `advance`
-        (free text again after an "auto" call, EOS or another block within the budget)."""
+        end (a closed call, a complete JSON value) or, for repeated blocks within a budget, one
+        that closes a block: what may follow that is decided by `advance` (free text again after
+        an "auto" call, EOS or another block within the budget)."""
         if self.matcher is None or self.finished:
             return []
         masks: list[mx.array] = []
         consumed = 0
+        window = self.tail
         for token in tokens:
             if token in self.eos or not self.matcher.try_consume_tokens([token]):
                 break
             consumed += 1
             if self.matcher.is_stopped() or self.matcher.is_accepting() or self.matcher.is_error():
                 break
+            if self.last_block is not None:  # repeated blocks within a budget: after a closing
+                window += self.tokenizer.token_bytes(token)  # tag, `advance` decides what may follow
+                if self._close in window:
+                    break
+                window = window[-(len(self._close) - 1) :]
             masks.append(self.mask())
         if consumed:
             self.matcher.rollback(consumed)

@@ -201,6 +201,7 @@ def decode(
         """Check `draft` (its first `forced` tokens forced by the grammar) after the confirmed token
         `first` in one pass; returns the kept draft tokens, the token that follows them (not yet
         in the cache) and the history."""
+        t0 = time.perf_counter()  # the pass's cost includes the masks it needs
         if constraint is not None:
             constraint.advance(first)
             if constraint.active:
@@ -210,7 +211,6 @@ def decode(
                 draft = draft[: constraint.free_prefix(draft)]
             draft = draft[: max(len(masks) - 1, 0)] if masks else draft
         start = cache[0].offset
-        t0 = time.perf_counter()
         with mx.stream(generation_stream):  # `history` already ends with `first`
             rows_logits = model(mx.array([[first, *draft]], dtype=mx.int32), cache)[0]
             rows = []
@@ -242,6 +242,7 @@ def decode(
     # A seeded sampler's key sequence (see make_sampler): a position drawn again after a trigger
     # reuses its key, so each position takes one key, as in the batch decoder.
     keys = getattr(sampler, "key_state", None)
+    forced_tokens = getattr(constraint, "forced", list)  # a constraint may not know its forced tokens
     while True:
         before = history
         saved = dict(keys) if keys is not None else None
@@ -274,15 +275,18 @@ def decode(
         lookup.controller.plain_step()
         # Tokens a grammar forces (a JSON key, a tool's name) are drafted even while n-gram
         # drafting is paused: they are almost always kept.
-        forced = constraint.forced() if constraint is not None and constraint.active else []
-        if not (forced or lookup.controller.wants_draft()) or not (draft := lookup.draft(forced)):
+        forced = forced_tokens() if constraint is not None and constraint.active else []
+        ngram = lookup.controller.wants_draft()
+        if not (forced or ngram):
+            continue
+        draft, n_forced = lookup.draft(forced, ngram)
+        if not draft:
             continue
         first = token.item()  # wait for step n+1: it confirms the draft's first token or not
         if first != draft[0]:
-            if not forced:  # the model spelled forced bytes its own way: no sign n-grams fail
-                lookup.controller.missed()
+            lookup.controller.missed(forced=n_forced > 0)
             continue
-        kept, following, history = verify(first, draft[1:], history, max(len(forced) - 1, 0))
+        kept, following, history = verify(first, draft[1:], history, max(n_forced - 1, 0))
         for value in (first, *kept):
             yield value
             lookup.index.append(value)

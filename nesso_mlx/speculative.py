@@ -3,19 +3,21 @@
 Nesso's jobs copy a lot from their input: tool-call arguments come from the question, JSON
 extraction and Italian rewriting repeat its words. When the last few tokens occurred before (in
 the prompt or the reply), the tokens that followed them then are a cheap guess (a draft) of what
-follows now. The model checks a whole draft in one forward pass; every accepted token is a decode
-step saved, and a rejected one costs only its share of that pass.
+follows now. Under a grammar (a JSON schema, a tool call), the tokens it forces next (a key, a
+tool's name) are a better guess still. The model checks a whole draft in one forward pass; every
+accepted token is a decode step saved.
 
 Exactness. Greedy: a draft token is kept only if it is the model's argmax, so the output is the
 one plain decoding gives. Sampling: the standard acceptance rule for a deterministic proposal:
 keep draft token d with probability p(d), else sample from p with d removed and renormalized;
-the output has exactly the sampling distribution (tested statistically).
+the output has exactly the sampling distribution (tested statistically). Forced tokens are
+verified the same way: another spelling of the same bytes may be allowed, and the model decides.
 
-Never losing. Drafting happens only on an n-gram match (n >= 2), and a draft is verified only
-after the ordinary decode step has confirmed its first token, so a wrong guess costs nothing. The
-`LookupController` measures what a verify pass costs against a plain step on this backend and
-this model, adapts the draft length to how much is accepted, and stops drafting for a while when
-verifying does not pay.
+Paying its way. A draft is verified only after the ordinary decode step has confirmed its first
+token, so a wrong first guess costs only the wait for that step. The `LookupController` measures
+what a verify pass costs against a plain step on this backend and this model, estimates how much
+of a draft is kept (n-gram and forced drafts apart), sizes drafts for the most tokens per step,
+and stops drafting for a while when verifying does not pay.
 """
 
 from __future__ import annotations
@@ -131,6 +133,7 @@ class LookupController:
         self.cost = PassCost(self.TIMED_FIRST_GUESS if timed else self.UNTIMED_COST_PER_TOKEN)
         self.step_time: float | None = None  # seconds per plain decode step (moving average)
         self.kept, self.rejected = 2.0, 1.0  # decaying counts behind `acceptance` (prior 2/3)
+        self.forced_kept, self.forced_rejected = 29.0, 1.0  # the same for forced tokens (prior 0.97)
         self.paused = 0  # plain steps left before drafting again
         self.probe = False  # after a pause: one short draft to measure again
         self.verifies = self.drafted = self.accepted = self.misses = 0
@@ -138,12 +141,27 @@ class LookupController:
 
     @property
     def acceptance(self) -> float:
+        """How likely an n-gram draft token is kept when those before it were."""
         return self.kept / (self.kept + self.rejected)
 
-    def expected_speedup(self, k: int) -> float:
+    @property
+    def forced_acceptance(self) -> float:
+        """The same for grammar-forced tokens."""
+        return self.forced_kept / (self.forced_kept + self.forced_rejected)
+
+    def expected_speedup(self, k: int, acceptance: float | None = None) -> float:
         """Tokens per plain step of a pass over `k` drafted tokens, by the current estimates."""
-        a = min(self.acceptance, 0.999)
+        a = min(self.acceptance if acceptance is None else acceptance, 0.999)
         return (1 - a ** (k + 1)) / (1 - a) / self.cost(k)
+
+    def forced_length(self, available: int) -> int:
+        """How many of `available` forced tokens to draft (the first is confirmed by the plain
+        step, the rest verified): the most tokens per step, or 0 when no length pays."""
+        if available < 2:
+            return 0
+        a = self.forced_acceptance
+        best = max(range(1, available), key=lambda k: self.expected_speedup(k, a))
+        return best + 1 if self.expected_speedup(best, a) > 1.0 else 0
 
     @property
     def k(self) -> int:
@@ -172,9 +190,13 @@ class LookupController:
         self.paused = self.PAUSE
         return False
 
-    def missed(self) -> None:
-        """A draft's first token was not confirmed. Checking cost the pipeline a step's overlap
-        (the host waited for the token), so after several misses in a row, pause."""
+    def missed(self, forced: bool = False) -> None:
+        """A draft's first token was not confirmed (`forced`: a forced one, the model spelled
+        those bytes its own way). Checking cost the pipeline a step's overlap (the host waited
+        for the token), so after several n-gram misses in a row, pause."""
+        if forced:
+            self.forced_kept, self.forced_rejected = 0.9 * self.forced_kept, 0.9 * self.forced_rejected + 1
+            return
         self.misses += 1
         if self.misses >= self.MISSES_BEFORE_PAUSE:
             self.paused, self.misses = self.PAUSE // 2, 0
@@ -185,13 +207,16 @@ class LookupController:
         self.verifies += 1
         self.drafted += drafted
         self.accepted += accepted
-        self.misses, self.probe = 0, False
         if self.timed and self.step_time and drafted:
             self.cost.add(drafted, min(seconds / self.step_time, 4.0 * (drafted + 1)))
         forced = min(forced, drafted)
+        if forced:
+            self.forced_kept = 0.9 * self.forced_kept + min(accepted, forced)
+            self.forced_rejected = 0.9 * self.forced_rejected + (accepted < forced)
         if accepted >= forced and drafted > forced:  # the n-gram part was tried
             self.kept = 0.9 * self.kept + (accepted - forced)
             self.rejected = 0.9 * self.rejected + (accepted < drafted)
+            self.misses, self.probe = 0, False
         self._last = time.perf_counter()
 
 
@@ -223,14 +248,19 @@ class PromptLookup:
         base = (seed + 0x9E3779B9) % 2**32 if seed is not None else time.time_ns() % 2**32
         self.key = mx.random.key(base) if temperature else None
 
-    def draft(self, forced: Sequence[int] = ()) -> list[int]:
+    def draft(self, forced: Sequence[int] = (), ngram: bool = True) -> tuple[list[int], int]:
         """The next draft (its first token is the one the pending step should confirm), cut after
-        a stop token and to what the token budget leaves; [] when there is nothing to verify.
+        a stop token and to what the token budget leaves, and how many of its tokens are forced;
+        ([], 0) when there is nothing to verify.
 
-        `forced`, the tokens a grammar forces next, lead the draft (up to `MAX_FORCED`: they are
-        almost always kept); the n-gram index continues it up to the controller's length."""
-        draft, length = list(forced[: self.MAX_FORCED]), self.controller.k + 1
-        if len(draft) < length:
+        `forced`, the tokens a grammar forces next, lead the draft (as many as pay, up to
+        `MAX_FORCED`); with `ngram`, the n-gram index continues it (after all of them) up to the
+        controller's length."""
+        forced = list(forced[: self.MAX_FORCED])
+        # One forced token needs no pass of its own: the plain step confirms it.
+        used = len(forced) if len(forced) < 2 else self.controller.forced_length(len(forced))
+        draft, length = forced[:used], self.controller.k + 1
+        if ngram and used == len(forced) and len(draft) < length:
             draft += self.index.draft(length - len(draft), after=draft)
         if (stop := next((i for i, t in enumerate(draft) if t in self.stop_ids), None)) is not None:
             draft = draft[: stop + 1]
@@ -239,7 +269,7 @@ class PromptLookup:
             # must fit in what is left.
             left = self.max_tokens - (len(self.index.tokens) - self.prompt_length)
             draft = draft[: max(left - 1, 0)]
-        return draft if len(draft) >= 2 else []
+        return (draft, min(used, len(draft))) if len(draft) >= 2 else ([], 0)
 
     def accept(self, rows: mx.array, draft: Sequence[int]) -> tuple[int, int]:
         """`accept_draft` with this generation's settings and the next random key."""

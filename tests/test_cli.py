@@ -289,3 +289,31 @@ def test_the_reply_is_not_reparsed_for_every_token(monkeypatch):
     assert "```python\nx = 1\n\ny = 2\n```" in parsed  # the fence was not split at its blank line
     assert "```python\nx = 1" not in parsed  # (what splitting the fence at its blank line would print)
     assert parsed[-1] == "Fine."  # the last block is what the live area shows at the end
+
+
+@pytest.mark.parametrize("flag, expected", [([], True), (["--no-prompt-lookup"], False), (["--prompt-lookup"], True)])
+def test_prompt_lookup_is_on_by_default_and_can_be_turned_off(tiny_folder, monkeypatch, flag, expected):
+    """`generate` and `chat` (through ChatSession) pass --prompt-lookup/--no-prompt-lookup on."""
+    from typer.testing import CliRunner
+
+    import nesso_mlx.chat as chat
+    import nesso_mlx.generation as generation
+    from nesso_mlx import load
+    from nesso_mlx.cli import app
+
+    seen = []
+    original = generation.stream_generate
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("prompt_lookup"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(generation, "stream_generate", spy)
+    result = CliRunner().invoke(app, ["generate", "--model", str(tiny_folder), "-p", "ciao", "-n", "3", *flag])
+    assert result.exit_code == 0, result.output
+    assert seen == [expected]
+    monkeypatch.setattr(chat, "stream_generate", spy)
+    model, tokenizer = load(tiny_folder)
+    session = chat.ChatSession(model, tokenizer, prompt_lookup=expected)
+    list(session.send("ciao"))
+    assert seen == [expected, expected]

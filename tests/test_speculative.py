@@ -58,8 +58,15 @@ def test_ngram_index_drafts_after_tokens_still_to_come():
     assert index.draft(5, after=[7]) == [8, 7, 8, 7, 8]  # the period runs on through `after`
     lookup = speculative.PromptLookup([1, 2, 3, 4, 5, 6, 1], max_tokens=100)
     lookup.controller.probe = True  # k = 1: drafts of 2 tokens
-    assert lookup.draft([2]) == [2, 3]  # forced tokens first, the n-gram continues after them
-    assert lookup.draft(list(range(10, 50))) == list(range(10, 10 + speculative.PromptLookup.MAX_FORCED))
+    assert lookup.draft([2]) == ([2, 3], 1)  # forced tokens first, the n-gram continues after them
+    assert lookup.draft([2], ngram=False) == ([], 0)  # n-gram drafting paused: one token is no draft
+    forced, longest = list(range(10, 50)), speculative.PromptLookup.MAX_FORCED
+    lookup = speculative.PromptLookup([1, 2], temperature=0.5, seed=1)  # untimed: a pass costs 1 + 0.1 k steps
+    assert 2 <= lookup.draft(forced)[1] < longest  # by the prior (97% kept), a mid-length draft pays best
+    lookup.controller.forced_kept = 1000.0  # forced drafts always kept: the longest
+    assert lookup.draft(forced) == (forced[:longest], longest)
+    lookup.controller.forced_kept = 0.0  # forced drafts never kept here: not worth a pass
+    assert lookup.draft(forced) == ([], 0)
 
 
 COPYING = [
@@ -139,9 +146,9 @@ def test_drafts_stop_at_eos_and_at_the_token_budget(always_draft, copying, monke
     drafts = []
     original = speculative.PromptLookup.draft
 
-    def draft(self, forced=()):
-        out = original(self, forced)
-        drafts.append((len(self.index.tokens) - self.prompt_length, out))
+    def draft(self, forced=(), ngram=True):
+        out = original(self, forced, ngram)
+        drafts.append((len(self.index.tokens) - self.prompt_length, out[0]))
         return out
 
     monkeypatch.setattr(speculative.PromptLookup, "draft", draft)
@@ -156,11 +163,11 @@ def test_drafts_stop_at_eos_and_at_the_token_budget(always_draft, copying, monke
             eos = [i for i, t in enumerate(d) if t in tokenizer.eos_token_ids]
             assert not eos or eos[0] == len(d) - 1
     index = speculative.PromptLookup([7, 8, 2, 9, 7, 8], stop_ids=[2], max_tokens=100)
-    assert index.draft() == []  # [2, ...] cut after the stop: one token is not worth a pass
+    assert index.draft() == ([], 0)  # [2, ...] cut after the stop: one token is not worth a pass
     index = speculative.PromptLookup([7, 8, 9, 2, 5, 7, 8], stop_ids=[2], max_tokens=100)
-    assert index.draft() == [9, 2]  # cut after the stop token
+    assert index.draft() == ([9, 2], 0)  # cut after the stop token
     index = speculative.PromptLookup([7, 8, 9, 4, 5, 6, 7, 8], max_tokens=3)
-    assert index.draft() == [9, 4]  # 3 tokens left: the first, one kept, the one after
+    assert index.draft() == ([9, 4], 0)  # 3 tokens left: the first, one kept, the one after
 
 
 def test_lookahead_stops_where_an_auto_call_closes():
@@ -184,6 +191,23 @@ def test_lookahead_stops_where_an_auto_call_closes():
         for token in body[: close + 1]:  # the state did not move: the same tokens are still taken
             processor.advance(token)
         assert not processor.active  # free again after the close
+
+
+def test_lookahead_stops_where_a_required_block_closes():
+    """tool_choice "required" with a budget: after a closing tag `advance` decides whether another
+    call fits (else only EOS may follow), so a draft is verified only up to the close, even when
+    the closing token also holds the newline that would begin another block (`>\n`)."""
+    from nesso_mlx.constrained import build_processor
+
+    for variant in ("text", "added"):
+        model, tokenizer = load(nesso_folder(variant), dtype="float32")
+        processor = build_processor(tokenizer, model.args.vocab_size, [TOOL], "required", max_tokens=40)
+        call = '<tool_call>\n{"name": "trova", "arguments": {"testo": "Bari"}}\n'
+        for token in tokenizer.encode(call, add_special_tokens=False):
+            processor.advance(token)
+        rest = tokenizer.encode('</tool_call>\n<tool_call>\n{"name"', add_special_tokens=False)
+        close = next(i for i in range(len(rest)) if tokenizer.decode(rest[: i + 1]).startswith("</tool_call>"))
+        assert len(processor.lookahead(rest)) == close, variant
 
 
 def test_greedy_on_smollm2_with_stop_strings(always_draft, smollm2_path):
@@ -285,19 +309,21 @@ def test_seeded_sampling_with_lookup_is_reproducible(copying, monkeypatch, tmp_p
 
 
 def byte_spelled(processor) -> list[int]:
-    """The forced bytes spelled one byte-token each: grammar-valid, but not the tokens a model picks."""
+    """The forced tokens, all but the first spelled one byte-token each: grammar-valid, but not
+    the tokens a model picks (the first stays, so the plain step confirms it and a pass runs)."""
     from nesso_mlx.constrained import _byte_tokens
 
     tokens = processor.matcher.compute_ff_tokens() if not processor.finished and not processor.matcher.is_stopped() else []
-    return _byte_tokens(processor.tokenizer, b"".join(processor.tokenizer.token_bytes(t) for t in tokens))
+    rest = b"".join(processor.tokenizer.token_bytes(t) for t in tokens[1:])
+    return tokens[:1] + _byte_tokens(processor.tokenizer, rest)
 
 
 @pytest.mark.parametrize("variant", ["text", "added"])
 @pytest.mark.parametrize("spelling", ["usual", "bytes"])
 def test_grammar_forced_tokens_are_drafted_and_verified(monkeypatch, variant, spelling):
     """A tool call's opening and a schema's keys are forced by the grammar: they are drafted even
-    while n-gram drafting is paused (never here), in long drafts, and verified like any draft (a
-    spelling the model would not choose is rejected): the output is plain decoding's."""
+    while n-gram drafting is paused (never here), and verified like any draft (a spelling the
+    model would not choose is rejected): the output is plain decoding's."""
     from nesso_mlx.constrained import GrammarProcessor
 
     passes = []
@@ -325,7 +351,7 @@ def test_grammar_forced_tokens_are_drafted_and_verified(monkeypatch, variant, sp
         if spelling == "usual":
             assert all(a == d for d, a in passes), passes  # the usual spelling is what greedy picks here
             if "tools" in request:  # '\n{"name": "trova", "arguments": {"testo":' after the open tag
-                assert passes[0][0] >= 10, passes
+                assert sum(d for d, _ in passes) >= 10, passes
         else:
             assert any(a < d for d, a in passes), passes  # byte by byte is rejected at once
 
@@ -379,3 +405,9 @@ def test_controller_sizes_drafts_by_measured_cost_and_acceptance(monkeypatch):
     assert controller.acceptance == before
     controller.verified(12, 10, 1.0, forced=10)  # both n-gram tokens rejected
     assert controller.acceptance < before
+    controller.probe = True
+    controller.verified(5, 5, 1.0, forced=5)  # a forced pass does not use up the n-gram probe
+    assert controller.probe
+    forced_before = controller.forced_acceptance
+    controller.missed(forced=True)  # the model spelled forced bytes its own way
+    assert controller.forced_acceptance < forced_before and controller.misses == 0
