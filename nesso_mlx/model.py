@@ -63,18 +63,22 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * head_dim, args.hidden_size, bias=bias)
         self.rope = RoPE(args)
 
-    def __call__(self, x: mx.array, cache: KVCache | None = None) -> mx.array:
+    def __call__(self, x: mx.array, cache: KVCache | None = None, last_only: bool = False) -> mx.array:
+        """Attention output for every position of `x`, or with `last_only` for its last one (the
+        keys and values of every position still go into the cache)."""
         B, L, _ = x.shape
-        q = self.q_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
+        queries = x[:, -1:] if last_only else x
+        Q = queries.shape[1]
+        q = self.q_proj(queries).reshape(B, Q, self.n_heads, -1).transpose(0, 2, 1, 3)
         k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         offset = cache.rope_offset if cache is not None else 0
-        q, k = self.rope(q, offset), self.rope(k, offset)
+        q, k = self.rope(q, offset + (L - Q) if last_only else offset), self.rope(k, offset)
         if cache is None:
-            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask="causal" if L > 1 else None)
+            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask="causal" if Q > 1 else None)
         else:  # the cache stores the new keys and values and attends over what it holds
             out = cache.attend(q, k, v, self.scale)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, Q, -1))
 
 
 class MLP(nn.Module):
@@ -97,8 +101,8 @@ class TransformerBlock(nn.Module):
         self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
-    def __call__(self, x: mx.array, cache: KVCache | None = None) -> mx.array:
-        h = x + self.self_attn(self.input_layernorm(x), cache)
+    def __call__(self, x: mx.array, cache: KVCache | None = None, last_only: bool = False) -> mx.array:
+        h = (x[:, -1:] if last_only else x) + self.self_attn(self.input_layernorm(x), cache, last_only)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -109,10 +113,13 @@ class LlamaModel(nn.Module):
         self.layers = [TransformerBlock(args) for _ in range(args.num_hidden_layers)]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
-    def __call__(self, inputs: mx.array, cache: list[KVCache] | None = None) -> mx.array:
+    def __call__(self, inputs: mx.array, cache: list[KVCache] | None = None, last_only: bool = False) -> mx.array:
+        """Hidden states; with `last_only` the last layer computes only the last position's (the
+        others' keys and values are all a prompt needs), as do the final norm and the LM head."""
         h = self.embed_tokens(inputs)
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            h = layer(h, cache[i] if cache is not None else None)
+            h = layer(h, cache[i] if cache is not None else None, last_only and i == last)
         return self.norm(h)
 
 
@@ -128,9 +135,7 @@ class Model(nn.Module):
 
     def __call__(self, inputs: mx.array, cache: list[KVCache] | None = None, *, last_only: bool = False) -> mx.array:
         """Logits of shape (batch, seq, vocab); with `last_only`, only the last position."""
-        h = self.model(inputs, cache)
-        if last_only:
-            h = h[:, -1:, :]
+        h = self.model(inputs, cache, last_only=last_only)
         if self.args.tie_word_embeddings:
             return self.model.embed_tokens.as_linear(h)
         return self.lm_head(h)

@@ -133,7 +133,9 @@ class LookupController:
         self.cost = PassCost(self.TIMED_FIRST_GUESS if timed else self.UNTIMED_COST_PER_TOKEN)
         self.step_time: float | None = None  # seconds per plain decode step (moving average)
         self.kept, self.rejected = 2.0, 1.0  # decaying counts behind `acceptance` (prior 2/3)
-        self.forced_kept, self.forced_rejected = 29.0, 1.0  # the same for forced tokens (prior 0.97)
+        # The same for forced tokens: almost always kept (the model writes its tokenizer's usual
+        # spelling), so the prior is 0.99 and a tool call's opening goes in one pass.
+        self.forced_kept, self.forced_rejected = 99.0, 1.0
         self.paused = 0  # plain steps left before drafting again
         self.probe = False  # after a pause: one short draft to measure again
         self.verifies = self.drafted = self.accepted = self.misses = 0

@@ -90,6 +90,25 @@ def test_last_only_is_last_row_of_full_logits():
     assert mx.allclose(ours(tokens, last_only=True)[:, 0], ours(tokens)[:, -1], atol=1e-6).item()
 
 
+@pytest.mark.parametrize("options", [{}, {"kv_bits": 8}, {"max_kv_size": 40}])
+def test_last_only_with_a_cache_keeps_every_key_and_value(options):
+    """The last layer computes only the last position's output, but every position's keys and
+    values still go into the cache, at their rotary positions (also after an earlier chunk)."""
+    ours, _ = build_pair({"num_hidden_layers": 3, "num_attention_heads": 2, "num_key_value_heads": 1})  # head dim 32
+    tokens = mx.random.randint(0, TINY_CONFIG["vocab_size"], (1, 70))
+    for cut in (0, 30):
+        full_cache, last_cache = ours.make_cache(**options), ours.make_cache(**options)
+        if cut:
+            ours(tokens[:, :cut], full_cache), ours(tokens[:, :cut], last_cache)
+        full = ours(tokens[:, cut:], full_cache)[:, -1]
+        last = ours(tokens[:, cut:], last_cache, last_only=True)[:, 0]
+        assert mx.allclose(last, full, atol=1e-5).item(), (options, cut)
+        for a, b in zip(full_cache, last_cache, strict=True):
+            assert a.offset == b.offset and all(mx.array_equal(x, y).item() for x, y in zip(a.state, b.state, strict=True))
+        after = mx.array([[5]])  # the next step sees the same cache
+        assert mx.allclose(ours(after, full_cache), ours(after, last_cache), atol=1e-5).item()
+
+
 def test_quantized_layers_match_mlx_lm():
     ours, theirs = build_pair({"hidden_size": 128, "intermediate_size": 256})
     for m in (ours, theirs):

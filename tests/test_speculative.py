@@ -62,7 +62,8 @@ def test_ngram_index_drafts_after_tokens_still_to_come():
     assert lookup.draft([2], ngram=False) == ([], 0)  # n-gram drafting paused: one token is no draft
     forced, longest = list(range(10, 50)), speculative.PromptLookup.MAX_FORCED
     lookup = speculative.PromptLookup([1, 2], temperature=0.5, seed=1)  # untimed: a pass costs 1 + 0.1 k steps
-    assert 2 <= lookup.draft(forced)[1] < longest  # by the prior (97% kept), a mid-length draft pays best
+    lookup.controller.forced_kept = 9.0  # 90% kept: a mid-length draft pays best
+    assert 2 <= lookup.draft(forced)[1] < longest
     lookup.controller.forced_kept = 1000.0  # forced drafts always kept: the longest
     assert lookup.draft(forced) == (forced[:longest], longest)
     lookup.controller.forced_kept = 0.0  # forced drafts never kept here: not worth a pass
