@@ -315,8 +315,9 @@ class GrammarProcessor:
             consumed += 1
             if self.matcher.is_stopped() or self.matcher.is_accepting() or self.matcher.is_error():
                 break
-            if self.last_block is not None:  # repeated blocks within a budget: after a closing
-                window += self.tokenizer.token_bytes(token)  # tag, `advance` decides what may follow
+            if self.last_block is not None and self.max_tokens is not None:
+                # Blocks within a budget: after a closing tag, `advance` decides what may follow.
+                window += self.tokenizer.token_bytes(token)
                 if self._close in window:
                     break
                 window = window[-(len(self._close) - 1) :]

@@ -286,6 +286,7 @@ def decode(
         if first != draft[0]:
             lookup.controller.missed(forced=n_forced > 0)
             continue
+        lookup.controller.confirmed(forced=n_forced > 0)
         kept, following, history = verify(first, draft[1:], history, max(n_forced - 1, 0))
         for value in (first, *kept):
             yield value

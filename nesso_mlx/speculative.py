@@ -120,7 +120,9 @@ class LookupController:
     machine (see `PassCost`), starting from a cautious guess. Untimed (`timed=False`, for seeded
     sampling, whose output must not depend on the machine's speed), a pass is taken to cost
     1 + 0.1 k steps. Acceptance is counted from the n-gram drafts only: grammar-forced tokens,
-    almost always kept, would make it look better than it is.
+    almost always kept, would make it look better than it is. Forced tokens have their own
+    estimate (`forced_acceptance`) and length (`forced_length`), with their own pause and probe.
+    Both kinds share the cost line: a pass costs what its length costs, masks included.
     """
 
     UNTIMED_COST_PER_TOKEN = 0.1
@@ -138,6 +140,7 @@ class LookupController:
         self.forced_kept, self.forced_rejected = 99.0, 1.0
         self.paused = 0  # plain steps left before drafting again
         self.probe = False  # after a pause: one short draft to measure again
+        self.forced_paused = 0  # the same for forced drafts
         self.verifies = self.drafted = self.accepted = self.misses = 0
         self._last: float | None = None
 
@@ -159,11 +162,14 @@ class LookupController:
     def forced_length(self, available: int) -> int:
         """How many of `available` forced tokens to draft (the first is confirmed by the plain
         step, the rest verified): the most tokens per step, or 0 when no length pays."""
-        if available < 2:
+        if available < 2 or self.forced_paused:
             return 0
         a = self.forced_acceptance
         best = max(range(1, available), key=lambda k: self.expected_speedup(k, a))
-        return best + 1 if self.expected_speedup(best, a) > 1.0 else 0
+        if self.expected_speedup(best, a) > 1.0:
+            return best + 1
+        self.forced_paused = self.PAUSE  # not worth it now; after the pause, one token to measure again
+        return 2
 
     @property
     def k(self) -> int:
@@ -182,6 +188,8 @@ class LookupController:
         if self.paused:
             self.paused -= 1
             self.probe = not self.paused
+        if self.forced_paused:
+            self.forced_paused -= 1
 
     def wants_draft(self) -> bool:
         """Whether to look for an n-gram draft now."""
@@ -191,6 +199,11 @@ class LookupController:
             return True
         self.paused = self.PAUSE
         return False
+
+    def confirmed(self, forced: bool) -> None:
+        """The plain step confirmed a draft's first token (`forced`: a forced one)."""
+        if forced:
+            self.forced_kept += 1
 
     def missed(self, forced: bool = False) -> None:
         """A draft's first token was not confirmed (`forced`: a forced one, the model spelled
@@ -256,8 +269,8 @@ class PromptLookup:
         ([], 0) when there is nothing to verify.
 
         `forced`, the tokens a grammar forces next, lead the draft (as many as pay, up to
-        `MAX_FORCED`); with `ngram`, the n-gram index continues it (after all of them) up to the
-        controller's length."""
+        `MAX_FORCED`); with `ngram`, the n-gram index continues it (only after all of them: not
+        when forced drafts do not pay just now) up to the controller's length."""
         forced = list(forced[: self.MAX_FORCED])
         # One forced token needs no pass of its own: the plain step confirms it.
         used = len(forced) if len(forced) < 2 else self.controller.forced_length(len(forced))

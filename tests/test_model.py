@@ -90,13 +90,14 @@ def test_last_only_is_last_row_of_full_logits():
     assert mx.allclose(ours(tokens, last_only=True)[:, 0], ours(tokens)[:, -1], atol=1e-6).item()
 
 
-@pytest.mark.parametrize("options", [{}, {"kv_bits": 8}, {"max_kv_size": 40}])
+@pytest.mark.parametrize("options", [{}, {"kv_bits": 8}, {"max_kv_size": 40}, {"max_kv_size": 16}])
 def test_last_only_with_a_cache_keeps_every_key_and_value(options):
     """The last layer computes only the last position's output, but every position's keys and
-    values still go into the cache, at their rotary positions (also after an earlier chunk)."""
+    values still go into the cache, at their rotary positions (also after an earlier chunk, and
+    in a bounded cache that has dropped positions)."""
     ours, _ = build_pair({"num_hidden_layers": 3, "num_attention_heads": 2, "num_key_value_heads": 1})  # head dim 32
-    tokens = mx.random.randint(0, TINY_CONFIG["vocab_size"], (1, 70))
-    for cut in (0, 30):
+    tokens = mx.random.randint(0, TINY_CONFIG["vocab_size"], (1, 300))
+    for cut in (0, 30, 280):
         full_cache, last_cache = ours.make_cache(**options), ours.make_cache(**options)
         if cut:
             ours(tokens[:, :cut], full_cache), ours(tokens[:, :cut], last_cache)
@@ -107,6 +108,28 @@ def test_last_only_with_a_cache_keeps_every_key_and_value(options):
             assert a.offset == b.offset and all(mx.array_equal(x, y).item() for x, y in zip(a.state, b.state, strict=True))
         after = mx.array([[5]])  # the next step sees the same cache
         assert mx.allclose(ours(after, full_cache), ours(after, last_cache), atol=1e-5).item()
+    if options.get("max_kv_size") == 16:
+        assert full_cache[0].dropped > 0  # the window really moved
+
+
+def test_last_only_in_a_batch_of_left_padded_rows():
+    """A batch cache (rows of different lengths, per-row rotary offsets, padding masked)."""
+    from nesso_mlx.batch import merge_caches
+
+    ours, _ = build_pair({"num_hidden_layers": 3})
+    rows = [mx.random.randint(0, TINY_CONFIG["vocab_size"], (1, n)) for n in (9, 4)]
+    caches = []
+    for row in rows:
+        cache = ours.make_cache()
+        ours(row, cache)
+        caches.append(cache)
+    more = mx.random.randint(0, TINY_CONFIG["vocab_size"], (2, 5))
+    full_batch, last_batch = merge_caches(caches), merge_caches(caches)
+    full = ours(more, full_batch)[:, -1]
+    last = ours(more, last_batch, last_only=True)[:, 0]
+    assert mx.allclose(last, full, atol=1e-5).item()
+    for a, b in zip(full_batch, last_batch, strict=True):
+        assert all(mx.array_equal(x, y).item() for x, y in zip(a.state, b.state, strict=True))
 
 
 def test_quantized_layers_match_mlx_lm():
