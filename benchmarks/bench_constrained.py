@@ -3,6 +3,8 @@
     python benchmarks/bench_constrained.py                    # Nesso's shape, random weights
     python benchmarks/bench_constrained.py --shape tiny       # Nesso's vocabulary, 2 narrow layers
     python benchmarks/bench_constrained.py --model PATH       # a real checkpoint
+    python benchmarks/bench_constrained.py --save DIR         # the random model as a folder, for
+    nesso-mlx bench --model DIR --vs mlx-lm                   # ... the bench table on Nesso's shape
 
 By default the model has Nesso-0.4B's dimensions (hidden 960, 32 layers, 15/5 heads, 2560 MLP)
 with random bf16 weights, and the Nesso-vocabulary tokenizer from tests/nesso_fixture.py (the
@@ -95,6 +97,29 @@ def bench_model(path: str | None, shape: str):
     return nesso_shaped_model(shape)
 
 
+def save_shaped_model(shape: str, dest: Path) -> None:
+    """A loadable folder (ours and mlx-lm's) of the random model of `shape`, with the fixture's
+    tokenizer: `nesso-mlx bench --model DIR --vs mlx-lm` on Nesso's shape."""
+    import json
+    import shutil
+
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from nesso_fixture import nesso_folder
+
+    model, _, _ = nesso_shaped_model(shape)
+    source = nesso_folder("added")
+    dest.mkdir(parents=True, exist_ok=False)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(source / name, dest / name)
+    config = json.loads((source / "config.json").read_text())
+    if shape == "nesso":
+        config.update(NESSO_SHAPE)
+    (dest / "config.json").write_text(json.dumps(config, indent=2))
+    mx.save_safetensors(str(dest / "model.safetensors"), dict(tree_flatten(model.parameters())), metadata={"format": "mlx"})
+    print(f"wrote {dest}")
+
+
 def instrument():
     """Time the grammar's host work per token: advance() plus mask()."""
     import nesso_mlx.constrained as constrained
@@ -149,10 +174,14 @@ def main() -> None:
     parser.add_argument("--shape", choices=["nesso", "tiny"], default="nesso")
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--save", metavar="DIR", help="write the random model of --shape to DIR (for nesso-mlx bench) and exit")
     args = parser.parse_args()
 
     from nesso_mlx import generate
 
+    if args.save:
+        save_shaped_model(args.shape, Path(args.save))
+        return
     model, tokenizer, label = bench_model(args.model, args.shape)
     timings = instrument()
     messages = [{"role": "user", "content": "Descrivi Roma in JSON."}]
