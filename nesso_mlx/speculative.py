@@ -143,6 +143,9 @@ class LookupController:
         self.forced_paused = 0  # the same for forced drafts
         self.verifies = self.drafted = self.accepted = self.misses = 0
         self._last: float | None = None
+        # The best lengths change only when the estimates do: computed once per change, not per token.
+        self._ngram_plan: tuple[tuple, tuple[int, float]] | None = None
+        self._forced_plan: tuple[tuple, tuple[int, float]] | None = None
 
     @property
     def acceptance(self) -> float:
@@ -164,9 +167,13 @@ class LookupController:
         step, the rest verified): the most tokens per step, or 0 when no length pays."""
         if available < 2 or self.forced_paused:
             return 0
-        a = self.forced_acceptance
-        best = max(range(1, available), key=lambda k: self.expected_speedup(k, a))
-        if self.expected_speedup(best, a) > 1.0:
+        key = (available, self.forced_kept, self.forced_rejected, self.cost.base, self.cost.per_token)
+        if self._forced_plan is None or self._forced_plan[0] != key:
+            a = self.forced_acceptance
+            best = max(range(1, available), key=lambda k: self.expected_speedup(k, a))
+            self._forced_plan = key, (best, self.expected_speedup(best, a))
+        best, speedup = self._forced_plan[1]
+        if speedup > 1.0:
             return best + 1
         self.forced_paused = self.PAUSE  # not worth it now; after the pause, one token to measure again
         return 2
@@ -174,9 +181,15 @@ class LookupController:
     @property
     def k(self) -> int:
         """The draft length to verify next (beyond the token the plain step confirms)."""
-        if self.probe:
-            return 1
-        return max(range(1, self.max_draft + 1), key=self.expected_speedup)
+        return 1 if self.probe else self._best_ngram()[0]
+
+    def _best_ngram(self) -> tuple[int, float]:
+        """The n-gram draft length with the most tokens per step, and that figure."""
+        key = (self.kept, self.rejected, self.cost.base, self.cost.per_token)
+        if self._ngram_plan is None or self._ngram_plan[0] != key:
+            best = max(range(1, self.max_draft + 1), key=self.expected_speedup)
+            self._ngram_plan = key, (best, self.expected_speedup(best))
+        return self._ngram_plan[1]
 
     def plain_step(self) -> None:
         """Called once per token made by a plain (pipelined) step."""
@@ -195,7 +208,7 @@ class LookupController:
         """Whether to look for an n-gram draft now."""
         if self.paused or (self.timed and self.step_time is None):
             return False
-        if self.probe or self.expected_speedup(self.k) > 1.0:
+        if self.probe or self._best_ngram()[1] > 1.0:
             return True
         self.paused = self.PAUSE
         return False
