@@ -275,8 +275,10 @@ def decode(
         lookup.controller.plain_step()
         # Tokens a grammar forces (a JSON key, a tool's name) are drafted even while n-gram
         # drafting is paused: they are almost always kept.
-        forced = forced_tokens() if constraint is not None and constraint.active else []
         ngram = lookup.controller.wants_draft()
+        forced = []
+        if constraint is not None and constraint.active and not lookup.controller.forced_paused:
+            forced = forced_tokens()
         if not (forced or ngram):
             continue
         draft, n_forced = lookup.draft(forced, ngram)

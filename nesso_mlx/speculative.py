@@ -245,7 +245,7 @@ class LookupController:
             self.kept = 0.9 * self.kept + (accepted - forced)
             self.rejected = 0.9 * self.rejected + (accepted < drafted)
             self.misses, self.probe = 0, False
-        self._last = time.perf_counter()
+        self._last = None  # the next plain-step sample would include the kept tokens' consumer time
 
 
 class PromptLookup:
