@@ -583,6 +583,7 @@ class Scheduler:
             except Exception:  # the decoder is unchanged (`add` is all or nothing)
                 log.exception("a request could not join the batch")
                 job.sink(error_event(500, "the server failed while generating (see its log)", "server_error"))
+                event.broken = True  # its cache may be why: not to be reused
                 self._close(job)
                 return False
             event.decoder, event.cache, event.logits = self.decoder, None, None
