@@ -248,10 +248,19 @@ def test_quantized_or_bounded_caches_are_refused_in_one_line(tmp_path):
         assert len(decoder) == 0 and decoder.cache is None
 
 
-def test_plain_greedy_rows_grouped_and_told_apart(tmp_path):
+def test_plain_greedy_rows_grouped_and_told_apart(tmp_path, monkeypatch):
     """Rows with nothing but the greedy sampler share one argmax, and equal-looking rows are still
     different rows: removing the second takes out the second."""
     from conftest import TINY_CONFIG
+
+    sampled_alone = []
+    original_sample = BatchDecoder._sample
+
+    def count(self, seq, row):
+        sampled_alone.append(seq)
+        return original_sample(self, seq, row)
+
+    monkeypatch.setattr(BatchDecoder, "_sample", count)
 
     model, tokenizer = load(write_model_folder(tmp_path / "m", dict(TINY_CONFIG, vocab_size=265), seed=3), dtype="float32")
     assert model.args.vocab_size == tokenizer.vocab_size  # no padding rows: no processors at all
@@ -271,6 +280,7 @@ def test_plain_greedy_rows_grouped_and_told_apart(tmp_path):
             cache = decoder.remove(seqs[1])
             assert cache[0].offset == len(prompts[1]) + 3 and decoder.sequences == [seqs[0], seqs[2]]
     assert got[0] == alone[0] and got[2] == alone[2] and got[1] == alone[1][:3]
+    assert not sampled_alone  # every step took the rows' tokens from one grouped argmax
     shared = [lambda tokens, logits: logits]  # one processor list shared by every request
     requests = [{"prompt": p, "max_tokens": 3 + 2 * i} for i, p in enumerate(PROMPTS[:3])]
     together = batch_generate(model, tokenizer, requests, logits_processors=shared)

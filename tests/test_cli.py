@@ -293,7 +293,7 @@ def test_the_reply_is_not_reparsed_for_every_token(monkeypatch):
 
 @pytest.mark.parametrize("flag, expected", [([], True), (["--no-prompt-lookup"], False), (["--prompt-lookup"], True)])
 def test_prompt_lookup_is_on_by_default_and_can_be_turned_off(tiny_folder, monkeypatch, flag, expected):
-    """`generate` and `chat` (through ChatSession) pass --prompt-lookup/--no-prompt-lookup on."""
+    """`generate` and `chat` pass --prompt-lookup/--no-prompt-lookup on (chat to its ChatSession)."""
     from typer.testing import CliRunner
 
     import nesso_mlx.chat as chat
@@ -317,3 +317,16 @@ def test_prompt_lookup_is_on_by_default_and_can_be_turned_off(tiny_folder, monke
     session = chat.ChatSession(model, tokenizer, prompt_lookup=expected)
     list(session.send("ciao"))
     assert seen == [expected, expected]
+
+    given = []
+    original_init = chat.ChatSession.__init__
+
+    def record(self, *args, **kwargs):  # the chat command's session, stopped before the REPL starts
+        given.append(kwargs.get("prompt_lookup"))
+        original_init(self, *args, **kwargs)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(chat.ChatSession, "__init__", record)
+    result = CliRunner().invoke(app, ["chat", "--model", str(tiny_folder), *flag])
+    assert result.exit_code == 1 and "stop here" in result.output
+    assert given == [expected]
