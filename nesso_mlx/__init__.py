@@ -30,6 +30,7 @@ _EXPORTS = {
     "rollback_cache": "cache",
     "Tokenizer": "tokenizer",
     "make_sampler": "sampling",
+    "SamplingOptions": "sampling",
     "NessoError": "errors",
 }
 
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
     from .generation import GenerationChunk, GenerationResult, generate, stream_generate
     from .loading import load
     from .model import Model
-    from .sampling import make_sampler
+    from .sampling import SamplingOptions, make_sampler
     from .tokenizer import Tokenizer
 
 
@@ -58,6 +59,7 @@ __all__ = [
     "Model",
     "ModelArgs",
     "NessoError",
+    "SamplingOptions",
     "Tokenizer",
     "batch_generate",
     "generate",

@@ -361,13 +361,7 @@ REQUEST_OPTIONS = {
     "response_format",
     "constrain",
     "max_tokens",
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "repetition_penalty",
-    "repetition_context_size",
-    "seed",
+    "sampling",
     "stop",
     "logits_processors",
 }
@@ -386,8 +380,8 @@ def batch_generate(
     """Generate replies for many requests, decoding up to `batch_size` of them together.
 
     A request is a prompt (text or token ids) or a dict of `generate`'s keyword arguments
-    (`prompt` or `messages`, `tools`, `tool_choice`, `response_format`, `max_tokens`, sampling
-    options, `stop`, ...); `defaults` apply to every request. Returns one `GenerationResult` per
+    (`prompt` or `messages`, `tools`, `tool_choice`, `response_format`, `max_tokens`,
+    `sampling`, `stop`, ...); `defaults` apply to every request. Returns one `GenerationResult` per
     request, in order: the same reply `generate` gives for it alone (greedy: the same tokens up to
     kernel numerics; with a `seed`, the same draws), produced in fewer forward passes. A finished
     sequence's slot goes to the next request at once (continuous batching). `progress(done, total)`

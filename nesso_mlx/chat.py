@@ -13,21 +13,19 @@ from .cache import CacheRollbackError, rollback_cache
 from .errors import NessoError
 from .generation import GenerationChunk, stream_generate
 from .model import Model
+from .sampling import SamplingOptions
 from .tokenizer import Tokenizer
 from .tools import ToolSpec, parse_tool_calls, tool_schemas
 
 
 @dataclass
-class SamplingSettings:
-    """Per-session generation settings, changeable between turns."""
+class SamplingSettings(SamplingOptions):
+    """Per-session generation settings, changeable between turns: the sampling options (with a
+    chat's defaults) and the longest reply."""
 
     temperature: float = 0.7
     top_p: float = 0.9
-    top_k: int = 0
-    min_p: float = 0.0
-    repetition_penalty: float | None = None
     max_tokens: int = 1024
-    seed: int | None = None
 
     def set(self, name: str, value: str) -> None:
         """Set a field from text (as typed after `/set`); raises ValueError with a clear message."""
@@ -48,6 +46,7 @@ class SamplingSettings:
             "top_k": (0, 10**6),
             "min_p": (0, 0.999999),
             "repetition_penalty": (1e-3, 10),
+            "repetition_context_size": (1, 2**20),
             "max_tokens": (1, 10**6),
             "seed": (0, 2**63),
         }
@@ -297,13 +296,9 @@ class ChatSession:
             self.tokenizer,
             new_tokens,
             cache=self.cache,
+            cached_ids=self.cached_tokens,
             max_tokens=max(1, min(s.max_tokens, room)),
-            temperature=s.temperature,
-            top_p=s.top_p,
-            top_k=s.top_k,
-            min_p=s.min_p,
-            repetition_penalty=s.repetition_penalty,
-            seed=s.seed,
+            sampling=s,
             tools=self.tools,
             tool_choice=self.tool_choice,
             prefill_chunk_size=self.prefill_chunk_size,

@@ -392,6 +392,7 @@ def generate(
         fail("--system needs the chat template; drop --raw", 2)
     from .errors import NessoError
     from .generation import stream_generate
+    from .sampling import SamplingOptions
 
     response_format = None
     if json_schema:
@@ -418,12 +419,9 @@ def generate(
             None if messages else prompt,
             messages=messages,
             max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            min_p=min_p,
-            repetition_penalty=repetition_penalty,
-            seed=seed,
+            sampling=SamplingOptions(
+                temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed
+            ),
             stop=stop,
             tools=tool_list,
             tool_choice=tool_choice,

@@ -15,9 +15,8 @@ from .model import Model
 from .sampling import (
     LogitsProcessor,
     Sampler,
+    SamplingOptions,
     log_softmax,
-    make_logits_processors,
-    make_sampler,
     reads_history,
     vocab_limit_processor,
 )
@@ -412,13 +411,7 @@ def prepare_decoding(
     response_format: dict[str, Any] | None = None,
     constrain: bool = True,
     max_tokens: int = 256,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    min_p: float = 0.0,
-    repetition_penalty: float | None = None,
-    repetition_context_size: int = 64,
-    seed: int | None = None,
+    sampling: SamplingOptions | None = None,
     stop: str | Sequence[str] | None = None,
     logits_processors: Sequence[LogitsProcessor] | None = None,
 ) -> Decoding:
@@ -440,8 +433,9 @@ def prepare_decoding(
             "shorten the prompt or the conversation"
         )
     max_tokens = min(max_tokens, context - cached - len(ids))
-    sampler = make_sampler(temperature, top_p, top_k, min_p, seed)
-    processors = make_logits_processors(repetition_penalty, repetition_context_size, logits_processors)
+    sampling = sampling or SamplingOptions()
+    sampler = sampling.sampler()
+    processors = sampling.processors(logits_processors)
     if model.args.vocab_size > tokenizer.vocab_size:  # the model's padding rows past the tokenizer
         processors.append(vocab_limit_processor(tokenizer.vocab_size, model.args.vocab_size))
     constraint = None
@@ -482,19 +476,14 @@ def stream_generate(
     response_format: dict[str, Any] | None = None,
     constrain: bool = True,
     max_tokens: int = 256,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    min_p: float = 0.0,
-    repetition_penalty: float | None = None,
-    repetition_context_size: int = 64,
-    seed: int | None = None,
+    sampling: SamplingOptions | None = None,
     stop: str | Sequence[str] | None = None,
     logits_processors: Sequence[LogitsProcessor] | None = None,
     cache: list[KVCache] | None = None,
-    prefill_chunk_size: int = 512,
+    cached_ids: Sequence[int] | None = None,
     top_logprobs: int | None = None,
     prompt_lookup: bool = False,
+    prefill_chunk_size: int = 512,
 ) -> Iterator[GenerationChunk]:
     """Generate text token by token from `prompt` (str or ids) or chat `messages`.
 
@@ -512,6 +501,10 @@ def stream_generate(
     ({"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": ...}}) makes
     the whole reply valid JSON.
 
+    `sampling` chooses the tokens (default: greedy). `cached_ids`, the token ids `cache` already
+    holds, let the repetition penalty and prompt lookup see the whole context, so a cached turn
+    is decoded as it would be from scratch.
+
     `top_logprobs` (k >= 0) adds each token's log-probability and its k best alternatives to
     its chunk (`chunk.logprobs`). `prompt_lookup` turns on prompt-lookup speculative decoding
     (same output greedy, same distribution sampling; see `speculative.py`); it is not combined
@@ -522,6 +515,8 @@ def stream_generate(
     if cache is None:
         cache = model.make_cache()
     start = cache[0].offset
+    if cached_ids is not None and len(cached_ids) != start:
+        raise ValueError(f"cached_ids has {len(cached_ids)} ids but the cache holds {start} positions")
     plan = prepare_decoding(
         model,
         tokenizer,
@@ -532,13 +527,7 @@ def stream_generate(
         response_format=response_format,
         constrain=constrain,
         max_tokens=max_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        min_p=min_p,
-        repetition_penalty=repetition_penalty,
-        repetition_context_size=repetition_context_size,
-        seed=seed,
+        sampling=sampling,
         stop=stop,
         logits_processors=logits_processors,
     )
@@ -548,7 +537,8 @@ def stream_generate(
     try:
         prompt = mx.array(ids, dtype=mx.int32)
         logits = prefill(model, prompt, cache, prefill_chunk_size)
-        history = prompt if reads_history(processors) else None
+        context = [*cached_ids, *ids] if cached_ids else ids  # what the processors and lookup see
+        history = mx.array(context, dtype=mx.int32) if reads_history(processors) else None
         if plan.max_tokens <= 0:
             yield GenerationChunk("", None, "length", len(ids), 0)
             return
@@ -557,7 +547,7 @@ def stream_generate(
         # Not with the caller's own logits processors: they may keep state from call to call,
         # which a verify pass (several positions at once, some rolled back) would corrupt.
         if prompt_lookup and top_logprobs is None and not logits_processors:
-            lookup = PromptLookup(ids, temperature, top_p, top_k, min_p, seed, max_tokens=plan.max_tokens, stop_ids=reply.eos)
+            lookup = PromptLookup(context, sampling, max_tokens=plan.max_tokens, stop_ids=reply.eos)
         tokens = decode(model, logits, cache, plan.sampler, processors, history, plan.constraint, top_logprobs, lookup)
         for token in tokens:
             if top_logprobs is not None:

@@ -43,7 +43,7 @@ from lm_eval.models.utils import handle_stop_sequences, has_bos_prefix, normaliz
 from .cache import KVCache, rollback_cache
 from .errors import NessoError, TokenizerError
 from .generation import prefill, stream_generate
-from .sampling import log_softmax
+from .sampling import SamplingOptions, log_softmax
 
 log = logging.getLogger(__name__)
 
@@ -361,7 +361,7 @@ class NessoLM(TemplateLM):
 
     # ---- generation -------------------------------------------------------------------------
 
-    def _sampling(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+    def _sampling(self, kwargs: dict[str, Any]) -> SamplingOptions:
         """Sampling options for `stream_generate` from lm-eval's normalized gen_kwargs."""
         do_sample = bool(kwargs.pop("do_sample", False))
         temperature = float(kwargs.pop("temperature", 0.0) or 0.0)
@@ -382,7 +382,7 @@ class NessoLM(TemplateLM):
         if unknown:
             log.warning("nesso-mlx ignores these generation kwargs: %s", ", ".join(sorted(unknown)))
             self._unknown_gen_kwargs |= unknown
-        return options
+        return SamplingOptions(**options)
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Generate for each request until one of its `until` strings (or EOS, or `max_gen_toks`)."""
@@ -410,7 +410,14 @@ class NessoLM(TemplateLM):
             tokens = []
             try:
                 for chunk in stream_generate(
-                    self.model, self.tokenizer, ids[keep:], cache=self._cache, max_tokens=max_gen_toks, stop=until, **sampling
+                    self.model,
+                    self.tokenizer,
+                    ids[keep:],
+                    cache=self._cache,
+                    cached_ids=ids[:keep],
+                    max_tokens=max_gen_toks,
+                    stop=until,
+                    sampling=sampling,
                 ):
                     if chunk.token is not None:
                         tokens.append(chunk.token)

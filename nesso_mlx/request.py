@@ -743,13 +743,14 @@ def generation_options(
     response_format: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Keyword arguments for `stream_generate` (all but the model, tokenizer, prompt and cache)."""
+    from .sampling import SamplingOptions
+
     return {
         "max_tokens": max_tokens,
-        "temperature": sampling.temperature,
-        "top_p": sampling.top_p,
-        "top_k": sampling.top_k,
-        "min_p": sampling.min_p,
-        "seed": sampling.seed,
+        # The repetition penalty is among the processors below (it must see `prefix` too).
+        "sampling": SamplingOptions(
+            temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k, min_p=sampling.min_p, seed=sampling.seed
+        ),
         "stop": list(stop),
         "logits_processors": logits_processors(sampling, vocab_size, prefix, prompt_tokens),
         "top_logprobs": top_logprobs,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import partial
 
 import mlx.core as mx
@@ -11,6 +12,32 @@ import mlx.core as mx
 Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 TOP_P_CANDIDATES = 1024  # top-p without top-k looks for the nucleus among this many tokens
+
+
+@dataclass
+class SamplingOptions:
+    """How each next token is chosen (`stream_generate(sampling=...)`); the defaults are greedy.
+
+    `repetition_penalty` (None or 1.0: off) divides the logits of the tokens among the last
+    `repetition_context_size`; then top-k, top-p and min-p filter and `temperature` scales (see
+    `make_sampler`). With a `seed`, the draws are reproducible.
+    """
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float | None = None
+    repetition_context_size: int = 64
+    seed: int | None = None
+
+    def sampler(self) -> Sampler:
+        """The sampler these options describe (raises ValueError for an out-of-range value)."""
+        return make_sampler(self.temperature, self.top_p, self.top_k, self.min_p, self.seed)
+
+    def processors(self, extra: Sequence[LogitsProcessor] | None = None) -> list[LogitsProcessor]:
+        """`extra` (a caller's own processors, first) and the repetition penalty, if on."""
+        return make_logits_processors(self.repetition_penalty, self.repetition_context_size, extra)
 
 
 def _filter(logprobs: mx.array, top_k: int, top_p: float, min_p: float) -> mx.array:

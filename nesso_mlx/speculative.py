@@ -27,7 +27,7 @@ from collections.abc import Sequence
 
 import mlx.core as mx
 
-from .sampling import filter_logprobs
+from .sampling import SamplingOptions, filter_logprobs
 
 
 class NgramIndex:
@@ -257,24 +257,23 @@ class PromptLookup:
     def __init__(
         self,
         tokens: Sequence[int],
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        min_p: float = 0.0,
-        seed: int | None = None,
+        sampling: SamplingOptions | None = None,
         max_draft: int = 10,
         max_tokens: int | None = None,
         stop_ids: Sequence[int] = (),
     ) -> None:
+        """`tokens`: the context to draft from (the prompt, with any earlier turns); `sampling`:
+        the options the sampler uses (for the acceptance rule)."""
+        s = sampling or SamplingOptions()
         self.index = NgramIndex(tokens)
         self.prompt_length = len(tokens)
         self.max_tokens, self.stop_ids = max_tokens, set(stop_ids)
         # Seeded sampling is reproducible: drafting decisions then do not depend on timing.
-        self.controller = LookupController(max_draft, timed=seed is None or not temperature)
-        self.settings = (temperature, top_p, top_k, min_p)
+        self.controller = LookupController(max_draft, timed=s.seed is None or not s.temperature)
+        self.settings = (s.temperature, s.top_p, s.top_k, s.min_p)
         # The acceptance draws use their own key sequence, not the sampler's (same seed, other stream).
-        base = (seed + 0x9E3779B9) % 2**32 if seed is not None else time.time_ns() % 2**32
-        self.key = mx.random.key(base) if temperature else None
+        base = (s.seed + 0x9E3779B9) % 2**32 if s.seed is not None else time.time_ns() % 2**32
+        self.key = mx.random.key(base) if s.temperature else None
 
     def draft(self, forced: Sequence[int] = (), ngram: bool = True) -> tuple[list[int], int]:
         """The next draft (its first token is the one the pending step should confirm), cut after

@@ -22,7 +22,7 @@ from nesso_fixture import IM_END, IM_START, nesso_folder
 from nesso_mlx import generate, load, stream_generate
 from nesso_mlx.constrained import OPEN, build_processor
 from nesso_mlx.generation import decode, prefill
-from nesso_mlx.sampling import make_sampler
+from nesso_mlx.sampling import SamplingOptions, make_sampler
 from nesso_mlx.tools import ToolCallStream, parse_tool_calls, tool_schemas
 
 KINDS = ("smollm2", "nesso-text", "nesso-added")
@@ -206,9 +206,8 @@ def test_auto_body_is_forced_to_a_valid_call(models, kind):
             tools=TOOLS,
             tool_choice="auto",
             logits_processors=[force_prefix(prefix)],
-            temperature=1.0,
-            seed=seed,
             max_tokens=120,
+            sampling=SamplingOptions(temperature=1.0, seed=seed),
         )
         assert result.raw_text.startswith("Ok. <tool_call>\n{"), result.raw_text
         assert result.tool_calls and valid_call(result.tool_calls[0]), result.raw_text
@@ -224,7 +223,13 @@ def test_forced_calls_always_complete(models, kind, choice):
     model, tokenizer = models[kind]
     for seed in range(20):
         result = generate(
-            model, tokenizer, messages=MESSAGES, tools=TOOLS, tool_choice=choice, temperature=1.0, seed=seed, max_tokens=160
+            model,
+            tokenizer,
+            messages=MESSAGES,
+            tools=TOOLS,
+            tool_choice=choice,
+            max_tokens=160,
+            sampling=SamplingOptions(temperature=1.0, seed=seed),
         )
         assert result.finish_reason == "tool_calls", (seed, result.raw_text)
         assert result.tool_calls and all(valid_call(c) for c in result.tool_calls), (seed, result.raw_text)
@@ -242,9 +247,8 @@ def test_bounded_schema_finishes_valid_within_64_tokens(models, kind):
             tokenizer,
             messages=[{"role": "user", "content": "Estrai i dati in JSON."}],
             response_format={"type": "json_schema", "json_schema": {"schema": SCHEMA}},
-            temperature=1.0,
-            seed=seed,
             max_tokens=64,
+            sampling=SamplingOptions(temperature=1.0, seed=seed),
         )
         assert result.finish_reason == "stop", (seed, result.text)
         jsonschema.validate(json.loads(result.text), SCHEMA)
@@ -254,9 +258,18 @@ def test_bounded_schema_finishes_valid_within_64_tokens(models, kind):
 @pytest.mark.parametrize("kind", ["nesso-text", "nesso-added"])
 def test_a_cut_constrained_reply_says_length(models, kind):
     model, tokenizer = models[kind]
-    result = generate(model, tokenizer, messages=MESSAGES, tools=TOOLS, tool_choice="required", max_tokens=6, seed=0)
+    result = generate(
+        model, tokenizer, messages=MESSAGES, tools=TOOLS, tool_choice="required", max_tokens=6, sampling=SamplingOptions(seed=0)
+    )
     assert result.finish_reason == "length" and result.generation_tokens == 6
-    free = generate(model, tokenizer, messages=MESSAGES, response_format={"type": "json_object"}, max_tokens=3, temperature=1.0)
+    free = generate(
+        model,
+        tokenizer,
+        messages=MESSAGES,
+        response_format={"type": "json_object"},
+        max_tokens=3,
+        sampling=SamplingOptions(temperature=1.0),
+    )
     assert free.finish_reason == "length"
 
 
@@ -268,7 +281,13 @@ def test_streamed_call_deltas_reassemble_to_the_calls(models, kind):
         names_first = True
         last = None
         for last in stream_generate(
-            model, tokenizer, messages=MESSAGES, tools=TOOLS, tool_choice="required", temperature=1.0, seed=seed, max_tokens=160
+            model,
+            tokenizer,
+            messages=MESSAGES,
+            tools=TOOLS,
+            tool_choice="required",
+            max_tokens=160,
+            sampling=SamplingOptions(temperature=1.0, seed=seed),
         ):
             for delta in last.tool_call_deltas:
                 entry = calls.setdefault(delta.index, {"name": None, "arguments": ""})

@@ -13,7 +13,7 @@ from nesso_fixture import nesso_folder
 from nesso_mlx import generate, load
 from nesso_mlx.batch import BatchDecoder, BatchSequence, batch_generate, merge_caches, row_cache
 from nesso_mlx.cache import rollback_cache
-from nesso_mlx.sampling import make_sampler, vocab_limit_processor
+from nesso_mlx.sampling import SamplingOptions, make_sampler, vocab_limit_processor
 
 PROMPTS = [
     "Ciao! Come stai oggi?",
@@ -50,10 +50,10 @@ def test_sampling_options_per_request(tiny):
     """Seeded sampling, repetition penalty, stop strings and plain prompts, each request its own."""
     model, tokenizer = tiny
     requests = [
-        chat(PROMPTS[0], temperature=0.8, seed=3, max_tokens=12),
-        chat(PROMPTS[1], temperature=1.0, top_p=0.9, seed=4, repetition_penalty=1.3, max_tokens=12),
+        chat(PROMPTS[0], max_tokens=12, sampling=SamplingOptions(temperature=0.8, seed=3)),
+        chat(PROMPTS[1], max_tokens=12, sampling=SamplingOptions(temperature=1.0, top_p=0.9, seed=4, repetition_penalty=1.3)),
         PROMPTS[3],
-        chat(PROMPTS[4], temperature=0.7, top_k=5, min_p=0.05, seed=9, max_tokens=12),
+        chat(PROMPTS[4], max_tokens=12, sampling=SamplingOptions(temperature=0.7, top_k=5, min_p=0.05, seed=9)),
     ]
     alone = [
         generate(model, tokenizer, **r) if isinstance(r, dict) else generate(model, tokenizer, r, max_tokens=9) for r in requests
@@ -94,7 +94,7 @@ def test_constrained_rows_in_one_batch(variant):
         chat("Ciao", max_tokens=10),
     ]
     for seed in (0, 1):
-        options = {"temperature": 0.9, "seed": seed}
+        options = {"sampling": SamplingOptions(temperature=0.9, seed=seed)}
         alone = [generate(model, tokenizer, **r, **options) for r in requests]
         together = batch_generate(model, tokenizer, requests, batch_size=4, **options)
         for a, b in zip(alone, together, strict=True):
@@ -189,9 +189,11 @@ def test_seeded_tool_call_after_a_trigger_equals_generate(variant):
 
     request = {"messages": messages, "tools": [TOOL], "tool_choice": "auto", "max_tokens": 40, "logits_processors": [force_call]}
     for seed in (7, 8):
-        alone = generate(model, tokenizer, temperature=1.0, seed=seed, **request)
+        alone = generate(model, tokenizer, **request, sampling=SamplingOptions(temperature=1.0, seed=seed))
         assert "<tool_call>" in alone.raw_text  # the trigger did fire
-        together = batch_generate(model, tokenizer, [request, chat("Ciao", max_tokens=30)], temperature=1.0, seed=seed)
+        together = batch_generate(
+            model, tokenizer, [request, chat("Ciao", max_tokens=30)], sampling=SamplingOptions(temperature=1.0, seed=seed)
+        )
         assert together[0].tokens == alone.tokens
         if alone.finish_reason == "tool_calls":
             assert together[0].tool_calls[0].name == "meteo"

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 
+import mlx.core as mx
 import pytest
 
-from nesso_mlx import generate, load
+from nesso_mlx import generate, load, stream_generate
 from nesso_mlx.chat import ChatSession, SamplingSettings
 from nesso_mlx.errors import NessoError
+from nesso_mlx.generation import prefill
+from nesso_mlx.sampling import SamplingOptions
 
 GREEDY = SamplingSettings(temperature=0.0, max_tokens=6)
 
@@ -66,6 +69,58 @@ def test_replies_equal_a_fresh_generation_of_the_same_conversation(tiny):
     second = reply(chat.send("two"))
     fresh = generate(model, tokenizer, messages=chat.messages[:-1], max_tokens=6).text
     assert second == fresh
+
+
+@pytest.mark.parametrize("prompt_lookup", [False, True])
+def test_a_cached_turn_with_repetition_penalty_equals_a_fresh_generation(tiny, monkeypatch, prompt_lookup):
+    """The penalty (and prompt lookup's index) see the earlier turns held in the cache, not only
+    the new tokens, so caching does not change the reply."""
+    import nesso_mlx.speculative as speculative
+
+    model, tokenizer = tiny
+    settings = SamplingSettings(temperature=0.0, max_tokens=16, repetition_penalty=8.0)
+    chat = ChatSession(model, tokenizer, settings=settings, prompt_lookup=prompt_lookup)
+    reply(chat.send("one two three"))
+    contexts = []
+    original = speculative.PromptLookup.__init__
+
+    def spy(self, tokens, *args, **kwargs):
+        contexts.append(list(tokens))
+        original(self, tokens, *args, **kwargs)
+
+    monkeypatch.setattr(speculative.PromptLookup, "__init__", spy)
+    second = reply(chat.send("two three four"))
+    conversation = chat.messages[:-1]
+    fresh = generate(model, tokenizer, messages=conversation, max_tokens=16, sampling=settings).text
+    assert second == fresh
+    if prompt_lookup:  # drafts may come from the whole conversation
+        assert contexts == [tokenizer.apply_chat_template(conversation, add_generation_prompt=True)]
+
+
+def test_cached_ids_let_the_repetition_penalty_see_the_cached_context(tiny):
+    model, tokenizer = tiny
+    penalty = SamplingOptions(repetition_penalty=8.0)
+    question = tokenizer.encode("two three four")
+    # An earlier context holding the tokens the model would otherwise say next.
+    likely = generate(model, tokenizer, tokenizer.encode("one") + question, max_tokens=8).tokens
+    context = tokenizer.encode("one") + likely
+    fresh = generate(model, tokenizer, context + question, max_tokens=8, sampling=penalty).tokens
+
+    def cached(ids):
+        cache = model.make_cache()
+        prefill(model, mx.array(context), cache)
+        return generate(model, tokenizer, question, max_tokens=8, sampling=penalty, cache=cache, cached_ids=ids).tokens
+
+    assert cached(context) == fresh
+    assert cached(None) != fresh  # the check can tell: the penalty missed the cached tokens before
+
+
+def test_cached_ids_must_describe_the_cache(tiny):
+    model, tokenizer = tiny
+    cache = model.make_cache()
+    list(stream_generate(model, tokenizer, "ciao", max_tokens=2, cache=cache))
+    with pytest.raises(ValueError, match="cached_ids has 1 ids but the cache holds"):
+        list(stream_generate(model, tokenizer, "ciao", cache=cache, cached_ids=[1]))
 
 
 def test_interrupted_reply_is_kept_and_cache_stays_consistent(tiny):

@@ -7,7 +7,7 @@ import pytest
 
 from nesso_mlx import generate, load, stream_generate
 from nesso_mlx.errors import ContextLengthError
-from nesso_mlx.sampling import make_sampler, repetition_penalty_processor
+from nesso_mlx.sampling import SamplingOptions, make_sampler, repetition_penalty_processor
 
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -65,7 +65,9 @@ def test_logprobs_equal_mlx_lm(smollm2, smollm2_path):
 def test_italian_stream_equals_decode(smollm2):
     model, tokenizer = smollm2
     messages = [{"role": "user", "content": "Scrivi una frase sulla città di Napoli, con accenti."}]
-    chunks = list(stream_generate(model, tokenizer, messages=messages, max_tokens=24, temperature=0.8, seed=3))
+    chunks = list(
+        stream_generate(model, tokenizer, messages=messages, max_tokens=24, sampling=SamplingOptions(temperature=0.8, seed=3))
+    )
     tokens = [c.token for c in chunks]
     text = "".join(c.text for c in chunks)
     assert text == tokenizer.decode([t for t in tokens if t not in tokenizer.eos_token_ids])
@@ -127,13 +129,18 @@ def test_rows_beyond_the_tokenizer_are_never_sampled(tiny):
     def prefer_pad(tokens, logits):
         return mx.where(mx.arange(logits.shape[-1]) == pad_row, 1e4, logits)
 
-    result = generate(model, tokenizer, "hi", max_tokens=8, temperature=1.0, seed=0, logits_processors=[prefer_pad])
+    result = generate(
+        model, tokenizer, "hi", max_tokens=8, logits_processors=[prefer_pad], sampling=SamplingOptions(temperature=1.0, seed=0)
+    )
     assert all(t < tokenizer.vocab_size for t in result.tokens)
 
 
 def test_seed_reproducible(tiny):
     model, tokenizer = tiny
-    runs = [generate(model, tokenizer, "the", max_tokens=12, temperature=1.0, seed=s).tokens for s in (7, 7, 8)]
+    runs = [
+        generate(model, tokenizer, "the", max_tokens=12, sampling=SamplingOptions(temperature=1.0, seed=s)).tokens
+        for s in (7, 7, 8)
+    ]
     assert runs[0] == runs[1] and runs[0] != runs[2]
 
 

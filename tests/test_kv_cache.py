@@ -27,6 +27,7 @@ from nesso_mlx.cache import (
 from nesso_mlx.chat import ChatSession, SamplingSettings
 from nesso_mlx.errors import NessoError
 from nesso_mlx.generation import generate, stream_generate
+from nesso_mlx.sampling import SamplingOptions
 
 # Nesso's attention shape in miniature: head_dim 64 (group size 64), 3 query heads per kv head.
 GQA_CONFIG = dict(TINY_CONFIG, hidden_size=384, num_attention_heads=6, num_key_value_heads=2, intermediate_size=256)
@@ -65,7 +66,10 @@ def log_probs(model, ids, cache, first=8):
 
 def sample_ids(model, tokenizer, n=64):
     prompt = "the weather in the north is"
-    return tokenizer.encode(prompt) + generate(model, tokenizer, prompt=prompt, max_tokens=n, temperature=1.0, seed=3).tokens
+    return (
+        tokenizer.encode(prompt)
+        + generate(model, tokenizer, prompt=prompt, max_tokens=n, sampling=SamplingOptions(temperature=1.0, seed=3)).tokens
+    )
 
 
 # --- quantized attention ---------------------------------------------------------------------

@@ -18,6 +18,7 @@ from mlx_lm.utils import quantize_model, save_config, save_model
 from nesso_mlx import load
 from nesso_mlx.config import ModelArgs, load_config
 from nesso_mlx.errors import ConfigError, HubError, NessoError, WeightsError
+from nesso_mlx.sampling import SamplingOptions
 
 
 def tokens():
@@ -101,8 +102,12 @@ def test_rows_beyond_tokenizer_load_and_are_never_generated(tmp_path):
     assert tokenizer.vocab_size == tokenizer_size < model.args.vocab_size == 320
     prompt = tokenizer.encode("the weather in Rome")
     assert mx.argmax(model(mx.array([prompt]))[0], axis=-1).min().item() >= tokenizer_size  # padding wins unbanned
-    for settings in ({"temperature": 0.0}, {"temperature": 1.0, "seed": 1}, {"temperature": 2.0, "top_k": 5, "seed": 2}):
-        out = generate(model, tokenizer, prompt, max_tokens=24, **settings)
+    for settings in (
+        SamplingOptions(temperature=0.0),
+        SamplingOptions(temperature=1.0, seed=1),
+        SamplingOptions(temperature=2.0, top_k=5, seed=2),
+    ):
+        out = generate(model, tokenizer, prompt, max_tokens=24, sampling=settings)
         assert out.tokens and max(out.tokens) < tokenizer_size, settings
 
 

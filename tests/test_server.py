@@ -160,7 +160,7 @@ def test_plain_and_streamed_replies_match_the_python_api(smol, smol_local):
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     api = client(smol)
     whole = api.chat.completions.create(model="smollm2", messages=messages, temperature=0, max_tokens=6)
-    expected = generate(model, tokenizer, messages=messages, temperature=0.0, max_tokens=6)
+    expected = generate(model, tokenizer, messages=messages, max_tokens=6)
     choice = whole.choices[0]
     assert choice.message.role == "assistant" and choice.message.content == expected.text and choice.message.tool_calls is None
     assert choice.finish_reason == expected.finish_reason
@@ -299,7 +299,7 @@ def test_completions_echo_logprobs_equal_an_independent_forward_pass(smol, smol_
         assert list(lp["top_logprobs"][i].values()) == pytest.approx([logprobs[i - 1, t] for t in best], abs=1e-4)
         assert list(lp["top_logprobs"][i]) == [tokenizer.decode([int(t)]) for t in best]
 
-    chunks = list(stream_generate(model, tokenizer, ids, max_tokens=2, temperature=0.0, top_logprobs=3))
+    chunks = list(stream_generate(model, tokenizer, ids, max_tokens=2, top_logprobs=3))
     assert lp["token_logprobs"][n:] == pytest.approx([c.logprobs.logprob for c in chunks], abs=1e-5)
     assert [list(d.values()) for d in lp["top_logprobs"][n:]] == [
         pytest.approx([v for _, v in c.logprobs.top], abs=1e-5) for c in chunks

@@ -11,9 +11,10 @@ import pytest
 from conftest import write_model_folder
 from nesso_fixture import nesso_folder
 
-import nesso_mlx.generation as generation
+import nesso_mlx.sampling as sampling
 import nesso_mlx.speculative as speculative
 from nesso_mlx import generate, load
+from nesso_mlx.sampling import SamplingOptions
 from nesso_mlx.speculative import NgramIndex, accept_draft
 
 
@@ -61,7 +62,9 @@ def test_ngram_index_drafts_after_tokens_still_to_come():
     assert lookup.draft([2]) == ([2, 3], 1)  # forced tokens first, the n-gram continues after them
     assert lookup.draft([2], ngram=False) == ([], 0)  # n-gram drafting paused: one token is no draft
     forced, longest = list(range(10, 50)), speculative.PromptLookup.MAX_FORCED
-    lookup = speculative.PromptLookup([1, 2], temperature=0.5, seed=1)  # untimed: a pass costs 1 + 0.1 k steps
+    lookup = speculative.PromptLookup(
+        [1, 2], sampling=SamplingOptions(temperature=0.5, seed=1)
+    )  # untimed: a pass costs 1 + 0.1 k steps
     lookup.controller.forced_kept = 9.0  # 90% kept: a mid-length draft pays best
     assert 2 <= lookup.draft(forced)[1] < longest
     lookup.controller.forced_kept = 1000.0  # forced drafts always kept: the longest
@@ -92,12 +95,12 @@ def induction(tokens: mx.array, logits: mx.array) -> mx.array:
 def add_induction(monkeypatch) -> None:
     """Random models made to copy: `induction` joins the built-in processors (a caller's own
     logits processors turn prompt lookup off, see below)."""
-    original = generation.make_logits_processors
+    original = sampling.make_logits_processors
 
     def with_induction(*args, **kwargs):
         return [*original(*args, **kwargs), induction]
 
-    monkeypatch.setattr(generation, "make_logits_processors", with_induction)
+    monkeypatch.setattr(sampling, "make_logits_processors", with_induction)
 
 
 @pytest.fixture
@@ -114,7 +117,7 @@ def test_greedy_output_is_identical(always_draft, monkeypatch, tmp_path, kind):
             if copy:
                 add_induction(patch)
             for text in COPYING:
-                for options in ({}, {"repetition_penalty": 1.3}):
+                for options in ({}, {"sampling": SamplingOptions(repetition_penalty=1.3)}):
                     messages = [{"role": "user", "content": text}]
                     plain = generate(model, tokenizer, messages=messages, max_tokens=40, **options)
                     fast = generate(model, tokenizer, messages=messages, max_tokens=40, prompt_lookup=True, **options)
@@ -299,13 +302,13 @@ def test_seeded_sampling_with_lookup_is_reproducible(copying, monkeypatch, tmp_p
 
     model, tokenizer = load(write_model_folder(tmp_path / "m", seed=5), dtype="float32")
     messages = [{"role": "user", "content": COPYING[1]}]
-    options = {"temperature": 0.7, "seed": 11, "max_tokens": 40, "prompt_lookup": True}
+    options = {"sampling": SamplingOptions(temperature=0.7, seed=11), "max_tokens": 40, "prompt_lookup": True}
     first = generate(model, tokenizer, messages=messages, **options)
     clock = random.Random(0)
     monkeypatch.setattr(speculative.time, "perf_counter", lambda: clock.random() * 1000)  # a machine gone erratic
     second = generate(model, tokenizer, messages=messages, **options)
     assert first.tokens == second.tokens
-    lookup = speculative.PromptLookup([1, 2], temperature=0.7, seed=11)
+    lookup = speculative.PromptLookup([1, 2], sampling=SamplingOptions(temperature=0.7, seed=11))
     assert not lookup.controller.timed
     assert not mx.array_equal(lookup.key, mx.random.key(11)).item()  # not the sampler's key
 
