@@ -270,8 +270,15 @@ class BatchDecoder:
         return singles
 
     @staticmethod
-    def _plain_greedy(seq: BatchSequence) -> bool:
-        return seq.sampler is greedy and not seq.processors and seq.constraint is None and seq.top_logprobs is None
+    def _plain_greedy(seq: BatchSequence) -> int | None:
+        """For a greedy row with no grammar, logprobs or processors but the vocabulary limit: the
+        number of leading vocabulary rows its argmax is over (0: all); None for any other row."""
+        if seq.sampler is not greedy or seq.constraint is not None or seq.top_logprobs is not None:
+            return None
+        limits = [getattr(p, "vocab_limit", None) for p in seq.processors]
+        if None in limits:
+            return None
+        return min(limits, default=0)
 
     def _sample(self, seq: BatchSequence, row: mx.array) -> tuple[mx.array, list[mx.array]]:
         """One sequence's next token (1,) from its logits row (1, vocab), and its log-probabilities."""
@@ -302,16 +309,21 @@ class BatchDecoder:
         errors: dict[int, Exception] = {}
         tokens, extras = [], []
         with mx.stream(generation_stream):
-            # Plain greedy rows (no processors, grammar or logprobs) take one argmax together.
-            plain = [i for i, seq in enumerate(self.sequences) if self._plain_greedy(seq)]
-            if len(plain) > 1:
-                together = greedy(self._logits[mx.array(plain, dtype=mx.int32)]).astype(mx.int32)
-                where = {i: j for j, i in enumerate(plain)}
-            else:
-                where = {}
+            # Plain greedy rows (no grammar or logprobs, no processors but the vocabulary limit)
+            # take one argmax together, over the rows the limit leaves.
+            groups: dict[int, list[int]] = {}
+            for i, seq in enumerate(self.sequences):
+                if (limit := self._plain_greedy(seq)) is not None:
+                    groups.setdefault(limit, []).append(i)
+            where = {}
+            for limit, rows in groups.items():
+                if len(rows) > 1:
+                    logits = self._logits[mx.array(rows, dtype=mx.int32)]
+                    together = greedy(logits[:, :limit] if limit else logits).astype(mx.int32)
+                    where.update({i: together[j : j + 1] for j, i in enumerate(rows)})
             for i, seq in enumerate(self.sequences):
                 if i in where:
-                    tokens.append(together[where[i] : where[i] + 1])
+                    tokens.append(where[i])
                     extras.append([])
                     continue
                 try:

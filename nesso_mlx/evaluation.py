@@ -316,6 +316,7 @@ def run_tool_eval(
     decoding to either (the authors decoded freely).
     """
     from .batch import batch_generate
+    from .sampling import SamplingOptions
 
     if rules not in RULES:
         raise ValueError(f"rules must be one of {', '.join(RULES)}, got {rules!r}")
@@ -336,7 +337,7 @@ def run_tool_eval(
         progress=progress,
         tools=data["tools"],
         constrain=constrain,
-        temperature=0.0,
+        sampling=SamplingOptions(temperature=0.0),  # greedy, as the authors' procedure
     )
     results = []
     for case, out in zip(data["cases"], outputs, strict=True):

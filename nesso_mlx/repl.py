@@ -23,7 +23,7 @@ from .tools import ToolCall, parse_tool_calls
 HELP = """\
 Type a message and press Enter. Multi-line: start and end with \"\"\", or end lines with \\.
   /system TEXT     set the system prompt (no text: show it)
-  /set NAME VALUE  temperature, top_p, top_k, min_p, repetition_penalty, max_tokens, seed
+  /set NAME VALUE  temperature, top_p, top_k, min_p, repetition_penalty, repetition_context_size, max_tokens, seed
   /show            model, precision, settings and context use
   /stats           statistics of the last reply
   /retry           regenerate the last reply

@@ -696,6 +696,7 @@ def logit_bias_processor(bias: dict[int, float], vocab_size: int) -> Callable:
     def process(tokens: mx.array, logits: mx.array) -> mx.array:
         return logits.astype(mx.float32) + added
 
+    process.reads_history = False  # so no token history is kept for it alone
     return process
 
 

@@ -186,6 +186,7 @@ def vocab_limit_processor(tokenizer_size: int, model_vocab: int) -> LogitsProces
         return logits + ban.astype(logits.dtype)
 
     process.reads_history = False  # so no token history is kept for it alone
+    process.vocab_limit = tokenizer_size  # a batch of greedy rows takes its argmax over these at once
     return process
 
 

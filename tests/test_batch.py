@@ -106,10 +106,19 @@ def test_constrained_rows_in_one_batch(variant):
         assert call.tool_calls[0].ok and call.tool_calls[0].name == "meteo"
 
 
-def test_decoder_joins_and_leaves_between_steps(tiny):
+def test_decoder_joins_and_leaves_between_steps(tiny, monkeypatch):
     """Continuous batching by hand: a sequence joins mid-way; one leaves; the others go on as alone,
     and a row's cache taken out holds exactly its positions."""
     model, tokenizer = tiny
+    assert model.args.vocab_size > tokenizer.vocab_size  # padding rows: each row has the vocabulary limit
+    sampled_alone = []
+    original_sample = BatchDecoder._sample
+
+    def count(self, seq, row):
+        sampled_alone.append(seq)
+        return original_sample(self, seq, row)
+
+    monkeypatch.setattr(BatchDecoder, "_sample", count)
     prompts = [tokenizer.encode(p) for p in PROMPTS[:3]]
     alone = [generate(model, tokenizer, p, max_tokens=8).tokens for p in prompts]
 
@@ -142,6 +151,8 @@ def test_decoder_joins_and_leaves_between_steps(tiny):
     assert got[0] == alone[0][:5]
     assert len(got[1]) == 11 and got[1][:8] == alone[1]
     assert got[2] == alone[2]  # joined at step 3: 5 + 3 tokens
+    # Greedy rows whose only processor is the vocabulary limit take one argmax together.
+    assert not sampled_alone
     # the removed row's cache, rolled back to before its last token, goes on as the row alone would
     rollback_cache(cache, len(prompts[0]) + 4)
     assert generate(model, tokenizer, [got[0][-1]], cache=cache, max_tokens=3).tokens == alone[0][5:8]

@@ -218,11 +218,12 @@ def test_chat_and_generate_defaults_are_stated_in_help():
     from nesso_mlx.chat import SamplingSettings
     from nesso_mlx.cli import CHAT_DEFAULTS, GENERATE_DEFAULTS, app, defaults_text
     from nesso_mlx.generation import stream_generate
+    from nesso_mlx.sampling import SamplingOptions
 
     settings = SamplingSettings()
     assert CHAT_DEFAULTS == {name: getattr(settings, name) for name in CHAT_DEFAULTS}
-    parameters = inspect.signature(stream_generate).parameters
-    assert GENERATE_DEFAULTS == {name: parameters[name].default for name in GENERATE_DEFAULTS}
+    options = vars(SamplingOptions()) | {"max_tokens": inspect.signature(stream_generate).parameters["max_tokens"].default}
+    assert GENERATE_DEFAULTS == {name: options[name] for name in GENERATE_DEFAULTS}
     for command, defaults in (("chat", CHAT_DEFAULTS), ("generate", GENERATE_DEFAULTS)):
         result = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "200", "NO_COLOR": "1"})
         assert result.exit_code == 0

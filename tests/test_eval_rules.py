@@ -220,11 +220,11 @@ def test_authors_procedure_prompt_budget_and_decoding(monkeypatch):
     # a reply with special tokens in it and blank space around: " \n<tool_call>...</tool_call><|im_start|><|im_end|>"
     reply_ids = reference.encode(" \n" + call("get_weather", '{"city": "Bari"}'), add_special_tokens=False) + [128257, 128256]
 
-    def scripted(model_, tokenizer_, requests, *, batch_size, progress, tools, constrain, temperature):
+    def scripted(model_, tokenizer_, requests, *, batch_size, progress, tools, constrain, sampling):
         replies = []
         for request in requests:
             assert set(request) == {"prompt", "max_tokens"}
-            seen.append((request["prompt"], tools, constrain, request["max_tokens"], temperature))
+            seen.append((request["prompt"], tools, constrain, request["max_tokens"], sampling.temperature))
             replies.append(SimpleNamespace(tokens=reply_ids, raw_text="ignored"))
         return replies
 

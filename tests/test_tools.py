@@ -315,8 +315,8 @@ def test_eval_runs_end_to_end_on_a_tiny_model(tiny_folder, monkeypatch):
     # case, per category and per language, and the request must carry the case's tools.
     outputs = {json.dumps(c["messages"]): HAND_WRITTEN[c["id"]][0] for c in data["cases"]}
 
-    def scripted(model_, tokenizer_, requests, *, batch_size, progress, tools, constrain, temperature):
-        assert tools == data["tools"] and constrain is True and temperature == 0.0 and batch_size == 8
+    def scripted(model_, tokenizer_, requests, *, batch_size, progress, tools, constrain, sampling):
+        assert tools == data["tools"] and constrain is True and sampling.temperature == 0.0 and batch_size == 8
         replies = []
         for request in requests:
             assert request["max_tokens"] == 7
