@@ -29,6 +29,7 @@ from .generation import (
     prefill,
     prepare_decoding,
     prompt_tokens,
+    verify_draft,
 )
 from .sampling import LogitsProcessor, Sampler, greedy, log_softmax, reads_history
 
@@ -198,6 +199,7 @@ class BatchSequence:
     history: mx.array | None = None  # prompt and generated ids, for the processors
     constraint: Any = None  # a `generation.TokenConstraint`
     top_logprobs: int | None = None
+    lookup: Any = None  # a `speculative.PromptLookup`: prompt-lookup decoding while the row is alone
     data: Any = None  # the caller's own state
 
 
@@ -300,12 +302,73 @@ class BatchDecoder:
         return token, extra
 
     def step(self) -> list[BatchToken]:
-        """One token for every sequence (in order); the forward pass of these tokens is queued."""
+        """One token for every sequence (in order); the forward pass of these tokens is queued.
+
+        A sequence alone in the batch with a `lookup` may get several tokens (prompt-lookup
+        decoding: the draft verified in the same step); the pass of the last one is queued."""
         if not self.sequences:
             return []
         self.steps += 1
         if self.steps % CLEAR_CACHE_EVERY == 0:
             mx.clear_cache()
+        if len(self.sequences) == 1 and self.sequences[0].lookup is not None:
+            speculated = self._lookup_step(self.sequences[0])
+            if speculated is not None:
+                return speculated
+        for seq in self.sequences:
+            if seq.lookup is not None and len(self.sequences) > 1:
+                seq.lookup.controller.not_timed()  # a batched step is no plain step of its own
+        out = self._step()
+        for item in out:
+            if item.sequence.lookup is not None and item.error is None:
+                item.sequence.lookup.index.append(item.token)
+        return out
+
+    def _lookup_step(self, seq: BatchSequence) -> list[BatchToken] | None:
+        """The step of a row alone, with prompt lookup: its next token, and if it confirms the
+        draft's first token, the rest of the draft verified in one pass. None when there is no
+        draft (the usual step then runs)."""
+        lookup, constraint = seq.lookup, seq.constraint
+        lookup.controller.plain_step()
+        ngram = lookup.controller.wants_draft()
+        forced = []
+        if constraint is not None and constraint.active and not lookup.controller.forced_paused:
+            forced = constraint.forced()
+        draft, n_forced = lookup.draft(forced, ngram) if forced or ngram else ([], 0)
+        if not draft:
+            return None
+        try:
+            with mx.stream(generation_stream):
+                token, _ = self._sample(seq, self._logits)
+            first = token.item()  # the host waits for it: it decides whether the draft goes on
+            if first != draft[0]:
+                lookup.controller.missed(forced=n_forced > 0)
+                kept, following = [], None
+            else:
+                lookup.controller.confirmed(forced=n_forced > 0)
+                history = None if seq.history is None else mx.concatenate([seq.history, token.astype(seq.history.dtype)])
+                kept, following = verify_draft(
+                    self.model, self.cache, first, draft[1:], lookup, seq.processors, history, constraint, max(n_forced - 1, 0)
+                )
+            values = [first, *kept] + ([] if following is None else [following])
+            last = mx.array([values[-1]], dtype=mx.int32)
+            with mx.stream(generation_stream):
+                self._logits = self.model(last[:, None], self.cache)[:, -1, :]
+            mx.async_eval(self._logits)
+            # The constraint has advanced over `first` and the kept tokens when a pass ran.
+            if constraint is not None:
+                for value in values[len(values) - 1 if following is not None else 0 :]:
+                    constraint.advance(value)
+        except Exception as e:  # this sequence's processor, grammar or sampler: the row must leave
+            return [BatchToken(seq, -1, error=e)]
+        if seq.history is not None:
+            seq.history = mx.concatenate([seq.history, mx.array(values, dtype=seq.history.dtype)])
+        for value in values:
+            lookup.index.append(value)
+        return [BatchToken(seq, value) for value in values]
+
+    def _step(self) -> list[BatchToken]:
+        """The usual step: one token for every sequence, one forward pass for all."""
         errors: dict[int, Exception] = {}
         tokens, extras = [], []
         with mx.stream(generation_stream):

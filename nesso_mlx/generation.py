@@ -196,41 +196,6 @@ def decode(
         top = sorted(zip(extra[1].tolist(), extra[2].tolist(), strict=True), key=lambda t: -t[1]) if len(extra) > 1 else []
         return value, TokenLogprobs(extra[0].item(), top)
 
-    def verify(first: int, draft: list[int], history: mx.array, forced: int) -> tuple[list[int], int, mx.array]:
-        """Check `draft` (its first `forced` tokens forced by the grammar) after the confirmed token
-        `first` in one pass; returns the kept draft tokens, the token that follows them (not yet
-        in the cache) and the history."""
-        t0 = time.perf_counter()  # the pass's cost includes the masks it needs
-        if constraint is not None:
-            constraint.advance(first)
-            if constraint.active:
-                masks = [constraint.mask(), *constraint.lookahead(draft)]
-            else:
-                masks = []
-                draft = draft[: constraint.free_prefix(draft)]
-            draft = draft[: max(len(masks) - 1, 0)] if masks else draft
-        start = cache[0].offset
-        with mx.stream(generation_stream):  # `history` already ends with `first`
-            rows_logits = model(mx.array([[first, *draft]], dtype=mx.int32), cache)[0]
-            rows = []
-            for i in range(len(draft) + 1):
-                row = process(rows_logits[i : i + 1], history)
-                if constraint is not None and constraint.active:
-                    row = mx.where(masks[i], row, -mx.inf)
-                rows.append(row)
-                if i < len(draft):
-                    history = grow(history, mx.array([draft[i]]))
-            accepted, following = lookup.accept(mx.concatenate(rows), draft)
-        lookup.controller.verified(len(draft), accepted, time.perf_counter() - t0, forced)
-        kept = draft[:accepted]
-        rollback_cache(cache, start + 1 + accepted)
-        if track:
-            history = grow(history[: history.size - (len(draft) - accepted)], mx.array([following]))
-        if constraint is not None:
-            for token in kept:
-                constraint.advance(token)
-        return kept, following, history
-
     with mx.stream(generation_stream):
         first_mask = None
         if constraint is not None and constraint.active:
@@ -288,11 +253,63 @@ def decode(
             lookup.controller.missed(forced=n_forced > 0)
             continue
         lookup.controller.confirmed(forced=n_forced > 0)
-        kept, following, history = verify(first, draft[1:], history, max(n_forced - 1, 0))
+        kept, following = verify_draft(
+            model, cache, first, draft[1:], lookup, processors, history if track else None, constraint, max(n_forced - 1, 0)
+        )
+        history = grow(history, mx.array([*kept, following]))  # `history` already ended with `first`
         for value in (first, *kept):
             yield value
             lookup.index.append(value)
         token = mx.array([following], dtype=mx.int32)
+
+
+def verify_draft(
+    model: Model,
+    cache: list[KVCache],
+    first: int,
+    draft: list[int],
+    lookup: PromptLookup,
+    processors: Sequence[LogitsProcessor] = (),
+    history: mx.array | None = None,
+    constraint: TokenConstraint | None = None,
+    forced: int = 0,
+) -> tuple[list[int], int]:
+    """Check `draft` (its first `forced` tokens forced by the grammar) after the confirmed token
+    `first` in one forward pass; returns the kept draft tokens and the token that follows them.
+
+    `history` (None when no processor reads it) ends with `first`. Afterwards the cache holds
+    `first` and the kept tokens (the following token's pass is the caller's), and `constraint`
+    has advanced over them (not over the following token)."""
+    t0 = time.perf_counter()  # the pass's cost includes the masks it needs
+    masks: list[mx.array] = []
+    if constraint is not None:
+        constraint.advance(first)
+        if constraint.active:
+            masks = [constraint.mask(), *constraint.lookahead(draft)]
+            draft = draft[: len(masks) - 1]
+        else:
+            draft = draft[: constraint.free_prefix(draft)]
+    start = cache[0].offset
+    with mx.stream(generation_stream):
+        logits = model(mx.array([[first, *draft]], dtype=mx.int32), cache)[0]
+        rows = []
+        for i in range(len(draft) + 1):
+            row = logits[i : i + 1]
+            for processor in processors:
+                row = processor(history, row)
+            if masks:
+                row = mx.where(masks[i], row, -mx.inf)
+            rows.append(row)
+            if i < len(draft) and history is not None:
+                history = mx.concatenate([history, mx.array([draft[i]], dtype=history.dtype)])
+        accepted, following = lookup.accept(mx.concatenate(rows), draft)
+    lookup.controller.verified(len(draft), accepted, time.perf_counter() - t0, forced)
+    rollback_cache(cache, start + 1 + accepted)
+    kept = draft[:accepted]
+    if constraint is not None:
+        for token in kept:
+            constraint.advance(token)
+    return kept, following
 
 
 class _StopMatcher:

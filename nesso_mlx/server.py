@@ -408,6 +408,7 @@ def serve(
     default_max_tokens: int | None = None,
     dtype: str | None = None,
     log_level: str = "info",
+    prompt_lookup: bool = True,
 ) -> None:
     """Load `model` (an alias, repo id or folder) and serve the OpenAI API on host:port until interrupted.
 
@@ -415,7 +416,8 @@ def serve(
     rest queue); `prompt_cache_bytes` bounds the KV caches kept for reuse across requests (0 turns
     the prompt cache off); `cors` names the browser origins allowed (none by default);
     `max_body_bytes` bounds request bodies; `default_max_tokens` caps chat replies whose request sets
-    no max_tokens (None: up to the context window, as OpenAI). Raises NessoError when the model
+    no max_tokens (None: up to the context window, as OpenAI); `prompt_lookup` turns on
+    prompt-lookup decoding for a request while it decodes alone. Raises NessoError when the model
     cannot be loaded.
     """
     import uvicorn
@@ -435,6 +437,7 @@ def serve(
         max_concurrency=max_concurrency,
         prompt_cache_bytes=prompt_cache_bytes,
         default_max_tokens=default_max_tokens,
+        prompt_lookup=prompt_lookup,
     )
     engine.start()
     app = create_app(engine, model_id=model, api_key=api_key, cors=cors, max_body_bytes=max_body_bytes)
@@ -509,6 +512,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--max-tokens", type=_positive, help="cap for chat replies whose request sets no max_tokens (default: the context window)"
     )
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="compute precision (default: as stored)")
+    parser.add_argument(
+        "--prompt-lookup",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="prompt-lookup decoding while a request decodes alone (same greedy output; default: on)",
+    )
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     args = parser.parse_args(argv)
     if args.max_body_bytes < 1:
@@ -526,6 +535,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             default_max_tokens=args.max_tokens,
             dtype=args.dtype,
             log_level=args.log_level,
+            prompt_lookup=args.prompt_lookup,
         )
     except NessoError as e:
         print(f"error: {e}", file=sys.stderr)

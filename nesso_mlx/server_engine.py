@@ -166,6 +166,7 @@ class Runtime:
     prompt_cache: PromptCache = field(default_factory=PromptCache)
     prefill_step: int = DEFAULT_PREFILL_STEP
     default_max_tokens: int | None = None  # for chat requests that give none (None: up to the context window)
+    prompt_lookup: bool = True  # prompt-lookup decoding for a request decoding alone (see `generate_steps`)
 
     @property
     def context_window(self) -> int:
@@ -247,6 +248,7 @@ def generate_steps(
             return
         history = prompt if reads_history(plan.processors) else None
         sequence = BatchSequence(plan.sampler, plan.processors, history, plan.constraint, top_logprobs)
+        sequence.lookup = _prompt_lookup(rt, ids, kwargs.get("sampling"), top_logprobs, plan)
         slot = BatchSlot(sequence, cache, logits)
         cache = None  # the batch holds a copy now; the row's own cache comes back when it leaves
         yield slot
@@ -276,6 +278,20 @@ def generate_steps(
         if cache is not None and all(layer.offset >= len(held) for layer in cache):
             rollback_cache(cache, len(held))
             rt.prompt_cache.store(held, cache)
+
+
+def _prompt_lookup(rt: Runtime, ids: list[int], sampling: Any, top_logprobs: int | None, plan: Any) -> Any:
+    """Prompt-lookup decoding for the request while it decodes alone (`BatchDecoder` drafts only
+    for a row alone in the batch), or None: not with logprobs, and not for seeded sampling, whose
+    draws would then depend on whether other requests were running (greedy output is the same
+    either way)."""
+    if not rt.prompt_lookup or top_logprobs is not None:
+        return None
+    if sampling is not None and sampling.temperature and sampling.seed is not None:
+        return None
+    from .speculative import PromptLookup
+
+    return PromptLookup(ids, sampling, max_tokens=plan.max_tokens, stop_ids=plan.reply.eos)
 
 
 def chat_job(rt: Runtime, request: ChatRequest, stream: bool) -> Iterator[Event | None]:
@@ -612,6 +628,7 @@ class Engine:
         prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES,
         prefill_step: int = DEFAULT_PREFILL_STEP,
         default_max_tokens: int | None = None,
+        prompt_lookup: bool = True,
     ) -> None:
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
@@ -623,6 +640,7 @@ class Engine:
         self.prompt_cache_bytes = prompt_cache_bytes
         self.prefill_step = prefill_step
         self.default_max_tokens = default_max_tokens
+        self.prompt_lookup = prompt_lookup
         self.runtime: Runtime | None = None
         self.scheduler: Scheduler | None = None
         self._inbox: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
@@ -685,7 +703,9 @@ class Engine:
         from .constrained import build_processor
 
         build_processor(tokenizer, model.args.vocab_size, None, "auto", {"type": "json_object"})  # llguidance's vocabulary
-        self.runtime = Runtime(model, tokenizer, PromptCache(self.prompt_cache_bytes), self.prefill_step, self.default_max_tokens)
+        self.runtime = Runtime(
+            model, tokenizer, PromptCache(self.prompt_cache_bytes), self.prefill_step, self.default_max_tokens, self.prompt_lookup
+        )
         self.context_window = self.runtime.context_window
         self.vocab_size = self.runtime.vocab_size
 

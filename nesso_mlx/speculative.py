@@ -204,6 +204,10 @@ class LookupController:
         if self.forced_paused:
             self.forced_paused -= 1
 
+    def not_timed(self) -> None:
+        """The time since the last plain step is not a plain step's (a batched step, say)."""
+        self._last = None
+
     def wants_draft(self) -> bool:
         """Whether to look for an n-gram draft now."""
         if self.paused or (self.timed and self.step_time is None):

@@ -1042,3 +1042,60 @@ def test_a_failed_batch_step_fails_its_requests_and_the_server_goes_on(nesso_loc
     scheduler.add(Job(lambda rt: chat_job(rt, request, False), after.append))
     scheduler.run_until_idle()
     assert after[-1]["message"] == solo[-1]["message"]
+
+
+def test_prompt_lookup_in_the_server_gives_the_replies_without_it(nesso_local, monkeypatch):
+    """A request decoding alone drafts (grammar-forced tokens of a tool call or a schema, n-grams);
+    its reply is the one the server gives without prompt lookup, also when another request joins
+    mid-way; seeded sampling is left without it (its draws would depend on the other requests)."""
+    import nesso_mlx.speculative as speculative
+    from nesso_mlx.sampling import SamplingOptions
+    from nesso_mlx.server_engine import Job, PromptCache, Runtime, Scheduler, _prompt_lookup, chat_job
+
+    passes = []
+    original = speculative.LookupController.verified
+
+    def verified(self, drafted, accepted, seconds, forced=0):
+        passes.append((drafted, accepted, forced))
+        original(self, drafted, accepted, seconds, forced)
+
+    monkeypatch.setattr(speculative.LookupController, "verified", verified)
+    model, tokenizer = nesso_local
+    requests = [
+        chat_request("Accendi la luce in cucina.", max_tokens=40, tools=[LIGHTS, TRAINS], tool_choice="required"),
+        chat_request("Dati", response_format={"type": "json_schema", "json_schema": {"schema": BOUNDED_SCHEMA}}),
+        chat_request("Quattro", max_tokens=12, temperature=1.0, seed=3),
+    ]
+
+    def run(lookup: bool, join_after: int | None = None) -> list[list]:
+        scheduler = Scheduler(Runtime(model, tokenizer, PromptCache(0), prompt_lookup=lookup), max_concurrency=2)
+        events = [[] for _ in requests]
+        jobs = [Job(lambda rt, r=r: chat_job(rt, r, False), events[i].append) for i, r in enumerate(requests)]
+        if join_after is None:
+            for job in jobs:  # one after another: each alone in the batch
+                scheduler.add(job)
+                scheduler.run_until_idle()
+        else:
+            scheduler.add(jobs[0])
+            for _ in range(join_after):
+                scheduler.round()
+            for job in jobs[1:]:
+                scheduler.add(job)
+            scheduler.run_until_idle()
+        call_id = events[0][-1]["message"]["tool_calls"][0]["id"]  # random: not part of the comparison
+        return [json.dumps(e).replace(call_id, "call_") for e in events]
+
+    without = run(False)
+    assert not passes
+    assert run(True) == without
+    assert any(forced > 0 for _, _, forced in passes), passes  # the call's opening went in a pass
+    passes.clear()
+    assert run(True, join_after=4) == without
+    assert passes  # drafted while alone, before the others joined or after they left
+    runtime = Runtime(model, tokenizer, PromptCache(0))
+    seeded, greedy = SamplingOptions(temperature=1.0, seed=3), SamplingOptions()
+    assert _prompt_lookup(runtime, [1, 2], seeded, None, None) is None
+    assert _prompt_lookup(runtime, [1, 2], SamplingOptions(temperature=1.0), 2, None) is None  # logprobs asked
+    plan = type("Plan", (), {"max_tokens": 5, "reply": type("Reply", (), {"eos": [0]})})
+    assert _prompt_lookup(runtime, [1, 2], greedy, None, plan) is not None
+    assert _prompt_lookup(Runtime(model, tokenizer, PromptCache(0), prompt_lookup=False), [1, 2], greedy, None, plan) is None

@@ -427,3 +427,81 @@ def test_controller_sizes_drafts_by_measured_cost_and_acceptance(monkeypatch):
     for _ in range(speculative.LookupController.PAUSE):
         controller.plain_step()
     assert controller.forced_length(20) == 2  # the next probe
+
+
+@pytest.mark.parametrize("kind", ["tiny", "nesso-text"])
+def test_batch_decoder_drafts_for_a_row_alone_and_gives_plain_output(always_draft, tmp_path, kind):
+    """`BatchDecoder` (the server's decoder) verifies drafts for a row while it is alone, steps it
+    one token at a time while another row shares the batch, and the tokens are plain decoding's."""
+    from nesso_mlx.batch import BatchDecoder, BatchSequence
+    from nesso_mlx.generation import prefill
+    from nesso_mlx.sampling import greedy, vocab_limit_processor
+
+    folder = write_model_folder(tmp_path / "m", seed=5) if kind == "tiny" else nesso_folder("text")
+    model, tokenizer = load(folder, dtype="float32")
+    processors = [induction]  # copies, so drafts are confirmed
+    if model.args.vocab_size > tokenizer.vocab_size:
+        processors.append(vocab_limit_processor(tokenizer.vocab_size, model.args.vocab_size))
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": text}]) for text in COPYING[:2]]
+    plain = [generate(model, tokenizer, ids, max_tokens=30, logits_processors=[induction]).tokens for ids in prompts]
+
+    def row(ids, lookup=True):
+        cache = model.make_cache()
+        logits = prefill(model, mx.array(ids), cache)
+        lookup = speculative.PromptLookup(ids, max_tokens=30, stop_ids=tokenizer.eos_token_ids) if lookup else None
+        return BatchSequence(greedy, processors, mx.array(ids), lookup=lookup), cache, logits
+
+    decoder = BatchDecoder(model)
+    first, *joined = row(prompts[0])
+    decoder.add(first, *joined)
+    got: dict[int, list[int]] = {0: [], 1: []}
+    second = None
+    for step in range(40):
+        if step == 3:  # a second row joins: both step one token at a time until it leaves
+            second, *joined = row(prompts[1], lookup=False)
+            decoder.add(second, *joined)
+        verifies = always_draft["verifies"]
+        for item in decoder.step():
+            assert item.error is None
+            got[0 if item.sequence is first else 1].append(item.token)
+        if second is not None and second in decoder.sequences:
+            assert always_draft["verifies"] == verifies  # no drafts while batched
+            if len(got[1]) >= 6:
+                decoder.remove(second)
+        else:  # alone: the cache holds the prompt and every token handed out (the last one's pass queued)
+            assert all(layer.offset == len(prompts[0]) + len(got[0]) for layer in decoder.cache)
+        if len(got[0]) >= 30 or (got[0] and got[0][-1] in tokenizer.eos_token_ids):
+            break
+    n = len(plain[0])
+    assert got[0][:n] == plain[0], kind
+    assert got[1] == plain[1][:6]
+    assert always_draft["verifies"] > 2 and always_draft["accepted"] > 0, always_draft
+
+
+def test_batch_decoder_lookup_error_is_the_rows_alone(always_draft, tmp_path):
+    """A processor failing inside a verify pass comes back as that row's error, as in a plain step."""
+    from nesso_mlx.batch import BatchDecoder, BatchSequence
+    from nesso_mlx.generation import prefill
+    from nesso_mlx.sampling import greedy
+
+    model, tokenizer = load(write_model_folder(tmp_path / "m", seed=5), dtype="float32")
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": COPYING[0]}])
+    calls = []
+
+    def failing(tokens: mx.array, logits: mx.array) -> mx.array:
+        calls.append(tokens.size)
+        if len(calls) > 12:
+            raise RuntimeError("processor failed")
+        return induction(tokens, logits)
+
+    cache = model.make_cache()
+    logits = prefill(model, mx.array(ids), cache)
+    lookup = speculative.PromptLookup(ids, max_tokens=40)
+    decoder = BatchDecoder(model)
+    decoder.add(BatchSequence(greedy, [failing], mx.array(ids), lookup=lookup), cache, logits)
+    for _ in range(20):
+        items = decoder.step()
+        if items[-1].error is not None:
+            break
+    assert isinstance(items[-1].error, RuntimeError) and items[-1].token == -1
+    assert always_draft["verifies"] > 0
