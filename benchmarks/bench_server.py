@@ -3,6 +3,7 @@ under 1, 4 and 8 concurrent clients.
 
     python benchmarks/bench_server.py                                  # the SmolLM2 test fixture
     python benchmarks/bench_server.py --model PATH --clients 1,4,8 --requests 4 --max-tokens 64
+    python benchmarks/bench_server.py --workload tool --clients 1               # forced tool calls
 
 Both servers run at once, each in its own process on a loopback port, on the same model folder
 (weights as stored). Each client sends `--requests` streaming chat requests one after another
@@ -13,6 +14,10 @@ wall time), time to first token p50 and p95 (request sent -> first content), per
 tokens/s, and the ratios nesso-mlx / mlx-lm (> 1: nesso-mlx has more throughput; for TTFT, > 1
 means nesso-mlx takes longer). mlx_lm.server batches the decode steps of concurrent requests;
 nesso-mlx serve batches them too (continuous batching, `batch.BatchDecoder`).
+
+`--workload tool` sends tool-call requests instead (the `nesso-mlx bench` tool workload's tool and
+text, `tool_choice` "required"): nesso-mlx constrains the call and, for a request decoding alone,
+verifies its grammar-forced tokens in one pass (prompt lookup); mlx_lm.server decodes freely.
 """
 
 from __future__ import annotations
@@ -47,13 +52,24 @@ def start(kind: str, model: str) -> ServerProcess:
     return ServerProcess(command, port)
 
 
-def one_request(base_url: str, prompt: str, max_tokens: int) -> dict:
+def tool_prompts(n: int) -> list[str]:
+    from nesso_mlx.bench import TOOL_MESSAGES
+
+    return [f"({i + 1}) " + TOOL_MESSAGES[0]["content"] for i in range(n)]
+
+
+def one_request(base_url: str, prompt: str, max_tokens: int, tools: bool = False) -> dict:
     import openai
 
     client = openai.OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0, timeout=600)
     t0 = time.perf_counter()
     first = None
     tokens = 0
+    extra = {}
+    if tools:
+        from nesso_mlx.bench import TOOL
+
+        extra = {"tools": [TOOL], "tool_choice": "required"}
     stream = client.chat.completions.create(
         model="default_model",
         messages=[{"role": "user", "content": prompt}],
@@ -61,9 +77,11 @@ def one_request(base_url: str, prompt: str, max_tokens: int) -> dict:
         max_tokens=max_tokens,
         stream=True,
         stream_options={"include_usage": True},
+        **extra,
     )
     for chunk in stream:
-        if first is None and chunk.choices and chunk.choices[0].delta.content:
+        delta = chunk.choices[0].delta if chunk.choices else None
+        if first is None and delta is not None and (delta.content or delta.tool_calls):
             first = time.perf_counter()
         if chunk.usage is not None:
             tokens = chunk.usage.completion_tokens
@@ -76,7 +94,7 @@ def one_request(base_url: str, prompt: str, max_tokens: int) -> dict:
     }
 
 
-def level(base_url: str, clients: int, requests: int, max_tokens: int, texts: list[str]) -> dict:
+def level(base_url: str, clients: int, requests: int, max_tokens: int, texts: list[str], tools: bool = False) -> dict:
     results: list[dict] = []
     lock = threading.Lock()
     barrier = threading.Barrier(clients)
@@ -84,7 +102,7 @@ def level(base_url: str, clients: int, requests: int, max_tokens: int, texts: li
     def client(c: int) -> None:
         barrier.wait()
         for r in range(requests):
-            result = one_request(base_url, texts[c * requests + r], max_tokens)
+            result = one_request(base_url, texts[c * requests + r], max_tokens, tools)
             with lock:
                 results.append(result)
 
@@ -138,6 +156,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2, help="requests per client at each level (default 2)")
     parser.add_argument("--max-tokens", type=int, default=32, help="tokens per reply (default 32)")
     parser.add_argument("--servers", default="nesso-mlx,mlx-lm", help="which servers (default both)")
+    parser.add_argument("--workload", choices=["chat", "tool"], default="chat", help="free stories or forced tool calls")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--probe-batching", action="store_true", help="also time batched decode steps of the bare model")
     args = parser.parse_args()
@@ -156,17 +175,19 @@ def main() -> None:
             one_request(server.url, "Hello!", 4)
         offset = 0
         for clients in levels:
-            texts = prompts(offset + clients * args.requests)[offset:]  # prompts never seen before
+            make = tool_prompts if args.workload == "tool" else prompts
+            texts = make(offset + clients * args.requests)[offset:]  # prompts never seen before
             offset += clients * args.requests
             for kind, server in servers.items():
-                result = level(server.url, clients, args.requests, args.max_tokens, texts)
+                result = level(server.url, clients, args.requests, args.max_tokens, texts, args.workload == "tool")
                 results[kind].append(result)
                 print(f"{kind:>9}  {clients} clients: {result['tokens_per_s']:.1f} tokens/s", file=sys.stderr, flush=True)
     finally:
         for server in servers.values():
             server.stop()
 
-    print(f"\nmodel {args.model}; {args.requests} requests per client, {args.max_tokens} tokens each, greedy, streaming\n")
+    what = f"{args.workload} workload, {args.requests} requests per client, {args.max_tokens} tokens each"
+    print(f"\nmodel {args.model}; {what}, greedy, streaming\n")
     print("| clients | server | requests | tokens | wall s | tokens/s | TTFT p50 s | TTFT p95 s | per-stream tokens/s |")
     print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for i, clients in enumerate(levels):

@@ -106,19 +106,25 @@ def test_constrained_rows_in_one_batch(variant):
         assert call.tool_calls[0].ok and call.tool_calls[0].name == "meteo"
 
 
-def test_decoder_joins_and_leaves_between_steps(tiny, monkeypatch):
+@pytest.fixture
+def sampled_alone(monkeypatch) -> list:
+    """The rows `BatchDecoder` samples one by one (not in a grouped argmax), step after step."""
+    rows = []
+    original_sample = BatchDecoder._sample
+
+    def count(self, seq, row):
+        rows.append(seq)
+        return original_sample(self, seq, row)
+
+    monkeypatch.setattr(BatchDecoder, "_sample", count)
+    return rows
+
+
+def test_decoder_joins_and_leaves_between_steps(tiny, sampled_alone):
     """Continuous batching by hand: a sequence joins mid-way; one leaves; the others go on as alone,
     and a row's cache taken out holds exactly its positions."""
     model, tokenizer = tiny
     assert model.args.vocab_size > tokenizer.vocab_size  # padding rows: each row has the vocabulary limit
-    sampled_alone = []
-    original_sample = BatchDecoder._sample
-
-    def count(self, seq, row):
-        sampled_alone.append(seq)
-        return original_sample(self, seq, row)
-
-    monkeypatch.setattr(BatchDecoder, "_sample", count)
     prompts = [tokenizer.encode(p) for p in PROMPTS[:3]]
     alone = [generate(model, tokenizer, p, max_tokens=8).tokens for p in prompts]
 
@@ -261,19 +267,10 @@ def test_quantized_or_bounded_caches_are_refused_in_one_line(tmp_path):
         assert len(decoder) == 0 and decoder.cache is None
 
 
-def test_plain_greedy_rows_grouped_and_told_apart(tmp_path, monkeypatch):
+def test_plain_greedy_rows_grouped_and_told_apart(tmp_path, sampled_alone):
     """Rows with nothing but the greedy sampler share one argmax, and equal-looking rows are still
     different rows: removing the second takes out the second."""
     from conftest import TINY_CONFIG
-
-    sampled_alone = []
-    original_sample = BatchDecoder._sample
-
-    def count(self, seq, row):
-        sampled_alone.append(seq)
-        return original_sample(self, seq, row)
-
-    monkeypatch.setattr(BatchDecoder, "_sample", count)
 
     model, tokenizer = load(write_model_folder(tmp_path / "m", dict(TINY_CONFIG, vocab_size=265), seed=3), dtype="float32")
     assert model.args.vocab_size == tokenizer.vocab_size  # no padding rows: no processors at all
