@@ -223,11 +223,13 @@ class BatchDecoder:
     pass of those tokens (one pass for the whole batch) and returns the tokens while the pass
     runs. A sequence's grammar constraint is advanced before its next token is sampled, so masks
     always see the latest token. The cache of each sequence runs one token ahead of what `step`
-    returned (the queued pass), as in `generation.decode`.
+    returned (the queued pass), as in `generation.decode`. A sequence with a `lookup` that is
+    alone in the batch may get several tokens from one step (prompt-lookup decoding); callers
+    take the tokens in order and ignore those after the sequence's reply has ended.
 
-    An error in one sequence's processors, sampler or grammar comes back as that sequence's
-    `BatchToken.error`. An exception that escapes `step` (an interrupt, a failed evaluation)
-    leaves the decoder in an undefined state: discard it.
+    An error in one sequence's processors, sampler or grammar while it is sampled comes back as
+    that sequence's `BatchToken.error`. An exception that escapes `step` (an interrupt, a failed
+    evaluation, an error inside a verify pass) leaves the decoder in an undefined state: discard it.
     """
 
     def __init__(self, model: Any) -> None:
@@ -274,7 +276,7 @@ class BatchDecoder:
     @staticmethod
     def _plain_greedy(seq: BatchSequence) -> int | None:
         """For a greedy row with no grammar, logprobs or processors but the vocabulary limit: the
-        number of leading vocabulary rows its argmax is over (0: all); None for any other row."""
+        number of leading vocabulary entries (logits columns) its argmax is over (0: all); None for any other row."""
         if seq.sampler is not greedy or seq.constraint is not None or seq.top_logprobs is not None:
             return None
         limits = [getattr(p, "vocab_limit", None) for p in seq.processors]
@@ -311,18 +313,29 @@ class BatchDecoder:
         self.steps += 1
         if self.steps % CLEAR_CACHE_EVERY == 0:
             mx.clear_cache()
-        if len(self.sequences) == 1 and self.sequences[0].lookup is not None:
+        if len(self.sequences) == 1 and self._drafts(self.sequences[0]):
             speculated = self._lookup_step(self.sequences[0])
             if speculated is not None:
                 return speculated
-        for seq in self.sequences:
-            if seq.lookup is not None and len(self.sequences) > 1:
-                seq.lookup.controller.not_timed()  # a batched step is no plain step of its own
+        elif len(self.sequences) > 1:
+            self.reset_clocks()  # a batched step is no plain step of one row
         out = self._step()
         for item in out:
             if item.sequence.lookup is not None and item.error is None:
                 item.sequence.lookup.index.append(item.token)
         return out
+
+    @staticmethod
+    def _drafts(seq: BatchSequence) -> bool:
+        """Whether `seq` uses prompt lookup when alone: not with logprobs (a verify pass gives
+        none), nor with a seeded sampler (its draws would depend on when it was alone)."""
+        return seq.lookup is not None and seq.top_logprobs is None and getattr(seq.sampler, "key_state", None) is None
+
+    def reset_clocks(self) -> None:
+        """The time until the next step is not a decode step's (for the rows' prompt lookup)."""
+        for seq in self.sequences:
+            if seq.lookup is not None:
+                seq.lookup.controller.reset_clock()
 
     def _lookup_step(self, seq: BatchSequence) -> list[BatchToken] | None:
         """The step of a row alone, with prompt lookup: its next token, and if it confirms the
@@ -330,36 +343,40 @@ class BatchDecoder:
         draft (the usual step then runs)."""
         lookup, constraint = seq.lookup, seq.constraint
         lookup.controller.plain_step()
-        ngram = lookup.controller.wants_draft()
-        forced = []
-        if constraint is not None and constraint.active and not lookup.controller.forced_paused:
-            forced = constraint.forced()
-        draft, n_forced = lookup.draft(forced, ngram) if forced or ngram else ([], 0)
-        if not draft:
-            return None
-        try:
+        try:  # the row's grammar, processors and sampler: an error there is the row's, as in `_step`
+            forced = []
+            if constraint is not None and constraint.active and not lookup.controller.forced_paused:
+                forced = constraint.forced()
+            ngram = lookup.controller.wants_draft()
+            draft, n_forced = lookup.draft(forced, ngram) if forced or ngram else ([], 0)
+            if not draft:
+                return None
             with mx.stream(generation_stream):
                 token, _ = self._sample(seq, self._logits)
-            first = token.item()  # the host waits for it: it decides whether the draft goes on
-            if first != draft[0]:
-                lookup.controller.missed(forced=n_forced > 0)
-                kept, following = [], None
-            else:
-                lookup.controller.confirmed(forced=n_forced > 0)
-                history = None if seq.history is None else mx.concatenate([seq.history, token.astype(seq.history.dtype)])
-                kept, following = verify_draft(
-                    self.model, self.cache, first, draft[1:], lookup, seq.processors, history, constraint, max(n_forced - 1, 0)
-                )
-            values = [first, *kept] + ([] if following is None else [following])
-            last = mx.array([values[-1]], dtype=mx.int32)
-            with mx.stream(generation_stream):
-                self._logits = self.model(last[:, None], self.cache)[:, -1, :]
-            mx.async_eval(self._logits)
-            # The constraint has advanced over `first` and the kept tokens when a pass ran.
+        except Exception as e:
+            return [BatchToken(seq, -1, error=e)]
+        # A failure from here to the queued pass (the model, the device, or the verify pass's
+        # processors and grammar) escapes: the cache may hold a partial pass.
+        first = token.item()  # the host waits for it: it decides whether the draft goes on
+        if first != draft[0]:
+            lookup.controller.missed(forced=n_forced > 0)
+            kept, following = [], None
+        else:
+            lookup.controller.confirmed(forced=n_forced > 0)
+            history = None if seq.history is None else mx.concatenate([seq.history, token.astype(seq.history.dtype)])
+            kept, following = verify_draft(
+                self.model, self.cache, first, draft[1:], lookup, seq.processors, history, constraint, max(n_forced - 1, 0)
+            )
+        values = [first, *kept] + ([] if following is None else [following])
+        last = mx.array([values[-1]], dtype=mx.int32)
+        with mx.stream(generation_stream):
+            self._logits = self.model(last[:, None], self.cache)[:, -1, :]
+        mx.async_eval(self._logits)
+        try:  # the verify pass advanced the constraint over `first` and the kept tokens
             if constraint is not None:
                 for value in values[len(values) - 1 if following is not None else 0 :]:
                     constraint.advance(value)
-        except Exception as e:  # this sequence's processor, grammar or sampler: the row must leave
+        except Exception as e:
             return [BatchToken(seq, -1, error=e)]
         if seq.history is not None:
             seq.history = mx.concatenate([seq.history, mx.array(values, dtype=seq.history.dtype)])
@@ -515,6 +532,8 @@ def batch_generate(
             if item.error is not None:
                 raise item.error
             _, reply, chunks = item.sequence.data
+            if chunks and chunks[-1].finish_reason:
+                continue  # a token after the reply ended (a step may give a row several)
             chunks.append(reply.add(item.token))
             if chunks[-1].finish_reason:
                 finished.append(item.sequence)

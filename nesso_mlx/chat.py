@@ -18,7 +18,7 @@ from .tokenizer import Tokenizer
 from .tools import ToolSpec, parse_tool_calls, tool_schemas
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SamplingSettings(SamplingOptions):
     """Per-session generation settings, changeable between turns: the sampling options (with a
     chat's defaults) and the longest reply."""

@@ -519,8 +519,9 @@ def stream_generate(
     the whole reply valid JSON.
 
     `sampling` chooses the tokens (default: greedy). `cached_ids`, the token ids `cache` already
-    holds, let the repetition penalty and prompt lookup see the whole context, so a cached turn
-    is decoded as it would be from scratch.
+    holds, give the whole context to every logits processor that reads the tokens so far (the
+    repetition penalty, your own) and to prompt lookup, so a cached turn is decoded as it would
+    be from scratch.
 
     `top_logprobs` (k >= 0) adds each token's log-probability and its k best alternatives to
     its chunk (`chunk.logprobs`). `prompt_lookup` turns on prompt-lookup speculative decoding
@@ -554,7 +555,7 @@ def stream_generate(
     try:
         prompt = mx.array(ids, dtype=mx.int32)
         logits = prefill(model, prompt, cache, prefill_chunk_size)
-        context = [*cached_ids, *ids] if cached_ids else ids  # what the processors and lookup see
+        context = [*cached_ids, *ids] if cached_ids is not None else ids  # what the processors and lookup see
         history = mx.array(context, dtype=mx.int32) if reads_history(processors) else None
         if plan.max_tokens <= 0:
             yield GenerationChunk("", None, "length", len(ids), 0)

@@ -14,13 +14,14 @@ LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 TOP_P_CANDIDATES = 1024  # top-p without top-k looks for the nucleus among this many tokens
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SamplingOptions:
     """How each next token is chosen (`stream_generate(sampling=...)`); the defaults are greedy.
 
-    `repetition_penalty` (None or 1.0: off) divides the logits of the tokens among the last
-    `repetition_context_size`; then top-k, top-p and min-p filter and `temperature` scales (see
-    `make_sampler`). With a `seed`, the draws are reproducible.
+    `repetition_penalty` (None or 1.0: off) divides the positive logits (multiplies the negative
+    ones) of the tokens among the last `repetition_context_size`; then top-k, top-p and min-p
+    filter and `temperature` scales (see `make_sampler`). With a `seed`, the draws are
+    reproducible.
     """
 
     temperature: float = 0.0

@@ -516,7 +516,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--prompt-lookup",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="prompt-lookup decoding while a request decodes alone (same greedy output; default: on)",
+        help="prompt-lookup decoding while a request decodes alone (greedy output unchanged up to kernel numerics; default: on)",
     )
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     args = parser.parse_args(argv)

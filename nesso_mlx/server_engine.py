@@ -284,7 +284,7 @@ def _prompt_lookup(rt: Runtime, ids: list[int], sampling: Any, top_logprobs: int
     """Prompt-lookup decoding for the request while it decodes alone (`BatchDecoder` drafts only
     for a row alone in the batch), or None: not with logprobs, and not for seeded sampling, whose
     draws would then depend on whether other requests were running (greedy output is the same
-    either way)."""
+    either way, up to kernel numerics: a verify pass computes several positions in one matmul)."""
     if not rt.prompt_lookup or top_logprobs is not None:
         return None
     if sampling is not None and sampling.temperature and sampling.seed is not None:
@@ -514,6 +514,7 @@ class Scheduler:
     def add(self, job: Job) -> None:
         """Take a new job: its first step (checks) runs now; if it passes, it waits for a slot."""
         job.generator = job.work(self.runtime)
+        self.decoder.reset_clocks()  # this is no decode step's time
         if self._step(job):
             self.pending.append(job)
 
@@ -527,8 +528,10 @@ class Scheduler:
                 continue
             self.active.append(job)
         for job in list(self.active):
-            if not job.decoding and not self._step(job):
-                self.active.remove(job)
+            if not job.decoding:
+                self.decoder.reset_clocks()  # a prefill chunk is no decode step's time
+                if not self._step(job):
+                    self.active.remove(job)
         if not len(self.decoder):
             return
         try:
@@ -546,11 +549,14 @@ class Scheduler:
             return
         for item in tokens:
             job = item.sequence.data
-            if job not in self.active:  # a row its job could not take out (its leave failed): drop it
-                try:
-                    self.decoder.remove(item.sequence)
-                except Exception:
-                    log.exception("dropping an orphaned batch row failed")
+            if job not in self.active:
+                # A token after its job ended (a step gave the row several) or a row its job could
+                # not take out (its leave failed): drop it, and the row if it is still there.
+                if any(seq is item.sequence for seq in self.decoder.sequences):
+                    try:
+                        self.decoder.remove(item.sequence)
+                    except Exception:
+                        log.exception("dropping an orphaned batch row failed")
                 continue
             if item.error is not None:  # this request's own processors or grammar failed
                 log.error("request failed while decoding", exc_info=item.error)

@@ -204,8 +204,9 @@ class LookupController:
         if self.forced_paused:
             self.forced_paused -= 1
 
-    def not_timed(self) -> None:
-        """The time since the last plain step is not a plain step's (a batched step, say)."""
+    def reset_clock(self) -> None:
+        """The time since the last plain step is not a plain step's (a batched step, a prefill
+        between two steps): the next plain step starts a new sample."""
         self._last = None
 
     def wants_draft(self) -> bool:

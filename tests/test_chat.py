@@ -71,30 +71,37 @@ def test_replies_equal_a_fresh_generation_of_the_same_conversation(tiny):
     assert second == fresh
 
 
-@pytest.mark.parametrize("prompt_lookup", [False, True])
-def test_a_cached_turn_with_repetition_penalty_equals_a_fresh_generation(tiny, monkeypatch, prompt_lookup):
-    """The penalty (and prompt lookup's index) see the earlier turns held in the cache, not only
-    the new tokens, so caching does not change the reply."""
+def test_a_cached_turn_sees_the_whole_conversation(tiny, monkeypatch):
+    """The session tells `stream_generate` which ids its cache holds, so the repetition penalty and
+    prompt lookup's index see the earlier turns, not only the new tokens: caching does not change
+    the reply (see the next test for the penalty's own check)."""
+    import nesso_mlx.chat as chat_module
     import nesso_mlx.speculative as speculative
 
     model, tokenizer = tiny
     settings = SamplingSettings(temperature=0.0, max_tokens=16, repetition_penalty=8.0)
-    chat = ChatSession(model, tokenizer, settings=settings, prompt_lookup=prompt_lookup)
+    chat = ChatSession(model, tokenizer, settings=settings, prompt_lookup=True)
     reply(chat.send("one two three"))
-    contexts = []
-    original = speculative.PromptLookup.__init__
+    held = list(chat.cached_tokens)
+    contexts, given = [], []
+    original_init, original_stream = speculative.PromptLookup.__init__, chat_module.stream_generate
 
-    def spy(self, tokens, *args, **kwargs):
+    def spy_init(self, tokens, *args, **kwargs):
         contexts.append(list(tokens))
-        original(self, tokens, *args, **kwargs)
+        original_init(self, tokens, *args, **kwargs)
 
-    monkeypatch.setattr(speculative.PromptLookup, "__init__", spy)
+    def spy_stream(*args, **kwargs):
+        given.append(list(kwargs["cached_ids"]))
+        return original_stream(*args, **kwargs)
+
+    monkeypatch.setattr(speculative.PromptLookup, "__init__", spy_init)
+    monkeypatch.setattr(chat_module, "stream_generate", spy_stream)
     second = reply(chat.send("two three four"))
     conversation = chat.messages[:-1]
+    assert given and held[: len(given[0])] == given[0] and len(given[0]) > len(tokenizer.encode("one two three"))
+    assert contexts == [tokenizer.apply_chat_template(conversation, add_generation_prompt=True)]
     fresh = generate(model, tokenizer, messages=conversation, max_tokens=16, sampling=settings).text
     assert second == fresh
-    if prompt_lookup:  # drafts may come from the whole conversation
-        assert contexts == [tokenizer.apply_chat_template(conversation, add_generation_prompt=True)]
 
 
 def test_cached_ids_let_the_repetition_penalty_see_the_cached_context(tiny):

@@ -1060,6 +1060,9 @@ def test_prompt_lookup_in_the_server_gives_the_replies_without_it(nesso_local, m
         original(self, drafted, accepted, seconds, forced)
 
     monkeypatch.setattr(speculative.LookupController, "verified", verified)
+    resets = []
+    original_reset = speculative.LookupController.reset_clock
+    monkeypatch.setattr(speculative.LookupController, "reset_clock", lambda self: resets.append(1) or original_reset(self))
     model, tokenizer = nesso_local
     requests = [
         chat_request("Accendi la luce in cucina.", max_tokens=40, tools=[LIGHTS, TRAINS], tool_choice="required"),
@@ -1090,8 +1093,10 @@ def test_prompt_lookup_in_the_server_gives_the_replies_without_it(nesso_local, m
     assert run(True) == without
     assert any(forced > 0 for _, _, forced in passes), passes  # the call's opening went in a pass
     passes.clear()
+    resets.clear()
     assert run(True, join_after=4) == without
     assert passes  # drafted while alone, before the others joined or after they left
+    assert resets  # the others' prefill and the batched steps were not timed as the lone row's steps
     runtime = Runtime(model, tokenizer, PromptCache(0))
     seeded, greedy = SamplingOptions(temperature=1.0, seed=3), SamplingOptions()
     assert _prompt_lookup(runtime, [1, 2], seeded, None, None) is None
@@ -1099,3 +1104,41 @@ def test_prompt_lookup_in_the_server_gives_the_replies_without_it(nesso_local, m
     plan = type("Plan", (), {"max_tokens": 5, "reply": type("Reply", (), {"eos": [0]})})
     assert _prompt_lookup(runtime, [1, 2], greedy, None, plan) is not None
     assert _prompt_lookup(Runtime(model, tokenizer, PromptCache(0), prompt_lookup=False), [1, 2], greedy, None, plan) is None
+
+
+def test_a_reply_ending_inside_a_multi_token_step_is_clean(nesso_local, caplog):
+    """A stop string or a cancel can land among the tokens one verify pass gave: the tokens after
+    it are dropped without errors, and the stored cache is the reply's (reused, it gives the same
+    next reply as a fresh prefill)."""
+    import logging
+
+    from nesso_mlx.server_engine import Job, PromptCache, Runtime, Scheduler, chat_job
+
+    model, tokenizer = nesso_local
+    call = chat_request("Accendi la luce.", max_tokens=40, tools=[LIGHTS], tool_choice="required")
+    [full] = run_jobs(Runtime(model, tokenizer, PromptCache(0), prompt_lookup=False), [lambda rt: chat_job(rt, call, False)])
+    arguments = full[-1]["message"]["tool_calls"][0]["function"]["arguments"]
+    caplog.set_level(logging.WARNING, logger="nesso_mlx.server")
+    runtime = Runtime(model, tokenizer, PromptCache(2**30))
+    # a stop string inside the call's forced opening (drafted and verified in one pass)
+    stopped = chat_request("Accendi la luce.", max_tokens=40, tools=[LIGHTS], tool_choice="required", stop=['"name"'])
+    [events] = run_jobs(runtime, [lambda rt: chat_job(rt, stopped, False)])
+    assert events[-1]["finish_reason"] == "stop" and events[-1]["type"] == "done"
+    # a client gone after its second delta
+    scheduler = Scheduler(runtime, max_concurrency=1)
+    streamed = []
+    job = Job(lambda rt: chat_job(rt, call, True), streamed.append)
+    scheduler.add(job)
+    while scheduler.busy:
+        scheduler.round()
+        if sum(e.get("type") == "delta" for e in streamed) >= 2:
+            job.cancel()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
+    # the stored caches hold what they say: the same request again gives the same call
+    [again] = run_jobs(runtime, [lambda rt: chat_job(rt, call, False)])
+    assert again[-1]["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+    assert again[-1]["message"]["tool_calls"][0]["function"]["arguments"] == arguments
+    # unseeded sampling drafts too, and its replies stay well-formed calls
+    sampled = chat_request("Accendi la luce.", max_tokens=40, tools=[LIGHTS], tool_choice="required", temperature=1.0)
+    for events in run_jobs(runtime, [lambda rt: chat_job(rt, sampled, False)] * 2):
+        assert events[-1]["message"]["tool_calls"][0]["function"]["name"] == LIGHTS["function"]["name"]

@@ -478,30 +478,37 @@ def test_batch_decoder_drafts_for_a_row_alone_and_gives_plain_output(always_draf
     assert always_draft["verifies"] > 2 and always_draft["accepted"] > 0, always_draft
 
 
-def test_batch_decoder_lookup_error_is_the_rows_alone(always_draft, tmp_path):
-    """A processor failing inside a verify pass comes back as that row's error, as in a plain step."""
+def test_batch_decoder_lookup_errors(always_draft, tmp_path, monkeypatch):
+    """An error while a lone row's draft is made or its token sampled is that row's (as in a plain
+    step); one inside the verify pass escapes `step` (the cache may hold a partial pass: the
+    server then drops the decoder and does not reuse the row's cache)."""
+    import nesso_mlx.batch as batch
     from nesso_mlx.batch import BatchDecoder, BatchSequence
     from nesso_mlx.generation import prefill
     from nesso_mlx.sampling import greedy
 
     model, tokenizer = load(write_model_folder(tmp_path / "m", seed=5), dtype="float32")
     ids = tokenizer.apply_chat_template([{"role": "user", "content": COPYING[0]}])
-    calls = []
 
-    def failing(tokens: mx.array, logits: mx.array) -> mx.array:
-        calls.append(tokens.size)
-        if len(calls) > 12:
-            raise RuntimeError("processor failed")
-        return induction(tokens, logits)
+    def decoder_alone() -> tuple[BatchDecoder, BatchSequence]:
+        cache = model.make_cache()
+        logits = prefill(model, mx.array(ids), cache)
+        seq = BatchSequence(greedy, [induction], mx.array(ids), lookup=speculative.PromptLookup(ids, max_tokens=40))
+        decoder = BatchDecoder(model)
+        decoder.add(seq, cache, logits)
+        return decoder, seq
 
-    cache = model.make_cache()
-    logits = prefill(model, mx.array(ids), cache)
-    lookup = speculative.PromptLookup(ids, max_tokens=40)
-    decoder = BatchDecoder(model)
-    decoder.add(BatchSequence(greedy, [failing], mx.array(ids), lookup=lookup), cache, logits)
-    for _ in range(20):
-        items = decoder.step()
-        if items[-1].error is not None:
-            break
-    assert isinstance(items[-1].error, RuntimeError) and items[-1].token == -1
-    assert always_draft["verifies"] > 0
+    decoder, seq = decoder_alone()
+    assert len(decoder.step()) == 1  # nothing to draft from yet at the first step: a plain step
+    with monkeypatch.context() as patch:
+        patch.setattr(speculative.PromptLookup, "draft", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("draft")))
+        [item] = decoder.step()
+    assert item.sequence is seq and item.token == -1 and str(item.error) == "draft"
+    decoder.remove(seq)  # the row leaves; the decoder goes on
+    assert len(decoder) == 0
+
+    decoder, seq = decoder_alone()
+    monkeypatch.setattr(batch, "verify_draft", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("verify")))
+    with pytest.raises(RuntimeError, match="verify"):
+        for _ in range(20):
+            decoder.step()
