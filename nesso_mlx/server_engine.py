@@ -547,12 +547,16 @@ class Scheduler:
 
             self.decoder = BatchDecoder(self.runtime.model)
             return
+        dropped: set[int] = set()
         for item in tokens:
             job = item.sequence.data
-            if job not in self.active:
-                # A token after its job ended (a step gave the row several) or a row its job could
-                # not take out (its leave failed): drop it, and the row if it is still there.
-                if any(seq is item.sequence for seq in self.decoder.sequences):
+            if not (job in self.active and job.decoding and job.slot.sequence is item.sequence):
+                # A token its row's job no longer takes: one after its reply ended (a step may give
+                # a row several; the job has left the batch, or gone on to its next prompt), or from
+                # a row its job could not take out (its leave failed). Drop it, and the row if it is
+                # still in the batch (once: a failed removal is not retried token after token).
+                if id(item.sequence) not in dropped and any(seq is item.sequence for seq in self.decoder.sequences):
+                    dropped.add(id(item.sequence))
                     try:
                         self.decoder.remove(item.sequence)
                     except Exception:
