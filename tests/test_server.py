@@ -1233,3 +1233,25 @@ def test_other_requests_work_is_not_timed_as_a_lone_rows_decode_step(nesso_local
     controller._last = 1.0
     scheduler.round()  # the new request's first prefill chunk, then the lone row's step
     assert controller.step_time == 0.001  # no sample spanning the prefill
+
+
+def test_the_prompt_lookup_flag_reaches_the_engine(monkeypatch):
+    import nesso_mlx.server as server
+
+    real_serve, seen, engines = server.serve, [], []
+    monkeypatch.setattr(server, "serve", lambda model, **options: seen.append(options["prompt_lookup"]))
+    server.main(["--model", "x"])
+    server.main(["--model", "x", "--no-prompt-lookup"])
+    assert seen == [True, False]
+
+    class Stop(Exception):
+        pass
+
+    def engine(model, **options):
+        engines.append(options["prompt_lookup"])
+        raise Stop
+
+    monkeypatch.setattr(server, "Engine", engine)
+    with pytest.raises(Stop):
+        real_serve("x", prompt_lookup=False)
+    assert engines == [False]
