@@ -342,13 +342,8 @@ class BatchDecoder:
         draft's first token, the rest of the draft verified in one pass. None when there is no
         draft (the usual step then runs)."""
         lookup, constraint = seq.lookup, seq.constraint
-        lookup.controller.plain_step()
         try:  # the row's grammar, processors and sampler: an error there is the row's, as in `_step`
-            forced = []
-            if constraint is not None and constraint.active and not lookup.controller.forced_paused:
-                forced = constraint.forced()
-            ngram = lookup.controller.wants_draft()
-            draft, n_forced = lookup.draft(forced, ngram) if forced or ngram else ([], 0)
+            draft, n_forced = lookup.next_draft(constraint)
             if not draft:
                 return None
             with mx.stream(generation_stream):
@@ -358,11 +353,9 @@ class BatchDecoder:
         # A failure from here to the queued pass (the model, the device, or the verify pass's
         # processors and grammar) escapes: the cache may hold a partial pass.
         first = token.item()  # the host waits for it: it decides whether the draft goes on
-        if first != draft[0]:
-            lookup.controller.missed(forced=n_forced > 0)
+        if not lookup.confirms(first, draft, n_forced):
             kept, following = [], None
         else:
-            lookup.controller.confirmed(forced=n_forced > 0)
             history = None if seq.history is None else mx.concatenate([seq.history, token.astype(seq.history.dtype)])
             kept, following = verify_draft(
                 self.model, self.cache, first, draft[1:], lookup, seq.processors, history, constraint, max(n_forced - 1, 0)

@@ -206,7 +206,6 @@ def decode(
     # A seeded sampler's key sequence (see make_sampler): a position drawn again after a trigger
     # reuses its key, so each position takes one key, as in the batch decoder.
     keys = getattr(sampler, "key_state", None)
-    forced_tokens = getattr(constraint, "forced", list)  # a constraint may not know its forced tokens
     while True:
         before = history
         saved = dict(keys) if keys is not None else None
@@ -236,23 +235,14 @@ def decode(
         if lookup is None:
             continue
         lookup.index.append(value)
-        lookup.controller.plain_step()
         # Tokens a grammar forces (a JSON key, a tool's name) are drafted even while n-gram
         # drafting is paused: they are almost always kept.
-        ngram = lookup.controller.wants_draft()
-        forced = []
-        if constraint is not None and constraint.active and not lookup.controller.forced_paused:
-            forced = forced_tokens()
-        if not (forced or ngram):
-            continue
-        draft, n_forced = lookup.draft(forced, ngram)
+        draft, n_forced = lookup.next_draft(constraint)
         if not draft:
             continue
         first = token.item()  # wait for step n+1: it confirms the draft's first token or not
-        if first != draft[0]:
-            lookup.controller.missed(forced=n_forced > 0)
+        if not lookup.confirms(first, draft, n_forced):
             continue
-        lookup.controller.confirmed(forced=n_forced > 0)
         kept, following = verify_draft(
             model, cache, first, draft[1:], lookup, processors, history if track else None, constraint, max(n_forced - 1, 0)
         )

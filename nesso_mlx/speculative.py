@@ -280,6 +280,25 @@ class PromptLookup:
         base = (s.seed + 0x9E3779B9) % 2**32 if s.seed is not None else time.time_ns() % 2**32
         self.key = mx.random.key(base) if s.temperature else None
 
+    def next_draft(self, constraint=None) -> tuple[list[int], int]:
+        """After a plain step: the draft for the pending token on (grammar-forced tokens from
+        `constraint` when it is active, then n-grams), and how many of it are forced; ([], 0)
+        when nothing is worth verifying now."""
+        self.controller.plain_step()
+        ngram = self.controller.wants_draft()
+        forced: list[int] = []
+        if constraint is not None and constraint.active and not self.controller.forced_paused:
+            forced = getattr(constraint, "forced", list)()  # a constraint may not know its forced tokens
+        return self.draft(forced, ngram) if forced or ngram else ([], 0)
+
+    def confirms(self, first: int, draft: Sequence[int], n_forced: int) -> bool:
+        """Whether the token the plain step gave, `first`, is the draft's first (and count it)."""
+        if first != draft[0]:
+            self.controller.missed(forced=n_forced > 0)
+            return False
+        self.controller.confirmed(forced=n_forced > 0)
+        return True
+
     def draft(self, forced: Sequence[int] = (), ngram: bool = True) -> tuple[list[int], int]:
         """The next draft (its first token is the one the pending step should confirm), cut after
         a stop token and to what the token budget leaves, and how many of its tokens are forced;
