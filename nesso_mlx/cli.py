@@ -166,7 +166,7 @@ MaxKVSizeOption = NumberOption(
 PromptLookupOption = typer.Option(
     True,
     "--prompt-lookup/--no-prompt-lookup",
-    help="draft tokens from the prompt and grammar-forced tokens, verified in one pass (same output)",
+    help="draft tokens from the prompt and grammar-forced tokens, verified in one pass (greedy: the same output)",
 )
 
 

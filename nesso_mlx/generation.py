@@ -166,6 +166,8 @@ def decode(
     the text so far predicts what follows and step n+1 confirms the first predicted token, the
     rest of the prediction is verified in one forward pass.
     """
+    if lookup is not None and top_logprobs is not None:
+        raise ValueError("prompt lookup gives no log-probabilities for the tokens it verifies: not with top_logprobs")
     history = history if history is not None else mx.array([], dtype=mx.int32)
     track = reads_history(processors)  # keep the history only for processors that read it
 
@@ -279,6 +281,8 @@ def verify_draft(
             draft = draft[: len(masks) - 1]
         else:
             draft = draft[: constraint.free_prefix(draft)]
+        if not draft:  # the grammar took none of it: count it as a miss, so such drafts pause
+            lookup.controller.missed(forced=forced > 0)
     start = cache[0].offset
     with mx.stream(generation_stream):
         logits = model(mx.array([[first, *draft]], dtype=mx.int32), cache)[0]

@@ -512,3 +512,35 @@ def test_batch_decoder_lookup_errors(always_draft, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="verify"):
         for _ in range(20):
             decoder.step()
+
+
+def test_a_draft_the_grammar_takes_none_of_counts_as_a_miss():
+    """After the confirmed token, the grammar may reject the whole rest of a draft (an n-gram
+    spelling `","` where compact JSON wants `", "`): the pass then verifies nothing, and it counts
+    as a miss, so drafts like it pause instead of costing a synchronous step each time."""
+    from nesso_mlx.constrained import build_processor
+    from nesso_mlx.generation import prefill, verify_draft
+
+    model, tokenizer = load(nesso_folder("text"), dtype="float32")
+    grammar = build_processor(tokenizer, model.args.vocab_size, None, "auto", {"type": "json_object"})
+    text = tokenizer.encode('{"nome": "Anna","citta": "Bari"}', add_special_tokens=False)
+    at = next(i for i, t in enumerate(text) if tokenizer.decode([t]).strip() == "Anna")
+    for token in text[:at]:
+        grammar.advance(token)
+    cache = model.make_cache()
+    prefill(model, mx.array(text[:at]), cache)
+    lookup = speculative.PromptLookup(text)
+    kept, _ = verify_draft(model, cache, text[at], text[at + 1 : at + 4], lookup, (), None, grammar, 0)
+    assert kept == [] and lookup.controller.drafted == 0  # nothing was verified
+    assert lookup.controller.misses == 1
+
+
+def test_decode_refuses_lookup_with_logprobs(tmp_path):
+    from nesso_mlx.generation import decode
+    from nesso_mlx.sampling import greedy
+
+    model, _ = load(write_model_folder(tmp_path / "m", seed=5), dtype="float32")
+    cache = model.make_cache()
+    logits = model(mx.array([[1, 2, 3]]), cache)[:, -1, :]
+    with pytest.raises(ValueError, match="top_logprobs"):
+        next(decode(model, logits, cache, greedy, top_logprobs=1, lookup=speculative.PromptLookup([1, 2, 3])))
