@@ -208,11 +208,16 @@ def decode(
     # A seeded sampler's key sequence (see make_sampler): a position drawn again after a trigger
     # reuses its key, so each position takes one key, as in the batch decoder.
     keys = getattr(sampler, "key_state", None)
-    while True:
+
+    def plain_step(token: mx.array, extra: list[mx.array], history: mx.array):
+        """One pipelined step: queue step n+1, hand out token n; returns token n's value and
+        step n+1's token, extras and history."""
         before = history
         saved = dict(keys) if keys is not None else None
+        built = time.perf_counter()
         with mx.stream(generation_stream):
             next_logits = model(token[:, None], cache)[:, -1, :]
+            built = time.perf_counter() - built
             if constraint is None or not constraint.active:
                 next_token, history, next_extra = sample(next_logits, history, None)
         if constraint is None or not constraint.active:
@@ -227,19 +232,56 @@ def decode(
         else:
             mx.async_eval(next_logits)
             value = token.item()
+            started = time.perf_counter()
             constraint.advance(value)
+            if lookup is not None:
+                lookup.controller.host_time(time.perf_counter() - started + built)
             with mx.stream(generation_stream):
                 mask = constraint.mask() if constraint.active else None
                 next_token, history, next_extra = sample(next_logits, history, mask)
             mx.async_eval(next_token, *next_extra)
         yield output(token, extra)
-        token, extra = next_token, next_extra
-        if lookup is None:
-            continue
-        lookup.index.append(value)
-        # Tokens a grammar forces (a JSON key, a tool's name) are drafted even while n-gram
-        # drafting is paused: they are almost always kept.
-        draft, n_forced = lookup.next_draft(constraint)
+        return value, next_token, next_extra, history
+
+    while True:
+        if lookup is not None and constraint is not None and constraint.active and lookup.controller.merges_forced:
+            # Wait for token n, then put the tokens the grammar forces after it into its own pass.
+            value = token.item()
+            started = time.perf_counter()
+            constraint.advance(value)
+            lookup.index.append(value)
+            draft, n_forced = lookup.merged_draft(constraint) if constraint.active else ([], 0)
+            if draft:
+                yield value
+                seen = history if track else None
+                kept, following = verify_draft(
+                    model, cache, value, draft, lookup, processors, seen, constraint, n_forced, advanced=True
+                )
+                history = grow(history, mx.array([*kept, following]))  # `history` already ended with `value`
+                for value in kept:
+                    yield value
+                    lookup.index.append(value)
+                token = mx.array([following], dtype=mx.int32)
+                continue
+            with mx.stream(generation_stream):
+                next_logits = model(token[:, None], cache)[:, -1, :]
+            lookup.controller.host_time(time.perf_counter() - started)
+            mx.async_eval(next_logits)
+            with mx.stream(generation_stream):
+                mask = constraint.mask() if constraint.active else None
+                next_token, history, next_extra = sample(next_logits, history, mask)
+            mx.async_eval(next_token, *next_extra)
+            yield value
+            token, extra = next_token, next_extra
+            draft, n_forced = lookup.next_draft(constraint, forced=False)
+        else:
+            value, token, extra, history = yield from plain_step(token, extra, history)
+            if lookup is None:
+                continue
+            lookup.index.append(value)
+            # Tokens a grammar forces (a JSON key, a tool's name) are drafted even while n-gram
+            # drafting is paused: they are almost always kept.
+            draft, n_forced = lookup.next_draft(constraint)
         if not draft:
             continue
         first = token.item()  # wait for step n+1: it confirms the draft's first token or not
@@ -265,17 +307,20 @@ def verify_draft(
     history: mx.array | None = None,
     constraint: TokenConstraint | None = None,
     forced: int = 0,
+    advanced: bool = False,
 ) -> tuple[list[int], int]:
     """Check `draft` (its first `forced` tokens forced by the grammar) after the confirmed token
     `first` in one forward pass; returns the kept draft tokens and the token that follows them.
 
     `history` (None when no processor reads it) ends with `first`. Afterwards the cache holds
     `first` and the kept tokens (the following token's pass is the caller's), and `constraint`
-    has advanced over them (not over the following token)."""
+    has advanced over them (not over the following token); with `advanced`, it had already
+    advanced over `first` (a draft that follows `first` in its own pass: nothing confirmed it)."""
     t0 = time.perf_counter()  # the pass's cost includes the masks it needs
     masks: list[mx.array] = []
     if constraint is not None:
-        constraint.advance(first)
+        if not advanced:
+            constraint.advance(first)
         if constraint.active:
             masks = [constraint.mask(), *constraint.lookahead(draft)]
             draft = draft[: len(masks) - 1]

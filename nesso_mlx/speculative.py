@@ -34,8 +34,11 @@ class NgramIndex:
     """Where the latest n-gram of a token sequence occurred before, and what followed it."""
 
     def __init__(self, tokens: Sequence[int], max_ngram: int = 3, min_ngram: int = 2) -> None:
+        """`min_ngram`: the shortest match a draft follows by default; unigrams are indexed too,
+        for drafts that continue grammar-forced tokens (`draft(..., shortest=1)`)."""
         self.tokens: list[int] = []
-        self.sizes = range(max_ngram, min_ngram - 1, -1)  # longest first
+        self.min_ngram = min_ngram
+        self.sizes = range(max_ngram, 0, -1)  # longest first
         self.last: dict[int, dict[tuple[int, ...], int]] = {n: {} for n in self.sizes}
         self.match: dict[int, int | None] = dict.fromkeys(self.sizes)
         for token in tokens:
@@ -50,13 +53,15 @@ class NgramIndex:
                 self.match[n] = self.last[n].get(gram)
                 self.last[n][gram] = end
 
-    def draft(self, k: int, after: Sequence[int] = ()) -> list[int]:
-        """Up to `k` tokens that followed the latest earlier occurrence of the current n-gram;
-        with `after`, of the n-gram the tokens will end with once `after` follows them (the
-        index itself is not changed)."""
+    def draft(self, k: int, after: Sequence[int] = (), shortest: int | None = None) -> list[int]:
+        """Up to `k` tokens that followed the latest earlier occurrence of the current n-gram
+        (at least `shortest` tokens long, default `min_ngram`); with `after`, of the n-gram the
+        tokens will end with once `after` follows them (the index itself is not changed)."""
         tokens, after = self.tokens, list(after)
         total = len(tokens) + len(after)
         for n in self.sizes:
+            if n < (self.min_ngram if shortest is None else shortest):
+                break
             if not after:
                 at = self.match[n]
             elif total >= n:
@@ -138,10 +143,17 @@ class LookupController:
         # The same for forced tokens: almost always kept (the model writes its tokenizer's usual
         # spelling), so the prior is 0.99 and a tool call's opening goes in one pass.
         self.forced_kept, self.forced_rejected = 99.0, 1.0
+        # And for what follows forced tokens, drafted from what followed them before (after a
+        # key, its value's opening): prior 2/3, as for n-grams.
+        self.follow_kept, self.follow_rejected = 2.0, 1.0
         self.paused = 0  # plain steps left before drafting again
         self.probe = False  # after a pause: one short draft to measure again
         self.forced_paused = 0  # the same for forced drafts
         self.verifies = self.drafted = self.accepted = self.misses = 0
+        # Forced drafts in the token's own pass (see `merges_forced`): how often a token under a
+        # grammar is followed by forced tokens, and the host time a token's arrival then costs.
+        self.forced_rate = 0.1  # prior: one token in ten
+        self.host_gap: float | None = None  # seconds (moving average)
         self._last: float | None = None
         # The best lengths change only when the estimates do: computed once per change, not per token.
         self._ngram_plan: tuple[tuple, tuple[int, float]] | None = None
@@ -162,21 +174,52 @@ class LookupController:
         a = min(self.acceptance if acceptance is None else acceptance, 0.999)
         return (1 - a ** (k + 1)) / (1 - a) / self.cost(k)
 
-    def forced_length(self, available: int) -> int:
-        """How many of `available` forced tokens to draft (the first is confirmed by the plain
-        step, the rest verified): the most tokens per step, or 0 when no length pays."""
-        if available < 2 or self.forced_paused:
+    def forced_length(self, available: int, merged: bool = False) -> int:
+        """How many of `available` forced tokens to draft: the most tokens per step, or 0 when no
+        length pays. The first is confirmed by the plain step and the rest verified, or with
+        `merged` all are verified in the pass of the token before them (see `merges_forced`)."""
+        verified = available if merged else available - 1
+        if verified < 1 or self.forced_paused:
             return 0
-        key = (available, self.forced_kept, self.forced_rejected, self.cost.base, self.cost.per_token)
+        key = (verified, self.forced_kept, self.forced_rejected, self.cost.base, self.cost.per_token)
         if self._forced_plan is None or self._forced_plan[0] != key:
             a = self.forced_acceptance
-            best = max(range(1, available), key=lambda k: self.expected_speedup(k, a))
+            best = max(range(1, verified + 1), key=lambda k: self.expected_speedup(k, a))
             self._forced_plan = key, (best, self.expected_speedup(best, a))
         best, speedup = self._forced_plan[1]
         if speedup > 1.0:
-            return best + 1
+            return best if merged else best + 1
         self.forced_paused = self.PAUSE  # not worth it now; after the pause, one token to measure again
-        return 2
+        return 1 if merged else 2
+
+    def follow_length(self) -> int:
+        """How many tokens to draft after forced ones: the n-gram length while n-gram drafts
+        pay, else one while such tokens are kept more often than a drafted token costs."""
+        if self.wants_draft():
+            return self.k
+        a = self.follow_kept / (self.follow_kept + self.follow_rejected)
+        return 1 if a > self.cost.per_token else 0
+
+    @property
+    def merges_forced(self) -> bool:
+        """Whether, under a grammar, to wait for each token before its step is queued, so that
+        the tokens the grammar forces after it go into that same pass (no plain step of their
+        own). Waiting leaves the accelerator idle for the host's work on the token (`host_gap`);
+        it pays where that is less than the step it saves for each forced run, one token in
+        `1 / forced_rate` (on a CPU, where a step is long, it always does). Measured, so only
+        for timed lookup; untimed (seeded sampling) keeps the plain step first."""
+        if not self.timed or self.step_time is None or self.host_gap is None:
+            return False
+        return self.host_gap < self.forced_rate * (1.0 - min(self.cost.per_token, 1.0)) * self.step_time
+
+    def forced_seen(self, found: bool) -> None:
+        """Count a token under a grammar, and whether forced tokens followed it."""
+        self.forced_rate = 0.95 * self.forced_rate + 0.05 * found
+
+    def host_time(self, seconds: float) -> None:
+        """Record the host's work on one token under a grammar before its step can be queued
+        (the grammar's advance and the step's graph)."""
+        self.host_gap = seconds if self.host_gap is None else 0.9 * self.host_gap + 0.1 * seconds
 
     @property
     def k(self) -> int:
@@ -219,9 +262,12 @@ class LookupController:
         return False
 
     def confirmed(self, forced: bool) -> None:
-        """The plain step confirmed a draft's first token (`forced`: a forced one)."""
+        """The plain step confirmed a draft's first token (`forced`: a forced one). A draft token
+        like any other, so it counts in the acceptance estimate (as a miss does)."""
         if forced:
             self.forced_kept += 1
+        else:
+            self.kept, self.rejected = 0.9 * self.kept + 1, 0.9 * self.rejected
 
     def missed(self, forced: bool = False) -> None:
         """A draft's first token was not confirmed (`forced`: a forced one, the model spelled
@@ -230,13 +276,15 @@ class LookupController:
         if forced:
             self.forced_kept, self.forced_rejected = 0.9 * self.forced_kept, 0.9 * self.forced_rejected + 1
             return
+        self.kept, self.rejected = 0.9 * self.kept, 0.9 * self.rejected + 1
         self.misses += 1
         if self.misses >= self.MISSES_BEFORE_PAUSE:
             self.paused, self.misses = self.PAUSE // 2, 0
 
     def verified(self, drafted: int, accepted: int, seconds: float, forced: int = 0) -> None:
         """Record a verify pass: `accepted` of `drafted` tokens kept (plus the one after them) in
-        `seconds`; the first `forced` drafted tokens came from the grammar."""
+        `seconds`; the first `forced` drafted tokens came from the grammar (the rest, if any,
+        follow them: counted apart from n-gram drafts)."""
         self.verifies += 1
         self.drafted += drafted
         self.accepted += accepted
@@ -246,7 +294,10 @@ class LookupController:
         if forced:
             self.forced_kept = 0.9 * self.forced_kept + min(accepted, forced)
             self.forced_rejected = 0.9 * self.forced_rejected + (accepted < forced)
-        if accepted >= forced and drafted > forced:  # the n-gram part was tried
+        if forced and accepted >= forced and drafted > forced:  # what follows forced tokens was tried
+            self.follow_kept = 0.9 * self.follow_kept + (accepted - forced)
+            self.follow_rejected = 0.9 * self.follow_rejected + (accepted < drafted)
+        elif accepted >= forced and drafted > forced:  # the n-gram draft was tried
             self.kept = 0.9 * self.kept + (accepted - forced)
             self.rejected = 0.9 * self.rejected + (accepted < drafted)
             self.misses, self.probe = 0, False
@@ -280,16 +331,32 @@ class PromptLookup:
         base = (s.seed + 0x9E3779B9) % 2**32 if s.seed is not None else time.time_ns() % 2**32
         self.key = mx.random.key(base) if s.temperature else None
 
-    def next_draft(self, constraint=None) -> tuple[list[int], int]:
+    def next_draft(self, constraint=None, forced: bool = True) -> tuple[list[int], int]:
         """After a plain step: the draft for the pending token on (grammar-forced tokens from
-        `constraint` when it is active, then n-grams), and how many of it are forced; ([], 0)
-        when nothing is worth verifying now."""
+        `constraint` when it is active, unless `forced` is False, then n-grams), and how many of
+        it are forced; ([], 0) when nothing is worth verifying now."""
         self.controller.plain_step()
         ngram = self.controller.wants_draft()
-        forced: list[int] = []
-        if constraint is not None and constraint.active and not self.controller.forced_paused:
-            forced = getattr(constraint, "forced", list)()  # a constraint may not know its forced tokens
-        return self.draft(forced, ngram) if forced or ngram else ([], 0)
+        tokens: list[int] = []
+        if forced and constraint is not None and constraint.active and not self.controller.forced_paused:
+            tokens = getattr(constraint, "forced", list)()  # a constraint may not know its forced tokens
+            self.controller.forced_seen(bool(tokens))
+        return self.draft(tokens, ngram) if tokens or ngram else ([], 0)
+
+    def merged_draft(self, constraint) -> tuple[list[int], int]:
+        """For the token just sampled under an active `constraint` (already advanced over it),
+        before its pass is queued: the tokens the grammar forces after it (as many as pay), then
+        n-grams, to verify in that token's own pass, and how many are forced; ([], 0) when no
+        forced tokens follow or they do not pay now (the plain step then runs)."""
+        tokens = getattr(constraint, "forced", list)() if not self.controller.forced_paused else []
+        self.controller.forced_seen(bool(tokens))
+        used = self.controller.forced_length(len(tokens[: self.MAX_FORCED]), merged=True) if tokens else 0
+        if not used:
+            return [], 0
+        draft = tokens[:used]
+        if used == len(tokens) and (follow := self.controller.follow_length()):
+            draft += self.index.draft(follow, after=draft, shortest=1)
+        return self._trim(draft, used, 1)
 
     def confirms(self, first: int, draft: Sequence[int], n_forced: int) -> bool:
         """Whether the token the plain step gave, `first`, is the draft's first (and count it)."""
@@ -305,22 +372,31 @@ class PromptLookup:
         ([], 0) when there is nothing to verify.
 
         `forced`, the tokens a grammar forces next, lead the draft (as many as pay, up to
-        `MAX_FORCED`); with `ngram`, the n-gram index continues it (only after all of them: not
-        when forced drafts do not pay just now) up to the controller's length."""
+        `MAX_FORCED`), continued by what followed them before (`follow_length`; only after all of
+        them: not when forced drafts do not pay just now). Without forced tokens, with `ngram`,
+        the draft is the n-gram index's, of the controller's length."""
         forced = list(forced[: self.MAX_FORCED])
         # One forced token needs no pass of its own: the plain step confirms it.
         used = len(forced) if len(forced) < 2 else self.controller.forced_length(len(forced))
-        draft, length = forced[:used], self.controller.k + 1
-        if ngram and used == len(forced) and len(draft) < length:
-            draft += self.index.draft(length - len(draft), after=draft)
+        draft = forced[:used]
+        if not draft and ngram:
+            draft = self.index.draft(self.controller.k + 1)
+        elif draft and used == len(forced) and (follow := self.controller.follow_length()):
+            # After forced tokens (a key), even one token predicts well: what followed them before.
+            draft += self.index.draft(follow, after=draft, shortest=1)
+        return self._trim(draft, used, 2)
+
+    def _trim(self, draft: list[int], forced: int, shortest: int) -> tuple[list[int], int]:
+        """`draft` cut after a stop token and to what the token budget leaves, with how many of
+        it are forced; ([], 0) when fewer than `shortest` tokens are left."""
         if (stop := next((i for i, t in enumerate(draft) if t in self.stop_ids), None)) is not None:
             draft = draft[: stop + 1]
         if self.max_tokens is not None:
-            # Tokens out so far; the confirmed first token, the kept ones and the one after them
-            # must fit in what is left.
+            # Tokens out so far; the drafted tokens and the one after them must fit in what is
+            # left (a draft confirmed by a plain step: its first is the step's token).
             left = self.max_tokens - (len(self.index.tokens) - self.prompt_length)
             draft = draft[: max(left - 1, 0)]
-        return (draft, min(used, len(draft))) if len(draft) >= 2 else ([], 0)
+        return (draft, min(forced, len(draft))) if len(draft) >= shortest else ([], 0)
 
     def accept(self, rows: mx.array, draft: Sequence[int]) -> tuple[int, int]:
         """`accept_draft` with this generation's settings and the next random key."""

@@ -60,7 +60,28 @@ def test_ngram_index_drafts_after_tokens_still_to_come():
     lookup = speculative.PromptLookup([1, 2, 3, 4, 5, 6, 1], max_tokens=100)
     lookup.controller.probe = True  # k = 1: drafts of 2 tokens
     assert lookup.draft([2]) == ([2, 3], 1)  # forced tokens first, the n-gram continues after them
-    assert lookup.draft([2], ngram=False) == ([], 0)  # n-gram drafting paused: one token is no draft
+    lookup.controller.probe, lookup.controller.paused = False, 5  # n-gram drafts paused: what follows
+    assert lookup.draft([2]) == ([2, 3], 1)  # forced tokens is still drafted, one token long,
+    lookup.controller.follow_kept = 0.0  # while such tokens are kept more often than they cost:
+    assert lookup.draft([2]) == ([], 0)  # never kept, so a lone forced token is no draft
+    index = NgramIndex([5, 1, 9, 6, 2, 7])
+    assert index.draft(2, after=[1]) == []  # one token is too short a match for an n-gram draft,
+    assert index.draft(2, after=[1], shortest=1) == [9, 6]  # but not after forced tokens (a key's value)
+    lookup = speculative.PromptLookup([5, 1, 9, 6, 2, 7, 3], max_tokens=100)
+    lookup.controller.forced_kept = 1000.0  # forced drafts always kept
+    lookup.controller.paused = 5
+
+    class Forcing:
+        active = True
+
+        def forced(self):
+            return [1]
+
+    assert lookup.merged_draft(Forcing()) == ([1, 9], 1)  # in the pass of the token before: even one forced token
+    lookup.controller.follow_kept = 0.0
+    assert lookup.merged_draft(Forcing()) == ([1], 1)
+    lookup.max_tokens, lookup.prompt_length = 2, 6  # one token out of 2: no room for a draft and the one after
+    assert lookup.merged_draft(Forcing()) == ([], 0)
     forced, longest = list(range(10, 50)), speculative.PromptLookup.MAX_FORCED
     lookup = speculative.PromptLookup(
         [1, 2], sampling=SamplingOptions(temperature=0.5, seed=1)
@@ -241,9 +262,17 @@ TOOL = {
 }
 
 
+def merging(monkeypatch, merge: bool) -> None:
+    """Forced tokens in the pass of the token before them (`merge`), or confirmed by a plain step
+    first, whatever the measurements say."""
+    monkeypatch.setattr(speculative.LookupController, "merges_forced", property(lambda self: merge))
+
+
+@pytest.mark.parametrize("merge", [False, True])
 @pytest.mark.parametrize("variant", ["text", "added"])
-def test_constrained_greedy_output_is_identical(always_draft, copying, variant):
+def test_constrained_greedy_output_is_identical(always_draft, copying, monkeypatch, variant, merge):
     """Drafted tokens go through the grammar: the same JSON and calls as without drafting."""
+    merging(monkeypatch, merge)
     model, tokenizer = load(nesso_folder(variant), dtype="float32")
     text = (
         'Nome: "Anna Bianchi", città: "Bari". {"nome": "Anna Bianchi", "città": "Bari"} '
@@ -323,9 +352,10 @@ def byte_spelled(processor) -> list[int]:
     return tokens[:1] + _byte_tokens(processor.tokenizer, rest)
 
 
+@pytest.mark.parametrize("merge", [False, True])
 @pytest.mark.parametrize("variant", ["text", "added"])
 @pytest.mark.parametrize("spelling", ["usual", "bytes"])
-def test_grammar_forced_tokens_are_drafted_and_verified(monkeypatch, variant, spelling):
+def test_grammar_forced_tokens_are_drafted_and_verified(monkeypatch, variant, spelling, merge):
     """A tool call's opening and a schema's keys are forced by the grammar: they are drafted even
     while n-gram drafting is paused (never here), and verified like any draft (a spelling the
     model would not choose is rejected): the output is plain decoding's."""
@@ -338,7 +368,9 @@ def test_grammar_forced_tokens_are_drafted_and_verified(monkeypatch, variant, sp
         passes.append((drafted, accepted))
         original(self, drafted, accepted, seconds, forced)
 
+    merging(monkeypatch, merge)
     monkeypatch.setattr(speculative.LookupController, "wants_draft", lambda self: False)
+    monkeypatch.setattr(speculative.LookupController, "follow_length", lambda self: 0)
     monkeypatch.setattr(speculative.LookupController, "verified", verified)
     if spelling == "bytes":
         monkeypatch.setattr(GrammarProcessor, "forced", byte_spelled)
@@ -408,8 +440,19 @@ def test_controller_sizes_drafts_by_measured_cost_and_acceptance(monkeypatch):
     before = controller.acceptance
     controller.verified(10, 10, 1.0, forced=10)  # forced tokens only: nothing learnt about n-grams
     assert controller.acceptance == before
-    controller.verified(12, 10, 1.0, forced=10)  # both n-gram tokens rejected
+    follow = controller.follow_kept / (controller.follow_kept + controller.follow_rejected)
+    controller.verified(12, 10, 1.0, forced=10)  # both tokens after the forced ones rejected:
+    assert controller.acceptance == before  # counted apart from n-gram drafts
+    assert controller.follow_kept / (controller.follow_kept + controller.follow_rejected) < follow
+    controller.verified(3, 1, 1.0)  # an n-gram draft, partly rejected
     assert controller.acceptance < before
+    before = controller.acceptance
+    controller.confirmed(forced=False)  # a draft's first token is a draft token like the others
+    confirmed = controller.acceptance
+    assert confirmed > before
+    controller.missed()
+    assert controller.acceptance < confirmed and controller.misses == 1
+    controller.misses = 0
     controller.probe = True
     controller.verified(5, 5, 1.0, forced=5)  # a forced pass does not use up the n-gram probe
     assert controller.probe
@@ -420,7 +463,15 @@ def test_controller_sizes_drafts_by_measured_cost_and_acceptance(monkeypatch):
     controller.confirmed(forced=True)
     assert controller.forced_acceptance > after_miss
 
+    assert not controller.merges_forced  # untimed (seeded sampling): never decided by the clock
+
     controller = speculative.LookupController()  # timed, first guess: 0.5 step per drafted token
+    assert not controller.merges_forced  # nothing measured yet
+    controller.step_time, controller.forced_rate = 0.1, 0.2  # a CPU: 100 ms steps, forced runs after 1 token in 5
+    controller.host_time(0.004)  # the host's work on a token: far less than the 10 ms a forced run saves per token
+    assert controller.merges_forced
+    controller.step_time = 0.004  # a GPU: the same host work would idle it longer than merging saves
+    assert not controller.merges_forced
     controller.forced_kept = 0.5  # forced drafts hardly ever kept: not worth a pass
     assert controller.forced_length(20) == 2  # ... but one token to measure again, then a pause
     assert controller.forced_length(20) == 0
