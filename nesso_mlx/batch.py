@@ -358,7 +358,16 @@ class BatchDecoder:
         else:
             history = None if seq.history is None else mx.concatenate([seq.history, token.astype(seq.history.dtype)])
             kept, following = verify_draft(
-                self.model, self.cache, first, draft[1:], lookup, seq.processors, history, constraint, max(n_forced - 1, 0)
+                self.model,
+                self.cache,
+                first,
+                draft[1:],
+                lookup,
+                seq.processors,
+                history,
+                constraint,
+                max(n_forced - 1, 0),
+                after_forced=n_forced > 0,
             )
         values = [first, *kept] + ([] if following is None else [following])
         last = mx.array([values[-1]], dtype=mx.int32)

@@ -164,7 +164,9 @@ def decode(
     With `top_logprobs` (k >= 0), yields `(token, TokenLogprobs)` with the k best alternatives.
     With `lookup`, prompt-lookup speculative decoding (see `speculative.py`): after token n, if
     the text so far predicts what follows and step n+1 confirms the first predicted token, the
-    rest of the prediction is verified in one forward pass.
+    rest of the prediction is verified in one forward pass. Under an active constraint, where the
+    controller finds it pays (`LookupController.merges_forced`), the loop instead waits for token
+    n before queuing its step, and the tokens the grammar forces after it go into that same pass.
     """
     if lookup is not None and top_logprobs is not None:
         raise ValueError("prompt lookup gives no log-probabilities for the tokens it verifies: not with top_logprobs")
@@ -287,8 +289,9 @@ def decode(
         first = token.item()  # wait for step n+1: it confirms the draft's first token or not
         if not lookup.confirms(first, draft, n_forced):
             continue
+        seen, rest = history if track else None, max(n_forced - 1, 0)
         kept, following = verify_draft(
-            model, cache, first, draft[1:], lookup, processors, history if track else None, constraint, max(n_forced - 1, 0)
+            model, cache, first, draft[1:], lookup, processors, seen, constraint, rest, after_forced=n_forced > 0
         )
         history = grow(history, mx.array([*kept, following]))  # `history` already ended with `first`
         for value in (first, *kept):
@@ -308,6 +311,7 @@ def verify_draft(
     constraint: TokenConstraint | None = None,
     forced: int = 0,
     advanced: bool = False,
+    after_forced: bool = False,
 ) -> tuple[list[int], int]:
     """Check `draft` (its first `forced` tokens forced by the grammar) after the confirmed token
     `first` in one forward pass; returns the kept draft tokens and the token that follows them.
@@ -315,7 +319,8 @@ def verify_draft(
     `history` (None when no processor reads it) ends with `first`. Afterwards the cache holds
     `first` and the kept tokens (the following token's pass is the caller's), and `constraint`
     has advanced over them (not over the following token); with `advanced`, it had already
-    advanced over `first` (a draft that follows `first` in its own pass: nothing confirmed it)."""
+    advanced over `first` (a draft that follows `first` in its own pass: nothing confirmed it).
+    `after_forced`: `first` was forced (the draft continues forced tokens), for the counts."""
     t0 = time.perf_counter()  # the pass's cost includes the masks it needs
     masks: list[mx.array] = []
     if constraint is not None:
@@ -326,8 +331,8 @@ def verify_draft(
             draft = draft[: len(masks) - 1]
         else:
             draft = draft[: constraint.free_prefix(draft)]
-        if not draft:  # the grammar took none of it: count it as a miss, so such drafts pause
-            lookup.controller.missed(forced=forced > 0)
+        if not draft and not advanced:  # the grammar took none of it: a miss, so such drafts pause
+            lookup.controller.missed(forced=forced > 0 or after_forced)
     start = cache[0].offset
     with mx.stream(generation_stream):
         logits = model(mx.array([[first, *draft]], dtype=mx.int32), cache)[0]
@@ -342,7 +347,7 @@ def verify_draft(
             if i < len(draft) and history is not None:
                 history = mx.concatenate([history, mx.array([draft[i]], dtype=history.dtype)])
         accepted, following = lookup.accept(mx.concatenate(rows), draft)
-    lookup.controller.verified(len(draft), accepted, time.perf_counter() - t0, forced)
+    lookup.controller.verified(len(draft), accepted, time.perf_counter() - t0, forced, after_forced)
     rollback_cache(cache, start + 1 + accepted)
     kept = draft[:accepted]
     if constraint is not None:

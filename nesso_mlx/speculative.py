@@ -14,7 +14,9 @@ the output has exactly the sampling distribution (tested statistically). Forced 
 verified the same way: another spelling of the same bytes may be allowed, and the model decides.
 
 Paying its way. A draft is verified only after the ordinary decode step has confirmed its first
-token, so a wrong first guess costs only the wait for that step. The `LookupController` measures
+token, so a wrong first guess costs only the wait for that step. Forced tokens, almost always
+kept, may instead go into the pass of the token before them (no plain step of their own) where
+the host's wait for each token costs less than the steps this saves (`merges_forced`). The `LookupController` measures
 what a verify pass costs against a plain step on this backend and this model, estimates how much
 of a draft is kept (n-gram and forced drafts apart), sizes drafts for the most tokens per step,
 and stops drafting for a while when verifying does not pay.
@@ -124,10 +126,12 @@ class LookupController:
     one token. Timed, the cost is measured from verify passes against plain steps on this
     machine (see `PassCost`), starting from a cautious guess. Untimed (`timed=False`, for seeded
     sampling, whose output must not depend on the machine's speed), a pass is taken to cost
-    1 + 0.1 k steps. Acceptance is counted from the n-gram drafts only: grammar-forced tokens,
-    almost always kept, would make it look better than it is. Forced tokens have their own
-    estimate (`forced_acceptance`) and length (`forced_length`), with their own pause and probe.
-    Both kinds share the cost line: a pass costs what its length costs, masks included.
+    1 + 0.1 k steps. Acceptance is counted from the n-gram drafts only (their first tokens, which
+    the plain step confirms or not, included): grammar-forced tokens, almost always kept, would
+    make it look better than it is. Forced tokens have their own estimate (`forced_acceptance`)
+    and length (`forced_length`), with their own pause and probe, and so do the tokens drafted
+    after them (`follow_length`). All share the cost line: a pass costs what its length costs,
+    masks included.
     """
 
     UNTIMED_COST_PER_TOKEN = 0.1
@@ -175,8 +179,8 @@ class LookupController:
         return (1 - a ** (k + 1)) / (1 - a) / self.cost(k)
 
     def forced_length(self, available: int, merged: bool = False) -> int:
-        """How many of `available` forced tokens to draft: the most tokens per step, or 0 when no
-        length pays. The first is confirmed by the plain step and the rest verified, or with
+        """How many of `available` forced tokens to draft: the most tokens per step; when no
+        length pays, a short probe, then 0 for a pause. The first is confirmed by the plain step and the rest verified, or with
         `merged` all are verified in the pass of the token before them (see `merges_forced`)."""
         verified = available if merged else available - 1
         if verified < 1 or self.forced_paused:
@@ -208,9 +212,12 @@ class LookupController:
         it pays where that is less than the step it saves for each forced run, one token in
         `1 / forced_rate` (on a CPU, where a step is long, it always does). Measured, so only
         for timed lookup; untimed (seeded sampling) keeps the plain step first."""
-        if not self.timed or self.step_time is None or self.host_gap is None:
+        if not self.timed or self.step_time is None or self.host_gap is None or self.forced_paused:
             return False
-        return self.host_gap < self.forced_rate * (1.0 - min(self.cost.per_token, 1.0)) * self.step_time
+        # A run of k >= 2 forced tokens saves 1 + cost(k - 1) - cost(k) steps; a lone one, two
+        # plain steps made one pass: 2 - cost(1). The lesser, to be safe.
+        saved = min(1.0 - self.cost.per_token, 2.0 - self.cost(1))
+        return self.host_gap < self.forced_rate * saved * self.step_time
 
     def forced_seen(self, found: bool) -> None:
         """Count a token under a grammar, and whether forced tokens followed it."""
@@ -281,10 +288,11 @@ class LookupController:
         if self.misses >= self.MISSES_BEFORE_PAUSE:
             self.paused, self.misses = self.PAUSE // 2, 0
 
-    def verified(self, drafted: int, accepted: int, seconds: float, forced: int = 0) -> None:
+    def verified(self, drafted: int, accepted: int, seconds: float, forced: int = 0, after_forced: bool = False) -> None:
         """Record a verify pass: `accepted` of `drafted` tokens kept (plus the one after them) in
-        `seconds`; the first `forced` drafted tokens came from the grammar (the rest, if any,
-        follow them: counted apart from n-gram drafts)."""
+        `seconds`; the first `forced` drafted tokens came from the grammar, and the rest follow
+        forced tokens (counted apart from n-gram drafts) when `forced` or `after_forced` (the
+        forced tokens were all before the pass: one confirmed by the plain step)."""
         self.verifies += 1
         self.drafted += drafted
         self.accepted += accepted
@@ -294,7 +302,7 @@ class LookupController:
         if forced:
             self.forced_kept = 0.9 * self.forced_kept + min(accepted, forced)
             self.forced_rejected = 0.9 * self.forced_rejected + (accepted < forced)
-        if forced and accepted >= forced and drafted > forced:  # what follows forced tokens was tried
+        if (forced or after_forced) and accepted >= forced and drafted > forced:  # what follows forced tokens
             self.follow_kept = 0.9 * self.follow_kept + (accepted - forced)
             self.follow_rejected = 0.9 * self.follow_rejected + (accepted < drafted)
         elif accepted >= forced and drafted > forced:  # the n-gram draft was tried
@@ -333,8 +341,9 @@ class PromptLookup:
 
     def next_draft(self, constraint=None, forced: bool = True) -> tuple[list[int], int]:
         """After a plain step: the draft for the pending token on (grammar-forced tokens from
-        `constraint` when it is active, unless `forced` is False, then n-grams), and how many of
-        it are forced; ([], 0) when nothing is worth verifying now."""
+        `constraint` when it is active, unless `forced` is False, and what followed them before;
+        else an n-gram draft), and how many of it are forced; ([], 0) when nothing is worth
+        verifying now."""
         self.controller.plain_step()
         ngram = self.controller.wants_draft()
         tokens: list[int] = []
@@ -346,9 +355,12 @@ class PromptLookup:
     def merged_draft(self, constraint) -> tuple[list[int], int]:
         """For the token just sampled under an active `constraint` (already advanced over it),
         before its pass is queued: the tokens the grammar forces after it (as many as pay), then
-        n-grams, to verify in that token's own pass, and how many are forced; ([], 0) when no
-        forced tokens follow or they do not pay now (the plain step then runs)."""
-        tokens = getattr(constraint, "forced", list)() if not self.controller.forced_paused else []
+        what followed them before (`follow_length`), to verify in that token's own pass, and how
+        many are forced; ([], 0) when no forced tokens follow or they do not pay now (the plain
+        step then runs)."""
+        if self.controller.forced_paused:
+            return [], 0
+        tokens = getattr(constraint, "forced", list)()
         self.controller.forced_seen(bool(tokens))
         used = self.controller.forced_length(len(tokens[: self.MAX_FORCED]), merged=True) if tokens else 0
         if not used:

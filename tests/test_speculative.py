@@ -24,11 +24,11 @@ def always_draft(monkeypatch):
     stats = {"verifies": 0, "drafted": 0, "accepted": 0}
     original = speculative.LookupController.verified
 
-    def verified(self, drafted, accepted, seconds, forced=0):
+    def verified(self, drafted, accepted, seconds, forced=0, after_forced=False):
         stats["verifies"] += 1
         stats["drafted"] += drafted
         stats["accepted"] += accepted
-        original(self, drafted, accepted, seconds, forced)
+        original(self, drafted, accepted, seconds, forced, after_forced)
         self.paused = 0
 
     monkeypatch.setattr(speculative.LookupController, "wants_draft", lambda self: True)
@@ -262,17 +262,28 @@ TOOL = {
 }
 
 
-def merging(monkeypatch, merge: bool) -> None:
+def merging(monkeypatch, merge: bool) -> dict[str, int]:
     """Forced tokens in the pass of the token before them (`merge`), or confirmed by a plain step
-    first, whatever the measurements say."""
+    first, whatever the measurements say. Counts the verify passes of each kind."""
+    import nesso_mlx.generation as generation
+
     monkeypatch.setattr(speculative.LookupController, "merges_forced", property(lambda self: merge))
+    counts = {"merged": 0, "confirmed": 0}
+    original = generation.verify_draft
+
+    def verify_draft(*args, **kwargs):
+        counts["merged" if kwargs.get("advanced") else "confirmed"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(generation, "verify_draft", verify_draft)
+    return counts
 
 
 @pytest.mark.parametrize("merge", [False, True])
 @pytest.mark.parametrize("variant", ["text", "added"])
 def test_constrained_greedy_output_is_identical(always_draft, copying, monkeypatch, variant, merge):
     """Drafted tokens go through the grammar: the same JSON and calls as without drafting."""
-    merging(monkeypatch, merge)
+    counts = merging(monkeypatch, merge)
     model, tokenizer = load(nesso_folder(variant), dtype="float32")
     text = (
         'Nome: "Anna Bianchi", città: "Bari". {"nome": "Anna Bianchi", "città": "Bari"} '
@@ -291,6 +302,7 @@ def test_constrained_greedy_output_is_identical(always_draft, copying, monkeypat
         if "response_format" in request and fast.finish_reason == "stop":
             jsonschema.validate(json.loads(fast.text), SCHEMA)
     assert always_draft["verifies"] > 0 and always_draft["accepted"] > 0, always_draft
+    assert (counts["merged"] > 0) == merge, counts  # the path asked for really ran
 
 
 def test_acceptance_rule_keeps_the_sampling_distribution():
@@ -364,11 +376,11 @@ def test_grammar_forced_tokens_are_drafted_and_verified(monkeypatch, variant, sp
     passes = []
     original = speculative.LookupController.verified
 
-    def verified(self, drafted, accepted, seconds, forced=0):
+    def verified(self, drafted, accepted, seconds, forced=0, after_forced=False):
         passes.append((drafted, accepted))
-        original(self, drafted, accepted, seconds, forced)
+        original(self, drafted, accepted, seconds, forced, after_forced)
 
-    merging(monkeypatch, merge)
+    counts = merging(monkeypatch, merge)
     monkeypatch.setattr(speculative.LookupController, "wants_draft", lambda self: False)
     monkeypatch.setattr(speculative.LookupController, "follow_length", lambda self: 0)
     monkeypatch.setattr(speculative.LookupController, "verified", verified)
@@ -385,6 +397,7 @@ def test_grammar_forced_tokens_are_drafted_and_verified(monkeypatch, variant, sp
         fast = generate(model, tokenizer, messages=messages, max_tokens=40, prompt_lookup=True, **request)
         assert fast.tokens == plain.tokens, (request, spelling)
         assert passes, request  # drafting happened with the n-gram drafts off: forced tokens only
+        assert (counts["merged"] > 0) == merge, counts
         if spelling == "usual":
             assert all(a == d for d, a in passes), passes  # the usual spelling is what greedy picks here
             if "tools" in request:  # '\n{"name": "trova", "arguments": {"testo":' after the open tag
@@ -463,6 +476,8 @@ def test_controller_sizes_drafts_by_measured_cost_and_acceptance(monkeypatch):
     controller.confirmed(forced=True)
     assert controller.forced_acceptance > after_miss
 
+    controller.step_time, controller.forced_rate = 0.1, 0.2
+    controller.host_time(0.001)
     assert not controller.merges_forced  # untimed (seeded sampling): never decided by the clock
 
     controller = speculative.LookupController()  # timed, first guess: 0.5 step per drafted token
@@ -472,6 +487,9 @@ def test_controller_sizes_drafts_by_measured_cost_and_acceptance(monkeypatch):
     assert controller.merges_forced
     controller.step_time = 0.004  # a GPU: the same host work would idle it longer than merging saves
     assert not controller.merges_forced
+    controller.step_time, controller.forced_paused = 0.1, 3  # forced drafts paused: nothing to merge
+    assert not controller.merges_forced
+    controller.forced_paused = 0
     controller.forced_kept = 0.5  # forced drafts hardly ever kept: not worth a pass
     assert controller.forced_length(20) == 2  # ... but one token to measure again, then a pause
     assert controller.forced_length(20) == 0
