@@ -364,6 +364,27 @@ def byte_spelled(processor) -> list[int]:
     return tokens[:1] + _byte_tokens(processor.tokenizer, rest)
 
 
+def test_merged_passes_keep_the_budget_and_the_cache(always_draft, copying, monkeypatch):
+    """Forced tokens verified in the pass of the token before them: the same tokens as plain
+    decoding whichever budget ends the reply (inside a pass, too), and the cache holds the prompt
+    and every token handed out but the last, as `stream_generate` promises."""
+    from nesso_mlx import stream_generate
+
+    counts = merging(monkeypatch, True)
+    model, tokenizer = load(nesso_folder("added"), dtype="float32")
+    messages = [{"role": "user", "content": 'In JSON: {"nome": "Anna Bianchi", "città": "Bari"} ' * 2}]
+    request = {"messages": messages, "response_format": {"type": "json_schema", "json_schema": {"schema": SCHEMA}}}
+    prompt = tokenizer.apply_chat_template(messages)
+    for max_tokens in (2, 3, 5, 8, 13, 40):
+        plain = [c.token for c in stream_generate(model, tokenizer, max_tokens=max_tokens, **request)]
+        cache = model.make_cache()
+        chunks = stream_generate(model, tokenizer, max_tokens=max_tokens, prompt_lookup=True, cache=cache, **request)
+        fast = [c.token for c in chunks]
+        assert fast == plain, max_tokens
+        assert cache[0].offset == len(prompt) + len(fast) - 1, max_tokens
+    assert counts["merged"] > 0, counts
+
+
 @pytest.mark.parametrize("merge", [False, True])
 @pytest.mark.parametrize("variant", ["text", "added"])
 @pytest.mark.parametrize("spelling", ["usual", "bytes"])
