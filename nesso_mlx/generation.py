@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import mlx.core as mx
+import numpy as np
 
 from .cache import CacheRollbackError, KVCache, rollback_cache
 from .errors import ContextLengthError
@@ -331,22 +332,37 @@ def verify_draft(
             draft = draft[: len(masks) - 1]
         else:
             draft = draft[: constraint.free_prefix(draft)]
-        if not draft and not advanced:  # the grammar took none of it: a miss, so such drafts pause
-            lookup.controller.missed(forced=forced > 0 or after_forced)
+    # Drafted positions where the grammar allows one token only decide nothing: no logits for
+    # them (the last position, which gives the next token, always has its row). A draft token
+    # its mask does not allow (llguidance takes other spellings of forced bytes, but its mask
+    # has the usual one only) ends the draft: that position gives the next token.
+    sole: list[int | None] = []
+    for i, mask in enumerate(masks[: len(draft)]):
+        token = _sole_token(mask)
+        if token is not None and token != draft[i]:
+            draft = draft[:i]
+            break
+        sole.append(token)
+    if not masks:
+        sole = [None] * len(draft)
+    if not draft and not advanced:  # the grammar took none of it: a miss, so such drafts pause
+        lookup.controller.missed(forced=forced > 0 or after_forced)
+    open_rows = [i for i, token in enumerate(sole) if token is None] + [len(draft)]
     start = cache[0].offset
     with mx.stream(generation_stream):
-        logits = model(mx.array([[first, *draft]], dtype=mx.int32), cache)[0]
+        logits = model(mx.array([[first, *draft]], dtype=mx.int32), cache, rows=open_rows)[0]
         rows = []
         for i in range(len(draft) + 1):
-            row = logits[i : i + 1]
-            for processor in processors:
-                row = processor(history, row)
-            if masks:
-                row = mx.where(masks[i], row, -mx.inf)
-            rows.append(row)
+            if i == len(draft) or sole[i] is None:
+                row = logits[len(rows) : len(rows) + 1]
+                for processor in processors:
+                    row = processor(history, row)
+                rows.append(mx.where(masks[i], row, -mx.inf) if masks else row)
             if i < len(draft) and history is not None:
                 history = mx.concatenate([history, mx.array([draft[i]], dtype=history.dtype)])
-        accepted, following = lookup.accept(mx.concatenate(rows), draft)
+        # The open positions in order, with their draft tokens (sole ones are kept for sure).
+        kept_open, following = lookup.accept(mx.concatenate(rows), [draft[i] for i in open_rows[:-1]])
+        accepted = open_rows[kept_open]  # rejected there (or, all kept, the end)
     lookup.controller.verified(len(draft), accepted, time.perf_counter() - t0, forced, after_forced)
     rollback_cache(cache, start + 1 + accepted)
     kept = draft[:accepted]
@@ -354,6 +370,12 @@ def verify_draft(
         for token in kept:
             constraint.advance(token)
     return kept, following
+
+
+def _sole_token(mask: mx.array) -> int | None:
+    """The only token `mask` allows, or None when it allows several (or none)."""
+    allowed = np.flatnonzero(np.asarray(mask).reshape(-1))
+    return int(allowed[0]) if allowed.size == 1 else None
 
 
 class _StopMatcher:

@@ -133,9 +133,14 @@ class Model(nn.Module):
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
-    def __call__(self, inputs: mx.array, cache: list[KVCache] | None = None, *, last_only: bool = False) -> mx.array:
-        """Logits of shape (batch, seq, vocab); with `last_only`, only the last position."""
+    def __call__(
+        self, inputs: mx.array, cache: list[KVCache] | None = None, *, last_only: bool = False, rows: list[int] | None = None
+    ) -> mx.array:
+        """Logits of shape (batch, seq, vocab); with `last_only`, only the last position; with
+        `rows`, only those positions (the LM head is the dearest part of a position at 128k)."""
         h = self.model(inputs, cache, last_only=last_only)
+        if rows is not None:
+            h = h[:, mx.array(rows, dtype=mx.int32)]
         if self.args.tie_word_embeddings:
             return self.model.embed_tokens.as_linear(h)
         return self.lm_head(h)

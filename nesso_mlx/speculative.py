@@ -268,6 +268,14 @@ class LookupController:
         self.paused = self.PAUSE
         return False
 
+    def foreseen(self, hit: bool) -> None:
+        """While n-gram drafts pause: whether the token an n-gram foresaw was the one written.
+        No pass was spent on it; it counts like a draft's first token, and once drafting pays
+        again by the count, the pause ends (rather than after a fixed number of steps)."""
+        self.kept, self.rejected = 0.9 * self.kept + hit, 0.9 * self.rejected + (not hit)
+        if self.paused and self._best_ngram()[1] > 1.0:
+            self.paused, self.probe = 0, False
+
     def confirmed(self, forced: bool) -> None:
         """The plain step confirmed a draft's first token (`forced`: a forced one). A draft token
         like any other, so it counts in the acceptance estimate (as a miss does)."""
@@ -331,6 +339,7 @@ class PromptLookup:
         s = sampling or SamplingOptions()
         self.index = NgramIndex(tokens)
         self.prompt_length = len(tokens)
+        self._foresight: tuple[int, int] | None = None  # (index length, token) foreseen while paused
         self.max_tokens, self.stop_ids = max_tokens, set(stop_ids)
         # Seeded sampling is reproducible: drafting decisions then do not depend on timing.
         self.controller = LookupController(max_draft, timed=s.seed is None or not s.temperature)
@@ -345,11 +354,18 @@ class PromptLookup:
         else an n-gram draft), and how many of it are forced; ([], 0) when nothing is worth
         verifying now."""
         self.controller.plain_step()
+        if self._foresight is not None:  # what the n-gram foresaw for the token just written
+            at, token = self._foresight
+            if at + 1 == len(self.index.tokens):
+                self.controller.foreseen(self.index.tokens[-1] == token)
+            self._foresight = None
         ngram = self.controller.wants_draft()
         tokens: list[int] = []
         if forced and constraint is not None and constraint.active and not self.controller.forced_paused:
             tokens = getattr(constraint, "forced", list)()  # a constraint may not know its forced tokens
             self.controller.forced_seen(bool(tokens))
+        if not ngram and self.controller.paused and (guess := self.index.draft(1)):
+            self._foresight = len(self.index.tokens), guess[0]
         return self.draft(tokens, ngram) if tokens or ngram else ([], 0)
 
     def merged_draft(self, constraint) -> tuple[list[int], int]:

@@ -402,6 +402,17 @@ def test_grammar_forced_tokens_are_drafted_and_verified(monkeypatch, variant, sp
         original(self, drafted, accepted, seconds, forced, after_forced)
 
     counts = merging(monkeypatch, merge)
+    from nesso_mlx.model import Model
+
+    logit_rows = []  # per verify pass: (positions, positions given logits)
+    model_call = Model.__call__
+
+    def call(self, inputs, cache=None, *, last_only=False, rows=None):
+        if rows is not None:
+            logit_rows.append((inputs.shape[1], len(rows)))
+        return model_call(self, inputs, cache, last_only=last_only, rows=rows)
+
+    monkeypatch.setattr(Model, "__call__", call)
     monkeypatch.setattr(speculative.LookupController, "wants_draft", lambda self: False)
     monkeypatch.setattr(speculative.LookupController, "follow_length", lambda self: 0)
     monkeypatch.setattr(speculative.LookupController, "verified", verified)
@@ -423,8 +434,12 @@ def test_grammar_forced_tokens_are_drafted_and_verified(monkeypatch, variant, sp
             assert all(a == d for d, a in passes), passes  # the usual spelling is what greedy picks here
             if "tools" in request:  # '\n{"name": "trova", "arguments": {"testo":' after the open tag
                 assert passes[0][0] >= 10, passes  # in one pass
-        else:
-            assert any(a < d for d, a in passes), passes  # byte by byte is rejected at once
+                # where the grammar allows one token only, the pass computes no logits
+                assert any(given < positions for positions, given in logit_rows), logit_rows
+        else:  # byte by byte is rejected at once, by the model or, before the pass, by the mask
+            # (which allows the usual spelling only): kept are at most the first forced token (in
+            # the pass when merged; it keeps its usual spelling) and a byte that is a usual token
+            assert max(a for _, a in passes) <= 1 + merge, passes
 
 
 def test_controller_sizes_drafts_by_measured_cost_and_acceptance(monkeypatch):
@@ -517,6 +532,27 @@ def test_controller_sizes_drafts_by_measured_cost_and_acceptance(monkeypatch):
     for _ in range(speculative.LookupController.PAUSE):
         controller.plain_step()
     assert controller.forced_length(20) == 2  # the next probe
+
+
+def test_a_pause_ends_when_foreseen_tokens_come_true():
+    """While n-gram drafts pause, the n-gram's guess for each next token is checked against the
+    token written (no pass spent); once drafting pays again by that count, the pause ends."""
+    lookup = speculative.PromptLookup([1, 2, 3, 1, 2], sampling=SamplingOptions(temperature=0.5, seed=1))
+    controller = lookup.controller  # untimed: a pass costs 1 + 0.1 k steps
+    controller.kept, controller.rejected, controller.paused = 0.1, 3.0, 30  # hopeless so far
+    assert lookup.next_draft() == ([], 0) and lookup._foresight == (5, 3)  # "1 2" was followed by 3
+    lookup.index.append(4)  # not what it foresaw
+    before = controller.acceptance
+    lookup.next_draft()
+    assert controller.acceptance < before and controller.paused
+    resumed = None
+    for step, token in enumerate([1, 2, 3] * 6):
+        lookup.index.append(token)
+        lookup.next_draft()
+        if not controller.paused:
+            resumed = step
+            break
+    assert resumed is not None and resumed < 20, (resumed, controller.acceptance)  # well before 30 steps
 
 
 @pytest.mark.parametrize("kind", ["tiny", "nesso-text"])
