@@ -337,10 +337,12 @@ def verify_draft(
     # its mask does not allow (llguidance takes other spellings of forced bytes, but its mask
     # has the usual one only) ends the draft: that position gives the next token.
     sole: list[int | None] = []
+    offered = len(draft)  # a token cut here is a rejected one, for the counts
     for i, mask in enumerate(masks[: len(draft)]):
         token = _sole_token(mask)
         if token is not None and token != draft[i]:
             draft = draft[:i]
+            offered = i + 1
             break
         sole.append(token)
     if not masks:
@@ -350,7 +352,8 @@ def verify_draft(
     open_rows = [i for i, token in enumerate(sole) if token is None] + [len(draft)]
     start = cache[0].offset
     with mx.stream(generation_stream):
-        logits = model(mx.array([[first, *draft]], dtype=mx.int32), cache, rows=open_rows)[0]
+        every = len(open_rows) == len(draft) + 1
+        logits = model(mx.array([[first, *draft]], dtype=mx.int32), cache, rows=None if every else open_rows)[0]
         rows = []
         for i in range(len(draft) + 1):
             if i == len(draft) or sole[i] is None:
@@ -363,7 +366,8 @@ def verify_draft(
         # The open positions in order, with their draft tokens (sole ones are kept for sure).
         kept_open, following = lookup.accept(mx.concatenate(rows), [draft[i] for i in open_rows[:-1]])
         accepted = open_rows[kept_open]  # rejected there (or, all kept, the end)
-    lookup.controller.verified(len(draft), accepted, time.perf_counter() - t0, forced, after_forced)
+    seconds = time.perf_counter() - t0
+    lookup.controller.verified(offered, accepted, seconds, forced, after_forced, computed=len(open_rows) - 1)
     rollback_cache(cache, start + 1 + accepted)
     kept = draft[:accepted]
     if constraint is not None:

@@ -138,6 +138,8 @@ class Model(nn.Module):
     ) -> mx.array:
         """Logits of shape (batch, seq, vocab); with `last_only`, only the last position; with
         `rows`, only those positions (the LM head is the dearest part of a position at 128k)."""
+        if rows is not None and last_only:
+            raise ValueError("pass rows or last_only, not both")
         h = self.model(inputs, cache, last_only=last_only)
         if rows is not None:
             h = h[:, mx.array(rows, dtype=mx.int32)]

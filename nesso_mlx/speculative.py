@@ -151,6 +151,7 @@ class LookupController:
         # key, its value's opening): prior 2/3, as for n-grams.
         self.follow_kept, self.follow_rejected = 2.0, 1.0
         self.paused = 0  # plain steps left before drafting again
+        self._missed_pause = False  # the pause is for first tokens missed in a row
         self.probe = False  # after a pause: one short draft to measure again
         self.forced_paused = 0  # the same for forced drafts
         self.verifies = self.drafted = self.accepted = self.misses = 0
@@ -265,7 +266,7 @@ class LookupController:
             return False
         if self.probe or self._best_ngram()[1] > 1.0:
             return True
-        self.paused = self.PAUSE
+        self.paused, self._missed_pause = self.PAUSE, False
         return False
 
     def foreseen(self, hit: bool) -> None:
@@ -273,7 +274,8 @@ class LookupController:
         No pass was spent on it; it counts like a draft's first token, and once drafting pays
         again by the count, the pause ends (rather than after a fixed number of steps)."""
         self.kept, self.rejected = 0.9 * self.kept + hit, 0.9 * self.rejected + (not hit)
-        if self.paused and self._best_ngram()[1] > 1.0:
+        # Only a hit ends a pause, and not one for first tokens missed in a row (their waits).
+        if hit and self.paused and not self._missed_pause and self._best_ngram()[1] > 1.0:
             self.paused, self.probe = 0, False
 
     def confirmed(self, forced: bool) -> None:
@@ -294,18 +296,31 @@ class LookupController:
         self.kept, self.rejected = 0.9 * self.kept, 0.9 * self.rejected + 1
         self.misses += 1
         if self.misses >= self.MISSES_BEFORE_PAUSE:
-            self.paused, self.misses = self.PAUSE // 2, 0
+            self.paused, self.misses, self._missed_pause = self.PAUSE // 2, 0, True
 
-    def verified(self, drafted: int, accepted: int, seconds: float, forced: int = 0, after_forced: bool = False) -> None:
+    def verified(
+        self,
+        drafted: int,
+        accepted: int,
+        seconds: float,
+        forced: int = 0,
+        after_forced: bool = False,
+        *,
+        computed: int | None = None,
+    ) -> None:
         """Record a verify pass: `accepted` of `drafted` tokens kept (plus the one after them) in
         `seconds`; the first `forced` drafted tokens came from the grammar, and the rest follow
         forced tokens (counted apart from n-gram drafts) when `forced` or `after_forced` (the
-        forced tokens were all before the pass: one confirmed by the plain step)."""
+        forced tokens were all before the pass: one confirmed by the plain step). A pass whose
+        grammar cut the draft short counts the cut token as rejected (`drafted` includes it).
+        `computed`: the drafted positions given logits (default all), what the pass's cost
+        line counts."""
         self.verifies += 1
         self.drafted += drafted
         self.accepted += accepted
-        if self.timed and self.step_time and drafted:
-            self.cost.add(drafted, min(seconds / self.step_time, 4.0 * (drafted + 1)))
+        computed = drafted if computed is None else computed
+        if self.timed and self.step_time and computed:
+            self.cost.add(computed, min(seconds / self.step_time, 4.0 * (computed + 1)))
         forced = min(forced, drafted)
         if forced:
             self.forced_kept = 0.9 * self.forced_kept + min(accepted, forced)
@@ -364,7 +379,8 @@ class PromptLookup:
         if forced and constraint is not None and constraint.active and not self.controller.forced_paused:
             tokens = getattr(constraint, "forced", list)()  # a constraint may not know its forced tokens
             self.controller.forced_seen(bool(tokens))
-        if not ngram and self.controller.paused and (guess := self.index.draft(1)):
+        # Foreseen only where an n-gram draft would serve (not where the grammar forces tokens).
+        if not ngram and not tokens and self.controller.paused and (guess := self.index.draft(1)):
             self._foresight = len(self.index.tokens), guess[0]
         return self.draft(tokens, ngram) if tokens or ngram else ([], 0)
 

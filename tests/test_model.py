@@ -5,7 +5,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
-from conftest import TINY_CONFIG, random_weights
+from conftest import TINY_CONFIG, random_weights, write_model_folder
 from mlx.utils import tree_flatten
 from mlx_lm.models import llama as mlx_lm_llama
 
@@ -140,3 +140,17 @@ def test_quantized_layers_match_mlx_lm():
     tokens = mx.random.randint(0, TINY_CONFIG["vocab_size"], (1, 16))
     assert isinstance(ours.model.embed_tokens, nn.QuantizedEmbedding)
     assert mx.allclose(ours(tokens), theirs(tokens), atol=1e-4).item()
+
+
+def test_logits_for_some_rows_are_those_of_the_whole_pass(tmp_path):
+    """`rows=` gives the LM head's output at those positions only, the same as the full pass's."""
+    from nesso_mlx import load
+
+    model, _ = load(write_model_folder(tmp_path / "m", seed=3), dtype="float32")
+    tokens = mx.array([[5, 9, 2, 7, 3]], dtype=mx.int32)
+    full = model(tokens)
+    some = model(tokens, rows=[0, 2, 4])
+    assert some.shape == (1, 3, full.shape[-1])
+    assert mx.allclose(some, full[:, mx.array([0, 2, 4])], atol=1e-5).item()
+    with pytest.raises(ValueError, match="not both"):
+        model(tokens, rows=[0], last_only=True)

@@ -1055,9 +1055,9 @@ def test_prompt_lookup_in_the_server_gives_the_replies_without_it(nesso_local, m
     passes = []
     original = speculative.LookupController.verified
 
-    def verified(self, drafted, accepted, seconds, forced=0, after_forced=False):
+    def verified(self, drafted, accepted, seconds, forced=0, after_forced=False, **counts):
         passes.append((drafted, accepted, forced))
-        original(self, drafted, accepted, seconds, forced, after_forced)
+        original(self, drafted, accepted, seconds, forced, after_forced, **counts)
 
     monkeypatch.setattr(speculative.LookupController, "verified", verified)
     model, tokenizer = nesso_local

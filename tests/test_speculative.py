@@ -24,11 +24,11 @@ def always_draft(monkeypatch):
     stats = {"verifies": 0, "drafted": 0, "accepted": 0}
     original = speculative.LookupController.verified
 
-    def verified(self, drafted, accepted, seconds, forced=0, after_forced=False):
+    def verified(self, drafted, accepted, seconds, forced=0, after_forced=False, **counts):
         stats["verifies"] += 1
         stats["drafted"] += drafted
         stats["accepted"] += accepted
-        original(self, drafted, accepted, seconds, forced, after_forced)
+        original(self, drafted, accepted, seconds, forced, after_forced, **counts)
         self.paused = 0
 
     monkeypatch.setattr(speculative.LookupController, "wants_draft", lambda self: True)
@@ -397,9 +397,9 @@ def test_grammar_forced_tokens_are_drafted_and_verified(monkeypatch, variant, sp
     passes = []
     original = speculative.LookupController.verified
 
-    def verified(self, drafted, accepted, seconds, forced=0, after_forced=False):
+    def verified(self, drafted, accepted, seconds, forced=0, after_forced=False, **counts):
         passes.append((drafted, accepted))
-        original(self, drafted, accepted, seconds, forced, after_forced)
+        original(self, drafted, accepted, seconds, forced, after_forced, **counts)
 
     counts = merging(monkeypatch, merge)
     from nesso_mlx.model import Model
@@ -546,13 +546,33 @@ def test_a_pause_ends_when_foreseen_tokens_come_true():
     lookup.next_draft()
     assert controller.acceptance < before and controller.paused
     resumed = None
-    for step, token in enumerate([1, 2, 3] * 6):
+    for step, token in enumerate([1, 2, 3] * 10):
         lookup.index.append(token)
         lookup.next_draft()
         if not controller.paused:
             resumed = step
             break
     assert resumed is not None and resumed < 20, (resumed, controller.acceptance)  # well before 30 steps
+
+    def foreseeing(**state):
+        lookup = speculative.PromptLookup([1, 2, 3, 1, 2], sampling=SamplingOptions(temperature=0.5, seed=1))
+        vars(lookup.controller).update(state)
+        lookup.next_draft()
+        assert lookup._foresight == (5, 3)
+        return lookup
+
+    lookup = foreseeing(kept=100.0, rejected=1.0, paused=30)  # drafting would pay, yet a miss
+    lookup.index.append(7)
+    lookup.next_draft()
+    assert lookup.controller.paused == 28  # ends no pause
+    lookup = foreseeing(kept=100.0, rejected=1.0, paused=16, _missed_pause=True)  # first tokens missed in
+    lookup.index.append(3)  # a row: even a hit ends no such pause (each miss cost a wait)
+    lookup.next_draft()
+    assert lookup.controller.paused == 14
+    lookup = foreseeing(kept=100.0, rejected=1.0, paused=30)
+    lookup.index.append(3)
+    lookup.next_draft()
+    assert lookup.controller.paused == 0  # a hit when drafting pays does
 
 
 @pytest.mark.parametrize("kind", ["tiny", "nesso-text"])
