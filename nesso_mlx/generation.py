@@ -366,14 +366,27 @@ def verify_draft(
         # The open positions in order, with their draft tokens (sole ones are kept for sure).
         kept_open, following = lookup.accept(mx.concatenate(rows), [draft[i] for i in open_rows[:-1]])
         accepted = open_rows[kept_open]  # rejected there (or, all kept, the end)
+    # For the cost line, a position without logits costs its layers only.
+    skipped = len(draft) + 1 - len(open_rows)
+    computed = len(draft) - skipped * _lm_head_share(model)
     seconds = time.perf_counter() - t0
-    lookup.controller.verified(offered, accepted, seconds, forced, after_forced, computed=len(open_rows) - 1)
+    lookup.controller.verified(offered, accepted, seconds, forced, after_forced, computed=computed)
     rollback_cache(cache, start + 1 + accepted)
     kept = draft[:accepted]
     if constraint is not None:
         for token in kept:
             constraint.advance(token)
     return kept, following
+
+
+def _lm_head_share(model: Model) -> float:
+    """The LM head's share of a position's weights (what a position without logits saves)."""
+    args = getattr(model, "args", None)
+    if args is None:
+        return 0.0
+    h, kv = args.hidden_size, (args.num_key_value_heads or args.num_attention_heads) * args.head_dim
+    head = args.vocab_size * h
+    return head / (head + args.num_hidden_layers * (2 * h * h + 2 * h * kv + 3 * h * args.intermediate_size))
 
 
 def _sole_token(mask: mx.array) -> int | None:

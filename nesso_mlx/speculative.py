@@ -306,15 +306,15 @@ class LookupController:
         forced: int = 0,
         after_forced: bool = False,
         *,
-        computed: int | None = None,
+        computed: float | None = None,
     ) -> None:
         """Record a verify pass: `accepted` of `drafted` tokens kept (plus the one after them) in
         `seconds`; the first `forced` drafted tokens came from the grammar, and the rest follow
         forced tokens (counted apart from n-gram drafts) when `forced` or `after_forced` (the
         forced tokens were all before the pass: one confirmed by the plain step). A pass whose
         grammar cut the draft short counts the cut token as rejected (`drafted` includes it).
-        `computed`: the drafted positions given logits (default all), what the pass's cost
-        line counts."""
+        `computed`: what the pass's cost line counts, in drafted positions (default all; a
+        position given no logits counts for its share of the weights without the LM head)."""
         self.verifies += 1
         self.drafted += drafted
         self.accepted += accepted
