@@ -212,9 +212,13 @@ class LookupController:
         own). Waiting leaves the accelerator idle for the host's work on the token (`host_gap`);
         it pays where that is less than the step it saves for each forced run, one token in
         `1 / forced_rate` (on a CPU, where a step is long, it always does). Measured, so only
-        for timed lookup; untimed (seeded sampling) keeps the plain step first."""
-        if not self.timed or self.step_time is None or self.host_gap is None or self.forced_paused:
+        for timed lookup; untimed (seeded sampling) keeps the plain step first. Until both are
+        measured, it merges: a reply's first forced run (a schema's first key, a call's opening)
+        comes before any measurement, and a wrong guess costs a few waits at most."""
+        if not self.timed or self.forced_paused:
             return False
+        if self.step_time is None or self.host_gap is None:
+            return True
         # A run of k >= 2 forced tokens saves 1 + cost(k - 1) - cost(k) steps; a lone one, two
         # plain steps made one pass: 2 - cost(1). The lesser, to be safe.
         saved = min(1.0 - self.cost.per_token, 2.0 - self.cost(1))

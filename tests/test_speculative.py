@@ -517,7 +517,7 @@ def test_controller_sizes_drafts_by_measured_cost_and_acceptance(monkeypatch):
     assert not controller.merges_forced  # untimed (seeded sampling): never decided by the clock
 
     controller = speculative.LookupController()  # timed, first guess: 0.5 step per drafted token
-    assert not controller.merges_forced  # nothing measured yet
+    assert controller.merges_forced  # nothing measured yet: a reply's first forced run merges
     controller.step_time, controller.forced_rate = 0.1, 0.2  # a CPU: 100 ms steps, forced runs after 1 token in 5
     controller.host_time(0.004)  # the host's work on a token: far less than the 10 ms a forced run saves per token
     assert controller.merges_forced
