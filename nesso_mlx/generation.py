@@ -384,9 +384,9 @@ def _lm_head_share(model: Model) -> float:
     args = getattr(model, "args", None)
     if args is None:
         return 0.0
-    h, kv = args.hidden_size, (args.num_key_value_heads or args.num_attention_heads) * args.head_dim
+    h, q, kv = args.hidden_size, args.num_attention_heads * args.head_dim, args.num_key_value_heads * args.head_dim
     head = args.vocab_size * h
-    return head / (head + args.num_hidden_layers * (2 * h * h + 2 * h * kv + 3 * h * args.intermediate_size))
+    return head / (head + args.num_hidden_layers * (2 * h * q + 2 * h * kv + 3 * h * args.intermediate_size))
 
 
 def _sole_token(mask: mx.array) -> int | None:

@@ -97,7 +97,7 @@ class PassCost:
             self._add(k, base + per_token * k, 0.25)
         self.base, self.per_token = self._fit()
 
-    def add(self, k: int, steps: float) -> None:
+    def add(self, k: float, steps: float) -> None:
         """Record a measured pass: `k` drafted tokens in `steps` plain steps."""
         self.sums = [self.DECAY * v for v in self.sums]
         self._add(k, steps, 1.0)

@@ -518,6 +518,9 @@ def test_controller_sizes_drafts_by_measured_cost_and_acceptance(monkeypatch):
 
     controller = speculative.LookupController()  # timed, first guess: 0.5 step per drafted token
     assert controller.merges_forced  # nothing measured yet: a reply's first forced run merges
+    controller.forced_paused = 3
+    assert not controller.merges_forced  # ... unless forced drafts pause
+    controller.forced_paused = 0
     controller.step_time, controller.forced_rate = 0.1, 0.2  # a CPU: 100 ms steps, forced runs after 1 token in 5
     controller.host_time(0.004)  # the host's work on a token: far less than the 10 ms a forced run saves per token
     assert controller.merges_forced
@@ -690,3 +693,35 @@ def test_decode_refuses_lookup_with_logprobs(tmp_path):
     logits = model(mx.array([[1, 2, 3]]), cache)[:, -1, :]
     with pytest.raises(ValueError, match="top_logprobs"):
         next(decode(model, logits, cache, greedy, top_logprobs=1, lookup=speculative.PromptLookup([1, 2, 3])))
+
+
+def test_lm_head_share_of_a_position():
+    """What a position given no logits saves, for the pass cost line: the LM head's share of a
+    position's weights (Nesso-0.4B's shape by hand; an explicit head_dim counts)."""
+    from types import SimpleNamespace
+
+    from nesso_mlx.config import ModelArgs
+    from nesso_mlx.generation import _lm_head_share
+
+    nesso = ModelArgs(
+        hidden_size=960,
+        num_hidden_layers=32,
+        intermediate_size=2560,
+        num_attention_heads=15,
+        num_key_value_heads=5,
+        vocab_size=128258,
+    )
+    layer = 2 * 960 * 960 + 2 * 960 * 320 + 3 * 960 * 2560
+    assert _lm_head_share(SimpleNamespace(args=nesso)) == pytest.approx(128258 * 960 / (128258 * 960 + 32 * layer))
+    wide = ModelArgs(
+        hidden_size=64,
+        num_hidden_layers=1,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=32,
+        vocab_size=100,
+    )
+    layer = 2 * 64 * 128 + 2 * 64 * 32 + 3 * 64 * 64
+    assert _lm_head_share(SimpleNamespace(args=wide)) == pytest.approx(6400 / (6400 + layer))
+    assert _lm_head_share(object()) == 0.0  # a model without arguments: a position counts in full
