@@ -212,21 +212,23 @@ def decode(
     # reuses its key, so each position takes one key, as in the batch decoder.
     keys = getattr(sampler, "key_state", None)
 
-    def plain_step(token: mx.array, extra: list[mx.array], history: mx.array):
+    def plain_step(token: mx.array, extra: list[mx.array], history: mx.array, known: int | None = None, started: float = 0.0):
         """One pipelined step: queue step n+1, hand out token n; returns token n's value and
-        step n+1's token, extras and history."""
+        step n+1's token, extras and history. `known`: token n's value, already waited for and
+        fed to the constraint (since `started`, for the host-time count)."""
         before = history
         saved = dict(keys) if keys is not None else None
         built = time.perf_counter()
         with mx.stream(generation_stream):
             next_logits = model(token[:, None], cache)[:, -1, :]
-            built = time.perf_counter() - built
+            built_at = time.perf_counter()
+            built = built_at - built
             if constraint is None or not constraint.active:
                 next_token, history, next_extra = sample(next_logits, history, None)
         if constraint is None or not constraint.active:
             mx.async_eval(next_token, *next_extra)
-            value = token.item()
-            if constraint is not None and constraint.advance(value):
+            value = token.item() if known is None else known
+            if known is None and constraint is not None and constraint.advance(value):
                 if saved is not None:
                     keys.update(saved)
                 with mx.stream(generation_stream):
@@ -234,11 +236,15 @@ def decode(
                 mx.async_eval(next_token, *next_extra)
         else:
             mx.async_eval(next_logits)
-            value = token.item()
-            started = time.perf_counter()
-            constraint.advance(value)
+            if known is None:
+                value = token.item()
+                started = time.perf_counter()
+                constraint.advance(value)
+                host = time.perf_counter() - started + built
+            else:  # waited for before the step was queued: the host's work then idled the accelerator
+                value, host = known, built_at - started
             if lookup is not None:
-                lookup.controller.host_time(time.perf_counter() - started + built)
+                lookup.controller.host_time(host)
             with mx.stream(generation_stream):
                 mask = constraint.mask() if constraint.active else None
                 next_token, history, next_extra = sample(next_logits, history, mask)
@@ -266,16 +272,7 @@ def decode(
                     lookup.index.append(value)
                 token = mx.array([following], dtype=mx.int32)
                 continue
-            with mx.stream(generation_stream):
-                next_logits = model(token[:, None], cache)[:, -1, :]
-            lookup.controller.host_time(time.perf_counter() - started)
-            mx.async_eval(next_logits)
-            with mx.stream(generation_stream):
-                mask = constraint.mask() if constraint.active else None
-                next_token, history, next_extra = sample(next_logits, history, mask)
-            mx.async_eval(next_token, *next_extra)
-            yield value
-            token, extra = next_token, next_extra
+            value, token, extra, history = yield from plain_step(token, extra, history, value, started)
             draft, n_forced = lookup.next_draft(constraint, forced=False)
         else:
             value, token, extra, history = yield from plain_step(token, extra, history)
