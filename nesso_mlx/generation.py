@@ -344,8 +344,11 @@ def verify_draft(
         sole.append(token)
     if not masks:
         sole = [None] * len(draft)
-    if not draft and not advanced:  # the grammar took none of it: a miss, so such drafts pause
-        lookup.controller.missed(forced=forced > 0 or after_forced)
+    # The grammar took none of it: a miss, so such drafts pause (counted once: the pass then
+    # records nothing more). Follow-ups of a confirmed forced token count as rejected follow-ups.
+    missed = not draft and not advanced and not (after_forced and not forced)
+    if missed:
+        lookup.controller.missed(forced=forced > 0)
     open_rows = [i for i, token in enumerate(sole) if token is None] + [len(draft)]
     start = cache[0].offset
     with mx.stream(generation_stream):
@@ -367,7 +370,7 @@ def verify_draft(
     skipped = len(draft) + 1 - len(open_rows)
     computed = len(draft) - skipped * _lm_head_share(model)
     seconds = time.perf_counter() - t0
-    lookup.controller.verified(offered, accepted, seconds, forced, after_forced, computed=computed)
+    lookup.controller.verified(0 if missed else offered, accepted, seconds, forced, after_forced, computed=computed)
     rollback_cache(cache, start + 1 + accepted)
     kept = draft[:accepted]
     if constraint is not None:

@@ -684,6 +684,37 @@ def test_a_draft_the_grammar_takes_none_of_counts_as_a_miss():
     assert lookup.controller.misses == 1
 
 
+def test_a_draft_the_mask_cuts_at_once_counts_once():
+    """A drafted spelling the grammar's mask does not allow (it allows the usual token only) ends
+    the draft before the pass: one miss, counted once, and the streak of misses goes on; after a
+    confirmed forced token it counts against the follow-ups, not against forced drafts."""
+    from nesso_mlx.constrained import _byte_tokens, build_processor
+    from nesso_mlx.generation import prefill, verify_draft
+
+    model, tokenizer = load(nesso_folder("text"), dtype="float32")
+    schema = {"type": "object", "properties": {"nome": {"type": "string"}}, "required": ["nome"]}
+    response_format = {"type": "json_schema", "json_schema": {"schema": schema}}
+    for after_forced in (False, True):
+        grammar = build_processor(tokenizer, model.args.vocab_size, None, "auto", response_format)
+        first = grammar.forced()[0]  # '{"' : then the key, forced, whose usual token is the only one allowed
+        cache = model.make_cache()
+        prompt = tokenizer.encode("Nome?", add_special_tokens=False)
+        prefill(model, mx.array(prompt), cache)
+        lookup = speculative.PromptLookup(prompt)
+        controller = lookup.controller
+        controller.misses = 2
+        forced_before, follow_before = controller.forced_acceptance, controller.follow_rejected
+        spelled = _byte_tokens(tokenizer, b"nome")  # the key byte by byte: try_consume takes it, the mask does not
+        kept, following = verify_draft(model, cache, first, spelled, lookup, (), None, grammar, 0, after_forced=after_forced)
+        assert kept == [] and tokenizer.decode([following]) == "nome"  # the one allowed token
+        assert cache[0].offset == len(prompt) + 1
+        if after_forced:
+            assert controller.misses == 2 and controller.follow_rejected > follow_before
+            assert controller.forced_acceptance == forced_before
+        else:
+            assert controller.misses == 3  # one more miss, and the streak is not reset
+
+
 def test_decode_refuses_lookup_with_logprobs(tmp_path):
     from nesso_mlx.generation import decode
     from nesso_mlx.sampling import greedy
