@@ -25,7 +25,7 @@ and stops drafting for a while when verifying does not pay.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import mlx.core as mx
 
@@ -35,11 +35,20 @@ from .sampling import SamplingOptions, filter_logprobs
 class NgramIndex:
     """Where the latest n-gram of a token sequence occurred before, and what followed it."""
 
-    def __init__(self, tokens: Sequence[int], max_ngram: int = 3, min_ngram: int = 2) -> None:
+    RARE = 2  # a word used at most this often in the context is a value worth copying on from
+
+    def __init__(
+        self, tokens: Sequence[int], max_ngram: int = 3, min_ngram: int = 2, spaced: Mapping[int, int] | None = None
+    ) -> None:
         """`min_ngram`: the shortest match a draft follows by default; unigrams are indexed too,
-        for drafts that continue grammar-forced tokens (`draft(..., shortest=1)`)."""
+        for drafts that continue grammar-forced tokens (`draft(..., shortest=1)`). `spaced`
+        (`Tokenizer.spaced_ids`): a word's first token without a space -> with one; a token
+        written without the space (a value after a quote) then continues what followed the
+        spaced token in the context, when that word is rare there."""
         self.tokens: list[int] = []
         self.min_ngram = min_ngram
+        self.spaced = spaced or {}
+        self.count: dict[int, int] = {}
         self.sizes = range(max_ngram, 0, -1)  # longest first
         self.last: dict[int, dict[tuple[int, ...], int]] = {n: {} for n in self.sizes}
         self.match: dict[int, int | None] = dict.fromkeys(self.sizes)
@@ -48,6 +57,7 @@ class NgramIndex:
 
     def append(self, token: int) -> None:
         self.tokens.append(token)
+        self.count[token] = self.count.get(token, 0) + 1
         end = len(self.tokens) - 1
         for n in self.sizes:
             if end + 1 >= n:
@@ -71,13 +81,22 @@ class NgramIndex:
             else:
                 continue
             if at is not None:
-                # Past the end, a match close behind (a repetition) continues with its period.
-                period = total - 1 - at
-                draft = (tokens[at + 1 : at + 1 + k] + after)[:k]
-                while len(draft) < k:
-                    draft.append(draft[len(draft) - period])
-                return draft
+                return self._continue(at, k, after)
+        if not after and tokens and (word := self.spaced.get(tokens[-1])) is not None:
+            # `"Ag` where the context has ` Ag`: a value copied without its leading space.
+            if self.count.get(word, 0) <= self.RARE and (at := self.last[1].get((word,))) is not None:
+                return self._continue(at, k, after)
         return []
+
+    def _continue(self, at: int, k: int, after: list[int]) -> list[int]:
+        """Up to `k` tokens after position `at` (then `after`); past the end, a match close
+        behind (a repetition) continues with its period."""
+        tokens = self.tokens
+        period = len(tokens) + len(after) - 1 - at
+        draft = (tokens[at + 1 : at + 1 + k] + after)[:k]
+        while len(draft) < k:
+            draft.append(draft[len(draft) - period])
+        return draft
 
 
 class PassCost:
@@ -352,11 +371,13 @@ class PromptLookup:
         max_draft: int = 10,
         max_tokens: int | None = None,
         stop_ids: Sequence[int] = (),
+        spaced: Mapping[int, int] | None = None,
     ) -> None:
         """`tokens`: the context to draft from (the prompt, with any earlier turns); `sampling`:
-        the options the sampler uses (for the acceptance rule)."""
+        the options the sampler uses (for the acceptance rule); `spaced`: the tokenizer's
+        `spaced_ids` (see `NgramIndex`)."""
         s = sampling or SamplingOptions()
-        self.index = NgramIndex(tokens)
+        self.index = NgramIndex(tokens, spaced=spaced)
         self.prompt_length = len(tokens)
         self._foresight: tuple[int, int] | None = None  # (index length, token) foreseen while paused
         self.max_tokens, self.stop_ids = max_tokens, set(stop_ids)

@@ -48,6 +48,39 @@ def test_ngram_index_drafts_what_followed_the_latest_earlier_match():
     assert index.draft(4) == [5, 8, 5, 8]  # a repetition continues with its period
 
 
+def test_a_value_copied_without_its_space_continues_from_the_spaced_word():
+    """`"Ag` (a JSON value) where the context has ` Ag ost ini`: drafted on from ` Ag`, when rare."""
+    spaced = {20: 10}  # 20: "Ag", 10: " Ag"
+    context = [1, 2, 10, 11, 12, 3, 4]  # "the hall ... Ag ost ini ..."
+    assert NgramIndex([*context, 5, 20]).draft(3) == []  # no n-gram, and no map: nothing
+    assert NgramIndex([*context, 5, 20], spaced=spaced).draft(3) == [11, 12, 3]
+    assert NgramIndex([*context, 5, 20], spaced=spaced).draft(2, after=[7]) == []  # not past forced tokens
+    common = [*context, 10, 8, 10, 9]  # " Ag" three times: a common word, not a value
+    assert NgramIndex([*common, 5, 20], spaced=spaced).draft(3) == []
+    index = NgramIndex([1, 10, 11, 12, 1, 10, 11, 5], spaced=spaced)
+    index.append(1)
+    index.append(10)
+    assert index.draft(2) == [11, 5]  # a real n-gram match still comes first ("1 10" came before)
+
+
+@pytest.mark.parametrize("vocabulary", ["smollm2", "nesso"])
+def test_spaced_ids_match_json_values_to_the_prompt(vocabulary, smollm2_path):
+    """On both vocabularies a name written after a quote is another token than in the prose,
+    and `spaced_ids` leads the lookup from one to the other."""
+    from nesso_mlx.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_folder(smollm2_path if vocabulary == "smollm2" else nesso_folder("text"))
+    prompt = tokenizer.encode("The council met in the Agostini hall on Monday.", add_special_tokens=False)
+    reply = tokenizer.encode('{"place": "Agostini', add_special_tokens=False)
+    first = next(i for i, t in enumerate(reply) if tokenizer.decode(reply[i:]) == "Agostini")
+    assert reply[first] not in prompt  # the premise: the value's first token is not the prose's
+    at = prompt.index(tokenizer.spaced_ids[reply[first]])
+    assert tokenizer.decode(prompt[at:]).startswith(" Agostini hall")
+    index = NgramIndex([*prompt, *reply[: first + 1]], spaced=tokenizer.spaced_ids)
+    assert index.draft(2) == prompt[at + 1 : at + 3]
+    assert NgramIndex([*prompt, *reply[: first + 1]]).draft(2) == []
+
+
 def test_ngram_index_drafts_after_tokens_still_to_come():
     """`after` (grammar-forced tokens) ends the n-gram looked up; the index itself does not move."""
     index = NgramIndex([1, 2, 3, 4, 5, 1, 2])
