@@ -9,7 +9,10 @@ Workloads (each repeated, nesso-mlx and mlx-lm alternating so machine drift affe
 - `tool`: a forced tool call; nesso-mlx with tool_choice "required", mlx-lm free;
 - `turn2`: the second turn of a conversation whose first turn is cached (time to first token).
 
-Decode speed of the request workloads counts the tokens each engine generated; with
+Decode speed of the request workloads counts the tokens each engine generated. mlx-lm decodes
+as many tokens as nesso-mlx did in the same repetition (its EOS ignored): in `extract` and `tool`
+it writes freely, and may stop at once where the grammar carries our reply on; a token's decode
+cost does not depend on its text, so the same count compares the same positions. With
 `--prompt-lookup` (the default) nesso-mlx uses prompt-lookup decoding there: n-gram drafts, and
 under a grammar the tokens it forces (see `speculative.py`).
 """
@@ -182,7 +185,9 @@ class MlxLmEngine:
         self.ours = ours
         self.eos = set(ours.tokenizer.eos_token_ids)
 
-    def run(self, workload: str, prompt_tokens: int, gen_tokens: int) -> Run:
+    def run(self, workload: str, prompt_tokens: int, gen_tokens: int, exact: bool = False) -> Run:
+        """One repetition of `workload`; `exact`: decode `gen_tokens` tokens, EOS or not (the
+        request workloads, to match nesso-mlx's count)."""
         from mlx_lm.generate import generate_step
         from mlx_lm.models.cache import make_prompt_cache
 
@@ -220,7 +225,7 @@ class MlxLmEngine:
             return Run(self.name, workload, len(turn2), n, ttft, len(new) / ttft, _tps(n, span), _peak())
         ids = self.ours.prompt_ids(workload)
         steps = generate_step(mx.array(ids), self.model, max_tokens=gen_tokens, sampler=greedy)
-        n, ttft, span = _timed(self._until_eos(steps))
+        n, ttft, span = _timed((token for token, _ in steps) if exact else self._until_eos(steps))
         return Run(self.name, workload, len(ids), n, ttft, len(ids) / ttft, _tps(n, span), _peak())
 
     def _until_eos(self, steps):
@@ -260,7 +265,11 @@ def run_bench(
         for _ in range(repetitions):
             for engine in engines:
                 mx.clear_cache()
-                runs.setdefault((engine.name, workload), []).append(engine.run(workload, prompt_tokens, gen_tokens))
+                if engine is ours or workload in ("pp", "tg", "turn2"):
+                    run = engine.run(workload, prompt_tokens, gen_tokens)
+                else:  # as many tokens as ours just generated (see the module's docstring)
+                    run = engine.run(workload, prompt_tokens, runs[(ours.name, workload)][-1].generated, exact=True)
+                runs.setdefault((engine.name, workload), []).append(run)
                 done += 1
                 if progress:
                     progress(done, total)

@@ -19,7 +19,18 @@ def nesso_path():
     return str(nesso_folder("added"))
 
 
-def test_every_workload_against_mlx_lm(nesso_path):
+def test_every_workload_against_mlx_lm(nesso_path, monkeypatch):
+    import nesso_mlx.bench as bench
+
+    # Every token ends mlx-lm's free text: in the request workloads it must decode as many
+    # tokens as nesso-mlx did all the same (a reply the grammar carries on has no free peer).
+    original = bench.MlxLmEngine.__init__
+
+    def every_token_ends(self, *args):
+        original(self, *args)
+        self.eos = set(range(self.ours.tokenizer.vocab_size))
+
+    monkeypatch.setattr(bench.MlxLmEngine, "__init__", every_token_ends)
     done = []
     rows = run_bench(nesso_path, list(WORKLOADS), 24, 6, repetitions=2, vs_mlx_lm=True, progress=lambda d, t: done.append((d, t)))
     assert done[-1] == (24, 24)  # 6 workloads x 2 repetitions x 2 engines
@@ -34,7 +45,10 @@ def test_every_workload_against_mlx_lm(nesso_path):
         assert by_key[engine, "tg"].generated == 6 and by_key[engine, "tg"].decode_tps > 0  # EOS never stops tg
     # the same prompt tokens for both engines in the request workloads
     for workload in ("chat", "extract", "tool"):
-        assert by_key["nesso-mlx", workload].prompt_tokens == by_key["mlx-lm", workload].prompt_tokens
+        ours, theirs = by_key["nesso-mlx", workload], by_key["mlx-lm", workload]
+        assert ours.prompt_tokens == theirs.prompt_tokens
+        assert [r.generated for r in theirs.runs] == [r.generated for r in ours.runs] and theirs.generated > 1
+    assert by_key["mlx-lm", "turn2"].generated == 1  # free text still ends at EOS there
     # turn 2 reuses the cache: it reports the whole conversation, but prefills less than it
     turn2 = by_key["nesso-mlx", "turn2"]
     assert turn2.prompt_tokens > by_key["nesso-mlx", "chat"].prompt_tokens
