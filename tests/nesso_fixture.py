@@ -136,17 +136,7 @@ def build(dest: Path, variant: str) -> None:
         mx.save_safetensors(str(tmp / "model.safetensors"), {k: v.astype(mx.bfloat16) for k, v in weights.items()})
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         (tmp / "tokenizer.json").write_text(tokenizer_json)
-        tokenizer_config = {
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "bos_token": "<|begin_of_text|>",
-            "eos_token": "<|im_end|>",
-            "pad_token": "<|im_end|>",
-            "add_bos_token": False,
-            "clean_up_tokenization_spaces": False,
-            "model_max_length": 4096,
-            "chat_template": NESSO_TEMPLATE,
-        }
-        (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+        (tmp / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(), indent=2))
         (tmp / ".format").write_text(FORMAT_VERSION)
         tmp.chmod(0o755)
         if dest.exists():
@@ -154,6 +144,19 @@ def build(dest: Path, variant: str) -> None:
         os.replace(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _tokenizer_config() -> dict:
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<|begin_of_text|>",
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|im_end|>",
+        "add_bos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 4096,
+        "chat_template": NESSO_TEMPLATE,
+    }
 
 
 def nesso_folder(variant: str) -> Path:
@@ -167,6 +170,81 @@ def nesso_folder(variant: str) -> Path:
     return dest
 
 
+TRAINED_NAME = "nesso-vocab-smollm2"
+TRAINED_VERSION = "1"
+
+
+def _smollm2_pieces(small, big) -> list[list[int]]:
+    """For each token of `big` (Nesso's tokenizer), the SmolLM2 tokens that spell its text.
+
+    Both are byte-level BPE over GPT-2's byte alphabet, so a Llama-3.2 piece (partial UTF-8
+    included) is re-split by SmolLM2's BPE model as it is; added tokens are encoded as text, the
+    ChatML pair landing on SmolLM2's own. Bytes SmolLM2 never learned (none UTF-8 text has) are
+    its `<|endoftext|>`."""
+    vocab = small.get_vocab(with_added_tokens=True)
+    added = {i: t.content for i, t in big.get_added_tokens_decoder().items()}
+    pieces = []
+    for i in range(big.get_vocab_size(with_added_tokens=True)):
+        text = added.get(i)
+        if text is not None:
+            ids = [vocab[text]] if text in vocab else small.encode(text, add_special_tokens=False).ids
+        else:
+            piece = big.id_to_token(i)
+            ids = [vocab[piece]] if piece in vocab else [vocab[t.value] for t in small.model.tokenize(piece)]
+        pieces.append(ids or [0])  # bytes no UTF-8 text has (0xC0, 0xF5...): SmolLM2's `<|endoftext|>`
+    return pieces
+
+
+def build_trained(dest: Path) -> None:
+    import mlx.core as mx
+    import numpy as np
+    from smollm2_fixture import smollm2_path
+    from tokenizers import Tokenizer
+
+    source = smollm2_path()
+    small = Tokenizer.from_file(str(source / "tokenizer.json"))
+    tokenizer_json = nesso_tokenizer_json("added")
+    pieces = _smollm2_pieces(small, Tokenizer.from_str(tokenizer_json))
+    weights = mx.load(str(source / "model.safetensors"))
+    table = np.array(weights["model.embed_tokens.weight"].astype(mx.float32))
+    embedding = np.stack([table[ids].mean(axis=0) for ids in pieces])
+    weights["model.embed_tokens.weight"] = mx.array(embedding).astype(mx.bfloat16)
+    config = json.loads((source / "config.json").read_text())
+    config.update(vocab_size=len(pieces), bos_token_id=128000, eos_token_id=IM_END, pad_token_id=IM_END)
+    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=dest.parent))
+    try:
+        mx.save_safetensors(str(tmp / "model.safetensors"), weights)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        (tmp / "tokenizer.json").write_text(tokenizer_json)
+        (tmp / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(), indent=2))
+        (tmp / ".format").write_text(TRAINED_VERSION)
+        tmp.chmod(0o755)
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def nesso_trained_folder() -> Path:
+    """SmolLM2-135M-Instruct's trained layers under Nesso's vocabulary ("added" variant; built on
+    first use): each token's embedding (tied, as Nesso's) is the mean of SmolLM2's embeddings of
+    the tokens that spell it, the usual start of a vocabulary transplant.
+
+    For speed: the random fixtures write noise, which prompt lookup has nothing to copy from, and
+    their LM head is nearly all of a step; this one writes English (weaker than SmolLM2: numbers
+    split otherwise, values are often invented) with the LM head at ~40% of a step (Nesso-0.4B:
+    28%). Not a Nesso model: its quality is no measure of anything."""
+    root = cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    dest = root / TRAINED_NAME
+    marker = dest / ".format"
+    if not (marker.exists() and marker.read_text() == TRAINED_VERSION):
+        build_trained(dest)
+    return dest
+
+
 if __name__ == "__main__":
     for v in VARIANTS:
         print(nesso_folder(v))
+    print(nesso_trained_folder())
