@@ -25,7 +25,7 @@ and stops drafting for a while when verifying does not pay.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Sequence
 
 import mlx.core as mx
 
@@ -38,16 +38,20 @@ class NgramIndex:
     RARE = 2  # a word used at most this often in the context is a value worth copying on from
 
     def __init__(
-        self, tokens: Sequence[int], max_ngram: int = 3, min_ngram: int = 2, spaced: Mapping[int, int] | None = None
+        self,
+        tokens: Sequence[int],
+        max_ngram: int = 3,
+        min_ngram: int = 2,
+        spaced: Callable[[int], int | None] | None = None,
     ) -> None:
         """`min_ngram`: the shortest match a draft follows by default; unigrams are indexed too,
         for drafts that continue grammar-forced tokens (`draft(..., shortest=1)`). `spaced`
-        (`Tokenizer.spaced_ids`): a word's first token without a space -> with one; a token
+        (`Tokenizer.spaced_id`): a word's first token without a space -> with one; a token
         written without the space (a value after a quote) then continues what followed the
         spaced token in the context, when that word is rare there."""
         self.tokens: list[int] = []
         self.min_ngram = min_ngram
-        self.spaced = spaced or {}
+        self.spaced = spaced
         self.count: dict[int, int] = {}
         self.sizes = range(max_ngram, 0, -1)  # longest first
         self.last: dict[int, dict[tuple[int, ...], int]] = {n: {} for n in self.sizes}
@@ -82,7 +86,7 @@ class NgramIndex:
                 continue
             if at is not None:
                 return self._continue(at, k, after)
-        if not after and tokens and (word := self.spaced.get(tokens[-1])) is not None:
+        if not after and tokens and self.spaced is not None and (word := self.spaced(tokens[-1])) is not None:
             # `"Ag` where the context has ` Ag`: a value copied without its leading space.
             if self.count.get(word, 0) <= self.RARE and (at := self.last[1].get((word,))) is not None:
                 return self._continue(at, k, after)
@@ -371,11 +375,11 @@ class PromptLookup:
         max_draft: int = 10,
         max_tokens: int | None = None,
         stop_ids: Sequence[int] = (),
-        spaced: Mapping[int, int] | None = None,
+        spaced: Callable[[int], int | None] | None = None,
     ) -> None:
         """`tokens`: the context to draft from (the prompt, with any earlier turns); `sampling`:
         the options the sampler uses (for the acceptance rule); `spaced`: the tokenizer's
-        `spaced_ids` (see `NgramIndex`)."""
+        `spaced_id` (see `NgramIndex`)."""
         s = sampling or SamplingOptions()
         self.index = NgramIndex(tokens, spaced=spaced)
         self.prompt_length = len(tokens)

@@ -175,7 +175,7 @@ class Tokenizer:
                 self.eos_token_ids.append(eos_id)
         self._byte_level = _is_byte_level(tokenizer)
         self._bytes_cache: dict[int, bytes] = {}
-        self._spaced_ids: dict[int, int] | None = None
+        self._spaced_ids: dict[int, int | None] = {}
 
     @classmethod
     def from_folder(cls, path: str | Path, eos_token_ids: list[int] | None = None) -> Tokenizer:
@@ -242,24 +242,19 @@ class Tokenizer:
                     self._plain_tokenizer = plain
         return self._plain_tokenizer
 
-    @property
-    def spaced_ids(self) -> dict[int, int]:
-        """For each token that starts a word without a space (`Ag`), the id of the same text with
-        the space before it (` Ag`), where the vocabulary has one (built once, on first use).
+    def spaced_id(self, token_id: int) -> int | None:
+        """For a token that starts a word without a space (`Ag`), the id of the same text with the
+        space before it (` Ag`), where the vocabulary has one; else None (memoized).
 
         A value copied into JSON starts after a quote, without the space it had in the prompt, so
-        its first token differs from the prompt's; prompt lookup matches it through this map."""
-        if self._spaced_ids is None:
-            with self._lock:
-                if self._spaced_ids is None:
-                    vocab = self._tokenizer.get_vocab(with_added_tokens=False)
-                    space = "Ġ" if self._byte_level else "▁"
-                    self._spaced_ids = {
-                        i: spaced
-                        for piece, i in vocab.items()
-                        if not piece.startswith(space) and (spaced := vocab.get(space + piece)) is not None
-                    }
-        return self._spaced_ids
+        its first token differs from the prompt's; prompt lookup matches it through this."""
+        if token_id in self._spaced_ids:
+            return self._spaced_ids[token_id]
+        space = "Ġ" if self._byte_level else "▁"
+        piece = None if token_id in self._added_text else self._tokenizer.id_to_token(token_id)
+        spaced = self._tokenizer.token_to_id(space + piece) if piece and not piece.startswith(space) else None
+        self._spaced_ids[token_id] = spaced
+        return spaced
 
     def _is_risky(self, text: str) -> bool:
         """Whether `text` contains a control token's text or could join the template's into one."""

@@ -50,7 +50,7 @@ def test_ngram_index_drafts_what_followed_the_latest_earlier_match():
 
 def test_a_value_copied_without_its_space_continues_from_the_spaced_word():
     """`"Ag` (a JSON value) where the context has ` Ag ost ini`: drafted on from ` Ag`, when rare."""
-    spaced = {20: 10}  # 20: "Ag", 10: " Ag"
+    spaced = {20: 10}.get  # 20: "Ag", 10: " Ag"
     context = [1, 2, 10, 11, 12, 3, 4]  # "the hall ... Ag ost ini ..."
     assert NgramIndex([*context, 5, 20]).draft(3) == []  # no n-gram, and no map: nothing
     assert NgramIndex([*context, 5, 20], spaced=spaced).draft(3) == [11, 12, 3]
@@ -64,9 +64,9 @@ def test_a_value_copied_without_its_space_continues_from_the_spaced_word():
 
 
 @pytest.mark.parametrize("vocabulary", ["smollm2", "nesso"])
-def test_spaced_ids_match_json_values_to_the_prompt(vocabulary, smollm2_path):
+def test_spaced_id_matches_json_values_to_the_prompt(vocabulary, smollm2_path):
     """On both vocabularies a name written after a quote is another token than in the prose,
-    and `spaced_ids` leads the lookup from one to the other."""
+    and `spaced_id` leads the lookup from one to the other."""
     from nesso_mlx.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_folder(smollm2_path if vocabulary == "smollm2" else nesso_folder("text"))
@@ -74,9 +74,11 @@ def test_spaced_ids_match_json_values_to_the_prompt(vocabulary, smollm2_path):
     reply = tokenizer.encode('{"place": "Agostini', add_special_tokens=False)
     first = next(i for i, t in enumerate(reply) if tokenizer.decode(reply[i:]) == "Agostini")
     assert reply[first] not in prompt  # the premise: the value's first token is not the prose's
-    at = prompt.index(tokenizer.spaced_ids[reply[first]])
+    at = prompt.index(tokenizer.spaced_id(reply[first]))
     assert tokenizer.decode(prompt[at:]).startswith(" Agostini hall")
-    index = NgramIndex([*prompt, *reply[: first + 1]], spaced=tokenizer.spaced_ids)
+    assert tokenizer.spaced_id(prompt[at]) is None  # already spaced
+    assert tokenizer.spaced_id(tokenizer.eos_token_ids[0]) is None  # a control token has no word
+    index = NgramIndex([*prompt, *reply[: first + 1]], spaced=tokenizer.spaced_id)
     assert index.draft(2) == prompt[at + 1 : at + 3]
     assert NgramIndex([*prompt, *reply[: first + 1]]).draft(2) == []
 
