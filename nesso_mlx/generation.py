@@ -648,7 +648,7 @@ def stream_generate(
         # Not with the caller's own logits processors: they may keep state from call to call,
         # which a verify pass (several positions at once, some rolled back) would corrupt.
         if prompt_lookup and top_logprobs is None and not logits_processors:
-            lookup = PromptLookup(context, sampling, max_tokens=plan.max_tokens, stop_ids=reply.eos, spaced=tokenizer.spaced_id)
+            lookup = PromptLookup(context, sampling, max_tokens=plan.max_tokens, stop_ids=reply.eos, words=tokenizer)
         tokens = decode(model, logits, cache, plan.sampler, processors, history, plan.constraint, top_logprobs, lookup)
         for token in tokens:
             if top_logprobs is not None:

@@ -291,7 +291,7 @@ def _prompt_lookup(rt: Runtime, ids: list[int], sampling: Any, top_logprobs: int
         return None
     from .speculative import PromptLookup
 
-    return PromptLookup(ids, sampling, max_tokens=plan.max_tokens, stop_ids=plan.reply.eos, spaced=rt.tokenizer.spaced_id)
+    return PromptLookup(ids, sampling, max_tokens=plan.max_tokens, stop_ids=plan.reply.eos, words=rt.tokenizer)
 
 
 def chat_job(rt: Runtime, request: ChatRequest, stream: bool) -> Iterator[Event | None]:

@@ -25,34 +25,35 @@ and stops drafting for a while when verifying does not pay.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 import mlx.core as mx
 
 from .sampling import SamplingOptions, filter_logprobs
 
 
+class WordPieces(Protocol):
+    """What the n-gram index asks a tokenizer about words (`Tokenizer` has both)."""
+
+    def spaced_id(self, token_id: int) -> int | None: ...
+
+    def inside_word(self, token_id: int) -> bool: ...
+
+
 class NgramIndex:
     """Where the latest n-gram of a token sequence occurred before, and what followed it."""
 
-    RARE = 2  # a word used at most this often in the context is a value worth copying on from
+    MAX_SPACED_COUNT = 2  # a word used at most this often in the context is a value worth copying on from
 
-    def __init__(
-        self,
-        tokens: Sequence[int],
-        max_ngram: int = 3,
-        min_ngram: int = 2,
-        spaced: Callable[[int], int | None] | None = None,
-    ) -> None:
+    def __init__(self, tokens: Sequence[int], max_ngram: int = 3, min_ngram: int = 2, words: WordPieces | None = None) -> None:
         """`min_ngram`: the shortest match a draft follows by default; unigrams are indexed too,
-        for drafts that continue grammar-forced tokens (`draft(..., shortest=1)`). `spaced`
-        (`Tokenizer.spaced_id`): a word's first token without a space -> with one; a token
-        written without the space (a value after a quote) then continues what followed the
-        spaced token in the context, when that word is rare there."""
+        for drafts that continue grammar-forced tokens (`draft(..., shortest=1)`). `words`: the
+        tokenizer, for words written without the space they had in the context (see `draft`)."""
         self.tokens: list[int] = []
         self.min_ngram = min_ngram
-        self.spaced = spaced
-        self.count: dict[int, int] = {}
+        self.words = words
+        self.counts: dict[int, int] = {}
         self.sizes = range(max_ngram, 0, -1)  # longest first
         self.last: dict[int, dict[tuple[int, ...], int]] = {n: {} for n in self.sizes}
         self.match: dict[int, int | None] = dict.fromkeys(self.sizes)
@@ -61,7 +62,7 @@ class NgramIndex:
 
     def append(self, token: int) -> None:
         self.tokens.append(token)
-        self.count[token] = self.count.get(token, 0) + 1
+        self.counts[token] = self.counts.get(token, 0) + 1
         end = len(self.tokens) - 1
         for n in self.sizes:
             if end + 1 >= n:
@@ -72,7 +73,11 @@ class NgramIndex:
     def draft(self, k: int, after: Sequence[int] = (), shortest: int | None = None) -> list[int]:
         """Up to `k` tokens that followed the latest earlier occurrence of the current n-gram
         (at least `shortest` tokens long, default `min_ngram`); with `after`, of the n-gram the
-        tokens will end with once `after` follows them (the index itself is not changed)."""
+        tokens will end with once `after` follows them (the index itself is not changed).
+
+        With no such n-gram, a last token that starts a word without a space (`Ag` after a JSON
+        quote), whose spaced twin (` Ag`) is a rare word in the context (`MAX_SPACED_COUNT`) and
+        went on there (` Ag ost ini`), continues as it did there: a value copied from the prose."""
         tokens, after = self.tokens, list(after)
         total = len(tokens) + len(after)
         for n in self.sizes:
@@ -86,9 +91,14 @@ class NgramIndex:
                 continue
             if at is not None:
                 return self._continue(at, k, after)
-        if not after and tokens and self.spaced is not None and (word := self.spaced(tokens[-1])) is not None:
-            # `"Ag` where the context has ` Ag`: a value copied without its leading space.
-            if self.count.get(word, 0) <= self.RARE and (at := self.last[1].get((word,))) is not None:
+        if not after and tokens and self.words is not None and (word := self.words.spaced_id(tokens[-1])) is not None:
+            at = self.last[1].get((word,))
+            if (
+                at is not None
+                and at < len(tokens) - 1
+                and self.counts[word] <= self.MAX_SPACED_COUNT
+                and self.words.inside_word(tokens[at + 1])
+            ):
                 return self._continue(at, k, after)
         return []
 
@@ -375,13 +385,13 @@ class PromptLookup:
         max_draft: int = 10,
         max_tokens: int | None = None,
         stop_ids: Sequence[int] = (),
-        spaced: Callable[[int], int | None] | None = None,
+        words: WordPieces | None = None,
     ) -> None:
         """`tokens`: the context to draft from (the prompt, with any earlier turns); `sampling`:
-        the options the sampler uses (for the acceptance rule); `spaced`: the tokenizer's
-        `spaced_id` (see `NgramIndex`)."""
+        the options the sampler uses (for the acceptance rule); `words`: the tokenizer (see
+        `NgramIndex.draft`)."""
         s = sampling or SamplingOptions()
-        self.index = NgramIndex(tokens, spaced=spaced)
+        self.index = NgramIndex(tokens, words=words)
         self.prompt_length = len(tokens)
         self._foresight: tuple[int, int] | None = None  # (index length, token) foreseen while paused
         self.max_tokens, self.stop_ids = max_tokens, set(stop_ids)

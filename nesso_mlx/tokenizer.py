@@ -175,7 +175,7 @@ class Tokenizer:
                 self.eos_token_ids.append(eos_id)
         self._byte_level = _is_byte_level(tokenizer)
         self._bytes_cache: dict[int, bytes] = {}
-        self._spaced_ids: dict[int, int | None] = {}
+        self._word_pieces: dict[int, tuple[int | None, bool]] = {}
 
     @classmethod
     def from_folder(cls, path: str | Path, eos_token_ids: list[int] | None = None) -> Tokenizer:
@@ -243,18 +243,28 @@ class Tokenizer:
         return self._plain_tokenizer
 
     def spaced_id(self, token_id: int) -> int | None:
-        """For a token that starts a word without a space (`Ag`), the id of the same text with the
-        space before it (` Ag`), where the vocabulary has one; else None (memoized).
+        """For a token that starts a word without a space (`Ag`, `date`), the id of the same text
+        with the space before it (` Ag`), where the vocabulary has one; else None.
 
         A value copied into JSON starts after a quote, without the space it had in the prompt, so
         its first token differs from the prompt's; prompt lookup matches it through this."""
-        if token_id in self._spaced_ids:
-            return self._spaced_ids[token_id]
-        space = "Ġ" if self._byte_level else "▁"
-        piece = None if token_id in self._added_text else self._tokenizer.id_to_token(token_id)
-        spaced = self._tokenizer.token_to_id(space + piece) if piece and not piece.startswith(space) else None
-        self._spaced_ids[token_id] = spaced
-        return spaced
+        return self._word_piece(token_id)[0]
+
+    def inside_word(self, token_id: int) -> bool:
+        """Whether a token goes on with the word before it (`ost` after ` Ag`): no space before it,
+        a letter or digit first."""
+        return self._word_piece(token_id)[1]
+
+    def _word_piece(self, token_id: int) -> tuple[int | None, bool]:
+        """(spaced twin, inside a word) of a token, memoized (a draft asks about a token or two)."""
+        known = self._word_pieces.get(token_id)
+        if known is None:
+            space = "Ġ" if self._byte_level else "▁"
+            piece = None if token_id in self._added_text else self._tokenizer.id_to_token(token_id)
+            inside = bool(piece) and not piece.startswith(space) and piece[0].isalnum()
+            known = (self._tokenizer.token_to_id(space + piece) if inside else None), inside
+            self._word_pieces[token_id] = known
+        return known
 
     def _is_risky(self, text: str) -> bool:
         """Whether `text` contains a control token's text or could join the template's into one."""

@@ -130,14 +130,21 @@ def build(dest: Path, variant: str) -> None:
         "eos_token_id": IM_END,
         "pad_token_id": IM_END,
     }
+    weights = random_weights(config, seed=7, scale=0.5)
+    _write_folder(dest, {k: v.astype(mx.bfloat16) for k, v in weights.items()}, config, tokenizer_json, FORMAT_VERSION)
+
+
+def _write_folder(dest: Path, weights: dict, config: dict, tokenizer_json: str, version: str) -> None:
+    """The model folder written in a temporary folder, then renamed into place."""
+    import mlx.core as mx
+
     tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=dest.parent))
     try:
-        weights = random_weights(config, seed=7, scale=0.5)
-        mx.save_safetensors(str(tmp / "model.safetensors"), {k: v.astype(mx.bfloat16) for k, v in weights.items()})
+        mx.save_safetensors(str(tmp / "model.safetensors"), weights)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         (tmp / "tokenizer.json").write_text(tokenizer_json)
         (tmp / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(), indent=2))
-        (tmp / ".format").write_text(FORMAT_VERSION)
+        (tmp / ".format").write_text(version)
         tmp.chmod(0o755)
         if dest.exists():
             shutil.rmtree(dest)
@@ -171,7 +178,7 @@ def nesso_folder(variant: str) -> Path:
 
 
 TRAINED_NAME = "nesso-vocab-smollm2"
-TRAINED_VERSION = "1"
+TRAINED_VERSION = "2"  # bump to rebuild after a change here (the sources' versions count too, below)
 
 
 def _smollm2_pieces(small, big) -> list[list[int]]:
@@ -179,8 +186,7 @@ def _smollm2_pieces(small, big) -> list[list[int]]:
 
     Both are byte-level BPE over GPT-2's byte alphabet, so a Llama-3.2 piece (partial UTF-8
     included) is re-split by SmolLM2's BPE model as it is; added tokens are encoded as text, the
-    ChatML pair landing on SmolLM2's own. Bytes SmolLM2 never learned (none UTF-8 text has) are
-    its `<|endoftext|>`."""
+    ChatML pair landing on SmolLM2's own."""
     vocab = small.get_vocab(with_added_tokens=True)
     added = {i: t.content for i, t in big.get_added_tokens_decoder().items()}
     pieces = []
@@ -190,9 +196,15 @@ def _smollm2_pieces(small, big) -> list[list[int]]:
             ids = [vocab[text]] if text in vocab else small.encode(text, add_special_tokens=False).ids
         else:
             piece = big.id_to_token(i)
-            ids = [vocab[piece]] if piece in vocab else [vocab[t.value] for t in small.model.tokenize(piece)]
-        pieces.append(ids or [0])  # bytes no UTF-8 text has (0xC0, 0xF5...): SmolLM2's `<|endoftext|>`
+            ids = [vocab[piece]] if piece in vocab else [t.id for t in small.model.tokenize(piece)]
+        pieces.append(ids)  # empty for bytes no UTF-8 text has (0xC0, 0xF5...): SmolLM2 never learned them
     return pieces
+
+
+def _trained_version() -> str:
+    import smollm2_fixture
+
+    return f"{TRAINED_VERSION}-{FORMAT_VERSION}-{smollm2_fixture.FORMAT_VERSION}"
 
 
 def build_trained(dest: Path) -> None:
@@ -207,23 +219,12 @@ def build_trained(dest: Path) -> None:
     pieces = _smollm2_pieces(small, Tokenizer.from_str(tokenizer_json))
     weights = mx.load(str(source / "model.safetensors"))
     table = np.array(weights["model.embed_tokens.weight"].astype(mx.float32))
-    embedding = np.stack([table[ids].mean(axis=0) for ids in pieces])
+    zero = np.zeros(table.shape[1], table.dtype)  # a byte never seen: no direction, logit 0
+    embedding = np.stack([table[ids].mean(axis=0) if ids else zero for ids in pieces])
     weights["model.embed_tokens.weight"] = mx.array(embedding).astype(mx.bfloat16)
     config = json.loads((source / "config.json").read_text())
     config.update(vocab_size=len(pieces), bos_token_id=128000, eos_token_id=IM_END, pad_token_id=IM_END)
-    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=dest.parent))
-    try:
-        mx.save_safetensors(str(tmp / "model.safetensors"), weights)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        (tmp / "tokenizer.json").write_text(tokenizer_json)
-        (tmp / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(), indent=2))
-        (tmp / ".format").write_text(TRAINED_VERSION)
-        tmp.chmod(0o755)
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    _write_folder(dest, weights, config, tokenizer_json, _trained_version())
 
 
 def nesso_trained_folder() -> Path:
@@ -239,7 +240,7 @@ def nesso_trained_folder() -> Path:
     root.mkdir(parents=True, exist_ok=True)
     dest = root / TRAINED_NAME
     marker = dest / ".format"
-    if not (marker.exists() and marker.read_text() == TRAINED_VERSION):
+    if not (marker.exists() and marker.read_text() == _trained_version()):
         build_trained(dest)
     return dest
 

@@ -48,29 +48,40 @@ def test_ngram_index_drafts_what_followed_the_latest_earlier_match():
     assert index.draft(4) == [5, 8, 5, 8]  # a repetition continues with its period
 
 
+class Words:
+    """20 is `Ag`, 10 its spaced twin ` Ag`; 11 and 12 (`ost`, `ini`) go on with a word."""
+
+    def spaced_id(self, token_id):
+        return {20: 10}.get(token_id)
+
+    def inside_word(self, token_id):
+        return token_id in (11, 12)
+
+
 def test_a_value_copied_without_its_space_continues_from_the_spaced_word():
     """`"Ag` (a JSON value) where the context has ` Ag ost ini`: drafted on from ` Ag`, when rare."""
-    spaced = {20: 10}.get  # 20: "Ag", 10: " Ag"
     context = [1, 2, 10, 11, 12, 3, 4]  # "the hall ... Ag ost ini ..."
-    assert NgramIndex([*context, 5, 20]).draft(3) == []  # no n-gram, and no map: nothing
-    assert NgramIndex([*context, 5, 20], spaced=spaced).draft(3) == [11, 12, 3]
-    assert NgramIndex([*context, 5, 20], spaced=spaced).draft(2, after=[7]) == []  # not past forced tokens
-    common = [*context, 10, 8, 10, 9]  # " Ag" three times: a common word, not a value
-    assert NgramIndex([*common, 5, 20], spaced=spaced).draft(3) == []
-    index = NgramIndex([1, 10, 11, 12, 1, 10, 11, 5], spaced=spaced)
-    index.append(1)
-    index.append(10)
-    assert index.draft(2) == [11, 5]  # a real n-gram match still comes first ("1 10" came before)
+    assert NgramIndex([*context, 5, 20]).draft(3) == []  # no n-gram, and no tokenizer: nothing
+    assert NgramIndex([*context, 5, 20], words=Words()).draft(3) == [11, 12, 3]
+    assert NgramIndex([*context, 5, 20], words=Words()).draft(2, after=[7]) == []  # not past forced tokens
+    twice = [*context, 10, 12]  # " Ag" twice: still rare
+    assert NgramIndex([*twice, 5, 20], words=Words()).draft(2) == [12, 5]  # on from the latest ` Ag`
+    thrice = [*context, 10, 11, 10, 12]  # three times: a common word, not a value
+    assert NgramIndex([*thrice, 5, 20], words=Words()).draft(3) == []
+    ending = [1, 10, 3, 4]  # ` Ag` followed by no piece of a word (` date,`): the prose's word was whole
+    assert NgramIndex([*ending, 5, 20], words=Words()).draft(3) == []
+    ngram = [1, 10, 11, 12, 5, 20, 9, 6, 5]
+    assert NgramIndex([*ngram, 20], words=Words()).draft(2) == [9, 6]  # a real n-gram ("5 20") comes first
 
 
 @pytest.mark.parametrize("vocabulary", ["smollm2", "nesso"])
-def test_spaced_id_matches_json_values_to_the_prompt(vocabulary, smollm2_path):
-    """On both vocabularies a name written after a quote is another token than in the prose,
-    and `spaced_id` leads the lookup from one to the other."""
+def test_json_values_are_matched_to_the_prompts_words(vocabulary, smollm2_path):
+    """On both vocabularies a name written after a quote is another token than in the prose; the
+    tokenizer leads the lookup from one to the other, but not from a key the prose names."""
     from nesso_mlx.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_folder(smollm2_path if vocabulary == "smollm2" else nesso_folder("text"))
-    prompt = tokenizer.encode("The council met in the Agostini hall on Monday.", add_special_tokens=False)
+    prompt = tokenizer.encode("Extract the date, time and place: the council met in the Agostini hall.", add_special_tokens=False)
     reply = tokenizer.encode('{"place": "Agostini', add_special_tokens=False)
     first = next(i for i, t in enumerate(reply) if tokenizer.decode(reply[i:]) == "Agostini")
     assert reply[first] not in prompt  # the premise: the value's first token is not the prose's
@@ -78,9 +89,33 @@ def test_spaced_id_matches_json_values_to_the_prompt(vocabulary, smollm2_path):
     assert tokenizer.decode(prompt[at:]).startswith(" Agostini hall")
     assert tokenizer.spaced_id(prompt[at]) is None  # already spaced
     assert tokenizer.spaced_id(tokenizer.eos_token_ids[0]) is None  # a control token has no word
-    index = NgramIndex([*prompt, *reply[: first + 1]], spaced=tokenizer.spaced_id)
+    assert tokenizer.spaced_id(tokenizer.encode(",", add_special_tokens=False)[0]) is None  # nor punctuation
+    index = NgramIndex([*prompt, *reply[: first + 1]], words=tokenizer)
     assert index.draft(2) == prompt[at + 1 : at + 3]
     assert NgramIndex([*prompt, *reply[: first + 1]]).draft(2) == []
+    key = tokenizer.encode('{"date', add_special_tokens=False)  # ` date` is followed by `,` in the prose
+    assert tokenizer.spaced_id(key[-1]) in prompt and tokenizer.decode(key[-1:]) == "date"
+    assert NgramIndex([*prompt, *key], words=tokenizer).draft(2) == []
+
+
+def test_generation_and_the_server_give_lookup_the_tokenizer(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    from nesso_mlx.server_engine import _prompt_lookup
+
+    seen = []
+    original = NgramIndex.__init__
+
+    def init(self, tokens, *args, words=None, **kwargs):
+        seen.append(words)
+        original(self, tokens, *args, words=words, **kwargs)
+
+    monkeypatch.setattr(NgramIndex, "__init__", init)
+    model, tokenizer = load(write_model_folder(tmp_path / "m", seed=5))
+    generate(model, tokenizer, messages=[{"role": "user", "content": "ciao"}], max_tokens=2, prompt_lookup=True)
+    plan = SimpleNamespace(max_tokens=4, reply=SimpleNamespace(eos=[2]))
+    _prompt_lookup(SimpleNamespace(prompt_lookup=True, tokenizer=tokenizer), [1, 2, 3], None, None, plan)
+    assert seen == [tokenizer, tokenizer]
 
 
 def test_ngram_index_drafts_after_tokens_still_to_come():
