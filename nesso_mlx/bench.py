@@ -264,14 +264,15 @@ def run_bench(
     total, done = len(workloads) * repetitions * len(engines), 0
     for workload in workloads:
         for _ in range(repetitions):
-            ours_run = None  # nesso-mlx runs first in each repetition: mlx-lm matches its count
+            generated = gen_tokens  # nesso-mlx runs first in each repetition: mlx-lm matches its count
             for engine in engines:
                 mx.clear_cache()
-                if ours_run is None or workload in ("pp", "tg", "turn2"):
+                if engine is ours or workload in ("pp", "tg", "turn2"):
                     run = engine.run(workload, prompt_tokens, gen_tokens)
                 else:  # as many tokens as ours generated (see the module's docstring)
-                    run = engine.run(workload, prompt_tokens, ours_run.generated, exact=True)
-                ours_run = ours_run or run
+                    run = engine.run(workload, prompt_tokens, generated, exact=True)
+                if engine is ours:
+                    generated = run.generated
                 runs.setdefault((engine.name, workload), []).append(run)
                 done += 1
                 if progress:

@@ -95,7 +95,7 @@ class NgramIndex:
             at = self.last[1].get((word,))
             if (
                 at is not None
-                and at < len(tokens) - 1
+                and at < len(tokens) - 1  # a token that is its own twin (no tokenizer's) has nothing after it
                 and self.counts[word] <= self.MAX_SPACED_COUNT
                 and self.words.inside_word(tokens[at + 1])
             ):

@@ -261,7 +261,11 @@ class Tokenizer:
         if known is None:
             space = "Ġ" if self._byte_level else "▁"
             piece = None if token_id in self._added_text else self._tokenizer.id_to_token(token_id)
-            inside = bool(piece) and not piece.startswith(space) and piece[0].isalnum()
+            inside = False
+            if piece and not piece.startswith(space):
+                # The character, not the byte-level symbol (`Ċ` is a newline, `Â«` is «, `Ã¨` is è).
+                text = self.token_bytes(token_id).decode("utf-8", "ignore") if self._byte_level else piece
+                inside = text[:1].isalnum()
             known = (self._tokenizer.token_to_id(space + piece) if inside else None), inside
             self._word_pieces[token_id] = known
         return known

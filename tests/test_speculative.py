@@ -89,13 +89,18 @@ def test_json_values_are_matched_to_the_prompts_words(vocabulary, smollm2_path):
     assert tokenizer.decode(prompt[at:]).startswith(" Agostini hall")
     assert tokenizer.spaced_id(prompt[at]) is None  # already spaced
     assert tokenizer.spaced_id(tokenizer.eos_token_ids[0]) is None  # a control token has no word
-    assert tokenizer.spaced_id(tokenizer.encode(",", add_special_tokens=False)[0]) is None  # nor punctuation
+    for text in (",", "\n", "\n\n", "«", "—"):  # nor punctuation or a line break (byte-level `Ċ`, `Â«`)
+        (token,) = tokenizer.encode(text, add_special_tokens=False)
+        assert tokenizer.spaced_id(token) is None and not tokenizer.inside_word(token), text
+    assert tokenizer.inside_word(tokenizer.encode("è", add_special_tokens=False)[0])  # an accented letter is one
     index = NgramIndex([*prompt, *reply[: first + 1]], words=tokenizer)
     assert index.draft(2) == prompt[at + 1 : at + 3]
     assert NgramIndex([*prompt, *reply[: first + 1]]).draft(2) == []
     key = tokenizer.encode('{"date', add_special_tokens=False)  # ` date` is followed by `,` in the prose
     assert tokenizer.spaced_id(key[-1]) in prompt and tokenizer.decode(key[-1:]) == "date"
     assert NgramIndex([*prompt, *key], words=tokenizer).draft(2) == []
+    lines = tokenizer.encode("Extract the date\nand the place.", add_special_tokens=False)  # or by a line break
+    assert tokenizer.spaced_id(key[-1]) in lines and NgramIndex([*lines, *key], words=tokenizer).draft(2) == []
 
 
 def test_generation_and_the_server_give_lookup_the_tokenizer(monkeypatch, tmp_path):
