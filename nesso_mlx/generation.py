@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import mlx.core as mx
-import numpy as np
 
 from .cache import CacheRollbackError, KVCache, rollback_cache
 from .errors import ContextLengthError
@@ -391,6 +390,8 @@ def _lm_head_share(model: Model) -> float:
 
 def _sole_token(mask: mx.array) -> int | None:
     """The only token `mask` allows, or None when it allows several (or none)."""
+    import numpy as np  # here, not at import: plain chat never needs it (55 ms of start-up)
+
     allowed = np.flatnonzero(np.asarray(mask).reshape(-1))
     return int(allowed[0]) if allowed.size == 1 else None
 

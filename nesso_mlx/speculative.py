@@ -16,10 +16,10 @@ verified the same way: another spelling of the same bytes may be allowed, and th
 Paying its way. A draft is verified only after the ordinary decode step has confirmed its first
 token, so a wrong first guess costs only the wait for that step. Forced tokens, almost always
 kept, may instead go into the pass of the token before them (no plain step of their own) where
-the host's wait for each token costs less than the steps this saves (`merges_forced`). The `LookupController` measures
-what a verify pass costs against a plain step on this backend and this model, estimates how much
-of a draft is kept (n-gram and forced drafts apart), sizes drafts for the most tokens per step,
-and stops drafting for a while when verifying does not pay.
+the host's wait for each token costs less than the steps this saves (`merges_forced`). The
+`LookupController` measures what a verify pass costs against a plain step on this backend and
+this model, estimates how much of a draft is kept (n-gram and forced drafts apart), sizes drafts
+for the most tokens per step, and stops drafting for a while when verifying does not pay.
 """
 
 from __future__ import annotations
@@ -214,8 +214,9 @@ class LookupController:
 
     def forced_length(self, available: int, merged: bool = False) -> int:
         """How many of `available` forced tokens to draft: the most tokens per step; when no
-        length pays, a short probe, then 0 for a pause. The first is confirmed by the plain step and the rest verified, or with
-        `merged` all are verified in the pass of the token before them (see `merges_forced`)."""
+        length pays, a short probe, then 0 for a pause. The first is confirmed by the plain step
+        and the rest verified, or with `merged` all are verified in the pass of the token before
+        them (see `merges_forced`)."""
         verified = available if merged else available - 1
         if verified < 1 or self.forced_paused:
             return 0
