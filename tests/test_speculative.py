@@ -460,6 +460,48 @@ def test_merged_passes_keep_the_budget_and_the_cache(always_draft, copying, monk
     assert counts["merged"] > 0, counts
 
 
+def test_an_interrupted_reply_leaves_every_layer_at_what_was_handed_out(always_draft, copying, monkeypatch):
+    """The consumer stops after k tokens, or the grammar fails at its j-th mask, wherever that
+    falls (a merged pass, a verify pass, a plain step): every layer holds the prompt and the
+    tokens handed out but the last, and those tokens are plain decoding's."""
+    from itertools import islice
+
+    import nesso_mlx.constrained as constrained
+    from nesso_mlx import stream_generate
+
+    counts = merging(monkeypatch, True)
+    model, tokenizer = load(nesso_folder("added"), dtype="float32")
+    messages = [{"role": "user", "content": 'In JSON: {"nome": "Anna Bianchi", "città": "Bari"} ' * 2}]
+    request = {"messages": messages, "response_format": {"type": "json_schema", "json_schema": {"schema": SCHEMA}}}
+    prompt = tokenizer.apply_chat_template(messages)
+    plain = [c.token for c in stream_generate(model, tokenizer, max_tokens=30, **request)]
+    for k in range(1, len(plain)):
+        cache = model.make_cache()
+        chunks = stream_generate(model, tokenizer, max_tokens=30, prompt_lookup=True, cache=cache, **request)
+        assert [c.token for c in islice(chunks, k)] == plain[:k]
+        chunks.close()
+        assert [layer.offset for layer in cache] == [len(prompt) + k - 1] * len(cache), k
+    original, calls = constrained.GrammarProcessor.mask, {"n": 0, "fail": 0}
+
+    def failing_mask(self):
+        calls["n"] += 1
+        if calls["n"] == calls["fail"]:
+            raise RuntimeError("grammar failed")
+        return original(self)
+
+    monkeypatch.setattr(constrained.GrammarProcessor, "mask", failing_mask)
+    for fail in range(2, 24, 3):
+        calls.update(n=0, fail=fail)
+        cache, out = model.make_cache(), []
+        with pytest.raises(RuntimeError, match="grammar failed"):
+            for chunk in stream_generate(model, tokenizer, max_tokens=30, prompt_lookup=True, cache=cache, **request):
+                out.append(chunk.token)
+        assert out == plain[: len(out)] and len(out) < len(plain), fail
+        expected = len(prompt) + len(out) - 1 if out else 0
+        assert [layer.offset for layer in cache] == [expected] * len(cache), fail
+    assert counts["merged"] > 0 and always_draft["verifies"] > 0
+
+
 @pytest.mark.parametrize("merge", [False, True])
 @pytest.mark.parametrize("variant", ["text", "added"])
 @pytest.mark.parametrize("spelling", ["usual", "bytes"])
