@@ -392,8 +392,9 @@ def _sole_token(mask: mx.array) -> int | None:
     """The only token `mask` allows, or None when it allows several (or none)."""
     import numpy as np  # here, not at import: plain chat never needs it (55 ms of start-up)
 
-    allowed = np.flatnonzero(np.asarray(mask).reshape(-1))
-    return int(allowed[0]) if allowed.size == 1 else None
+    allowed = np.asarray(mask).reshape(-1)
+    # Counted, not listed: inside a string nearly all 128k tokens are allowed (~5 us, not ~100).
+    return int(allowed.argmax()) if np.count_nonzero(allowed) == 1 else None
 
 
 class _StopMatcher:
