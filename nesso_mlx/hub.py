@@ -91,6 +91,14 @@ def cached_snapshot(repo_id: str, revision: str | None = None) -> Path | None:
     return folder if is_complete(folder) else None
 
 
+def is_downloaded(repo_id: str) -> bool:
+    """Whether the Hugging Face cache holds all of this repo's model files (no network).
+
+    A partial download (interrupted) counts as not downloaded: loading it would go online.
+    """
+    return cached_snapshot(repo_id) is not None
+
+
 def download(repo_id: str, revision: str | None = None, tqdm_class: Any = None) -> Path:
     """Download the files nesso-mlx needs from `repo_id` (or find them in the HF cache)."""
     from huggingface_hub import snapshot_download

@@ -41,16 +41,6 @@ def conversions_dir() -> Path:
     return home() / "models"
 
 
-def is_downloaded(repo_id: str) -> bool:
-    """Whether the Hugging Face cache holds all of this repo's model files (no network).
-
-    A partial download (interrupted) counts as not downloaded: loading it would go online.
-    """
-    from .hub import cached_snapshot
-
-    return cached_snapshot(repo_id) is not None
-
-
 @dataclass(frozen=True)
 class LocalConversion:
     name: str

@@ -24,3 +24,36 @@ def test_import_is_light():
     code = "import sys, nesso_mlx; print(sorted(m for m in ('mlx', 'tokenizers', 'huggingface_hub') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_no_import_cycles():
+    """No module of nesso_mlx imports, even lazily inside a function, one that imports it back."""
+    import ast
+
+    package = ROOT / "nesso_mlx"
+    graph: dict[str, set[str]] = {}
+    for file in package.rglob("*.py"):
+        parts = file.with_suffix("").relative_to(ROOT).parts
+        name = ".".join(parts[:-1] if file.name == "__init__.py" else parts)
+        base = name if file.name == "__init__.py" else name.rpartition(".")[0]
+        tree = ast.parse(file.read_text(encoding="utf-8"))
+        typing_only = {
+            id(n)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+            for n in ast.walk(node)
+        }
+        graph[name] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level and id(node) not in typing_only:
+                up = base.split(".")[: len(base.split(".")) - node.level + 1]
+                graph[name].add(".".join(up + ([node.module] if node.module else [])))
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        for nxt in graph.get(start, ()):
+            if nxt == goal or (nxt not in seen and (seen.add(nxt) or reaches(nxt, goal, seen))):
+                return True
+        return False
+
+    cyclic = sorted(m for m in graph if reaches(m, m, set()))
+    assert cyclic == [], f"modules in import cycles: {cyclic}"

@@ -325,7 +325,7 @@ def test_cached_repo_id_starts_without_the_network(hf_cache, hanging_hub, tmp_pa
     """Offline first: a complete cached snapshot is used with no request to the Hub, even when online."""
     import time
 
-    from nesso_mlx.registry import is_downloaded
+    from nesso_mlx.hub import is_downloaded
 
     snapshot = hf_cache_with(hf_cache, "mii-llm/tiny-test", write_model_folder(tmp_path / "src"))
     start = time.perf_counter()
@@ -341,7 +341,7 @@ def test_cached_repo_id_starts_without_the_network(hf_cache, hanging_hub, tmp_pa
 )
 def test_partial_cached_snapshot_goes_online(hf_cache, hanging_hub, tmp_path, missing):
     """An interrupted download is not trusted: without its config, tokenizer or every shard, ask the Hub."""
-    from nesso_mlx.registry import is_downloaded
+    from nesso_mlx.hub import is_downloaded
 
     hanging_hub.hang = 0.0
     source = write_model_folder(tmp_path / "src")
