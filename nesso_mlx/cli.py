@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from .registry import DEFAULT_CHAT_MODEL
 
@@ -25,7 +25,7 @@ class BadNumber(typer.BadParameter):
     """A number option out of range; the message names the option and what it allows."""
 
 
-class OneLineErrors(TyperGroup):
+class _OneLine:
     """Usage errors (bad numbers, unknown or missing options) as one line: `error: ...`, exit 2."""
 
     def make_context(self, *args: Any, **kwargs: Any) -> Any:
@@ -39,6 +39,14 @@ class OneLineErrors(TyperGroup):
             return super().invoke(ctx)
         except UsageError as e:
             usage_error(e)
+
+
+class OneLineErrors(_OneLine, TyperGroup):
+    """The command group, with one-line usage errors."""
+
+
+class OneLineCommand(_OneLine, TyperCommand):
+    """A command run on its own (`python -m nesso_mlx.generate`), with one-line usage errors."""
 
 
 def usage_error(e: Exception) -> NoReturn:
@@ -266,7 +274,9 @@ GENERATE_HELP = (
     f"Defaults: {defaults_text(GENERATE_DEFAULTS)}, so the same prompt gives the same text; `chat` samples instead. "
     f"{SAMPLING_ORDER}\n\n"
     "A prompt that is not valid UTF-8 (on stdin) is read with U+FFFD for the bad bytes, and a warning; "
-    "--tools and --json-schema files that are not UTF-8 are refused."
+    "--tools and --json-schema files that are not UTF-8 are refused.\n\n"
+    "A prompt that already starts with a special token (`<|im_start|>`, the chat format a model card's raw prompt "
+    "is written in) is used as it is, without a second template; so is any prompt with --raw."
 )
 
 
@@ -358,7 +368,7 @@ def use_prompt_cache(session, path: str) -> None:
 def generate(
     prompt: str = typer.Option(..., "--prompt", "-p", help="the prompt, or - to read it from stdin"),
     model: str = ModelOption,
-    system: str | None = SystemOption,
+    system: str | None = typer.Option(None, "--system", "-s", "--system-prompt", help="system prompt"),
     temperature: float = TemperatureOption(GENERATE_DEFAULTS["temperature"]),
     top_p: float = TopPOption(GENERATE_DEFAULTS["top_p"]),
     top_k: int = TopKOption(GENERATE_DEFAULTS["top_k"]),
@@ -367,7 +377,9 @@ def generate(
     max_tokens: int = NumberOption(GENERATE_DEFAULTS["max_tokens"], "--max-tokens", "-n", low=1),
     seed: int | None = SeedOption,
     stop: list[str] | None = typer.Option(None, "--stop", help="stop string (repeatable)"),
-    raw: bool = typer.Option(False, "--raw", help="send the prompt as is, without the chat template"),
+    raw: bool = typer.Option(
+        False, "--raw", "--ignore-chat-template", help="send the prompt as is, without the chat template"
+    ),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object with text, tokens and speeds"),
     quantize: int | None = QuantizeOption,
     json_schema: str | None = typer.Option(None, "--json-schema", help="JSON schema file: the output always matches"),
@@ -408,6 +420,10 @@ def generate(
         if tool_choice not in names:
             fail(f"--tool-choice must be auto, required, none or the name of a tool in --tools, got {tool_choice!r}", 2)
     loaded, tokenizer = load_or_fail(model, quantize)
+    if not raw and tokenizer.is_templated(prompt):
+        if system:
+            fail("the prompt is already in the chat format (it starts with a special token); put the system turn in it", 2)
+        raw = True
     messages = None
     if not raw:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
@@ -461,7 +477,7 @@ def generate(
         sys.stdout.write("\n")
         typer.echo(
             f"[{last.generation_tokens} tokens, {last.generation_tps:.1f} tok/s, "
-            f"prompt {last.prompt_tps:.1f} tok/s, finish: {last.finish_reason}]",
+            f"prompt {last.prompt_tokens} tokens at {last.prompt_tps:.1f} tok/s, finish: {last.finish_reason}]",
             err=True,
         )
 
@@ -472,7 +488,8 @@ def models() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from .registry import KNOWN_MODELS, is_downloaded, local_conversions
+    from .hub import is_downloaded
+    from .registry import KNOWN_MODELS, local_conversions
 
     table = Table(title="Nesso models")
     for column in ("alias", "repo id", "purpose", "size", "downloaded"):

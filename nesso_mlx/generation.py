@@ -95,6 +95,10 @@ class GenerationResult:
             raw,
         )
 
+    def __str__(self) -> str:
+        """The reply's text, so `print(generate(...))` prints it (mlx-lm's `generate` returns a string)."""
+        return self.text
+
     @property
     def message(self) -> dict[str, Any]:
         """The reply as an assistant message, ready to append to `messages`."""
@@ -563,7 +567,7 @@ def prompt_tokens(
     if messages is not None:
         return tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True)
     if isinstance(prompt, str):
-        return tokenizer.encode(prompt)
+        return tokenizer.encode_prompt(prompt)
     return [int(t) for t in prompt]
 
 
@@ -586,6 +590,7 @@ def stream_generate(
     top_logprobs: int | None = None,
     prompt_lookup: bool = False,
     prefill_chunk_size: int = 512,
+    **loose_sampling: Any,
 ) -> Iterator[GenerationChunk]:
     """Generate text token by token from `prompt` (str or ids) or chat `messages`.
 
@@ -612,7 +617,12 @@ def stream_generate(
     its chunk (`chunk.logprobs`). `prompt_lookup` turns on prompt-lookup speculative decoding
     (same output greedy, same distribution sampling; see `speculative.py`); it is not combined
     with `top_logprobs`.
+
+    mlx-lm's loose keywords (`temp`, `temperature`, `top_p`, `top_k`, `min_p`,
+    `repetition_penalty`, `repetition_context_size`, `seed`) are accepted instead of `sampling`
+    (see `SamplingOptions.merged`).
     """
+    sampling = SamplingOptions.merged(sampling, loose_sampling, "stream_generate")
     tools = tool_schemas(tools)
     ids = prompt_tokens(tokenizer, prompt, messages, tools)
     if cache is None:
@@ -699,14 +709,36 @@ def generate(
     model: Model,
     tokenizer: Tokenizer,
     prompt: str | Sequence[int] | None = None,
+    verbose: bool = False,
     **kwargs: Any,
 ) -> GenerationResult:
-    """Generate a complete reply; takes the same arguments as `stream_generate`."""
+    """Generate a complete reply; takes the same arguments as `stream_generate`.
+
+    The call mlx-lm users write works as it is: `generate(model, tokenizer, prompt=prompt,
+    verbose=True, temp=0.3, max_tokens=256)`. `verbose` streams the text to stdout as it comes,
+    then prints the prompt and generation speeds and the peak memory (mlx-lm's format); `temp`,
+    `temperature`, `top_p`, `top_k`, `min_p`, `repetition_penalty`, `repetition_context_size`
+    and `seed` may be passed loose instead of `sampling=SamplingOptions(...)`. `str()` of the
+    result is its text, so `print(generate(...))` prints the reply.
+    """
     chunks = []
     t0 = time.perf_counter()
     ttft = 0.0
+    if verbose:
+        print("=" * 10)
     for chunk in stream_generate(model, tokenizer, prompt, **kwargs):
         if not ttft and chunk.token is not None:
             ttft = time.perf_counter() - t0
         chunks.append(chunk)
-    return GenerationResult.from_chunks(chunks, ttft)
+        if verbose:
+            print(chunk.text, end="", flush=True)
+    result = GenerationResult.from_chunks(chunks, ttft)
+    if verbose:
+        print()
+        print("=" * 10)
+        if not result.raw_text:
+            print("No text generated for this prompt")
+        print(f"Prompt: {result.prompt_tokens} tokens, {result.prompt_tps:.3f} tokens-per-sec")
+        print(f"Generation: {result.generation_tokens} tokens, {result.generation_tps:.3f} tokens-per-sec")
+        print(f"Peak memory: {result.peak_memory:.3f} GB")
+    return result

@@ -530,11 +530,55 @@ def scores(results: dict[str, Any]) -> dict[str, dict[str, float]]:
     return out
 
 
-def main() -> None:
-    """lm-eval's command line with the `nesso-mlx` model type registered."""
+_HF_MODELS = ("hf", "hf-auto", "huggingface")
+
+
+def card_arguments(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """A model card's `lm-eval` arguments, for this backend: (arguments, notes for the user).
+
+    `--model hf` (and `hf-auto`, `huggingface`) becomes `--model nesso-mlx`: the same weights and
+    the same numbers (tested against lm-eval's hf backend), on MLX. `--device` is dropped: MLX
+    picks its device itself (the GPU on a Mac). Everything else is lm-eval's own.
+    """
+    out: list[str] = []
+    notes: list[str] = []
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        name, eq, value = arg.partition("=")
+        if name in ("--model", "--device") and not eq:
+            value = args[i + 1] if i + 1 < len(args) else ""
+            i += 1
+        if name == "--model" and value in _HF_MODELS:
+            notes.append(f"note: --model {value} runs on MLX here, through nesso-mlx (the numbers of lm-eval's hf backend)")
+            out += ["--model", "nesso-mlx"]
+        elif name == "--device":
+            notes.append(f"note: --device {value} ignored: MLX picks its device itself (the GPU on a Mac)")
+        elif name == "--model":
+            out += ["--model", value]
+        else:
+            out.append(arg)
+        i += 1
+    return out, notes
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """lm-eval's command line with the `nesso-mlx` model type registered; a model card's
+    `lm-eval --model hf ... --device cuda:0` arguments run as they are (see `card_arguments`)."""
+    import sys
+
     from lm_eval.__main__ import cli_evaluate
 
-    cli_evaluate()
+    args, notes = card_arguments(sys.argv[1:] if argv is None else argv)
+    for note in notes:
+        print(note, file=sys.stderr)
+    sys.argv = [sys.argv[0], *args]  # lm-eval's parser reads sys.argv (and inserts `run` when it is missing)
+    try:
+        cli_evaluate()
+    except NessoError as e:  # a model that cannot be found or loaded: one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

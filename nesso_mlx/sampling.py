@@ -6,6 +6,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import mlx.core as mx
 
@@ -39,6 +40,35 @@ class SamplingOptions:
     def processors(self, extra: Sequence[LogitsProcessor] | None = None) -> list[LogitsProcessor]:
         """`extra` (a caller's own processors, first) and the repetition penalty, if on."""
         return make_logits_processors(self.repetition_penalty, self.repetition_context_size, extra)
+
+    @classmethod
+    def merged(cls, sampling: SamplingOptions | None, loose: dict[str, Any], caller: str = "") -> SamplingOptions:
+        """`sampling` with mlx-lm style loose keywords (`temp=0.3`, `top_p=0.9`, ...) applied.
+
+        `temp` is `temperature`. A keyword that is not a sampling option raises TypeError, as an
+        unknown argument does; two values for one option (`temp` and `temperature`, or a loose
+        keyword and `sampling` saying different things) raise ValueError naming both.
+        """
+        if not loose:
+            return sampling or cls()
+        values: dict[str, Any] = {}
+        said: dict[str, str] = {}
+        for key, value in loose.items():
+            name = "temperature" if key == "temp" else key
+            if name not in cls.__dataclass_fields__:
+                raise TypeError(f"{caller}{'() ' if caller else ''}got an unexpected keyword argument {key!r}")
+            if name in values and values[name] != value:
+                raise ValueError(f"{said[name]}={values[name]!r} and {key}={value!r} disagree; pass one of them")
+            values[name], said[name] = value, key
+        if sampling is not None:
+            for name, value in values.items():
+                if getattr(sampling, name) != value:
+                    raise ValueError(
+                        f"{said[name]}={value!r} and sampling.{name}={getattr(sampling, name)!r} disagree; "
+                        "pass the option once, loose or in sampling=SamplingOptions(...)"
+                    )
+            return sampling
+        return cls(**values)
 
 
 def _filter(logprobs: mx.array, top_k: int, top_p: float, min_p: float) -> mx.array:

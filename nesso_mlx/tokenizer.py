@@ -168,6 +168,7 @@ class Tokenizer:
         self._control_len = max(map(len, controls), default=0)
         self._control_has_space = any(c.isspace() for t in controls for c in t)
         self._plain_tokenizer: Any = None
+        self._special_re: re.Pattern[str] | None = None
         self.eos_token_ids = list(eos_token_ids or [])
         eos = self.special_tokens.get("eos_token")
         if eos is not None and (eos_id := tokenizer.token_to_id(eos)) is not None:
@@ -222,6 +223,31 @@ class Tokenizer:
         if parse_special:
             return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
         return self._plain().encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """Token ids of a raw prompt string, the caller's own text, as mlx-lm reads it.
+
+        Special tokens in it are parsed (`<|im_start|>` is the control token), so the string
+        `apply_chat_template(..., tokenize=False)` returns encodes to exactly the ids of
+        `apply_chat_template(..., tokenize=True)`. A string that holds a special token is such
+        a templated prompt: it gets no BOS from the tokenizer's post-processor (Llama-3.2's adds
+        `<|begin_of_text|>`; a template that wants one writes it itself). Plain text gets the
+        tokenizer's usual special tokens, as in transformers and mlx-lm.
+        """
+        templated = self._specials().search(text) is not None
+        return self.encode(text, add_special_tokens=not templated)
+
+    def is_templated(self, text: str) -> bool:
+        """Whether a prompt string is already in the chat format: it starts (after white space)
+        with a special token such as `<|im_start|>` or the BOS text."""
+        return self._specials().match(text.lstrip()) is not None
+
+    def _specials(self) -> re.Pattern[str]:
+        """A pattern matching the text of any special token (built once)."""
+        if self._special_re is None:
+            texts = sorted({self._added_text[i] for i in self.special_ids}, key=len, reverse=True)
+            self._special_re = re.compile("|".join(map(re.escape, texts)) if texts else r"(?!x)x")
+        return self._special_re
 
     def _plain(self) -> Any:
         """A copy of the tokenizer that reads every added token's text as plain text (built once).

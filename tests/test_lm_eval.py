@@ -196,14 +196,22 @@ def test_eval_lm_bad_input_is_one_line(args, message):
 
 
 def test_lm_evals_own_command_line_with_the_backend_registered():
+    """The model card's `lm-eval --model hf ... --device cuda:0 --batch_size 1` flags, as they are."""
     from nesso_fixture import nesso_folder
 
-    command = [sys.executable, "-m", "nesso_mlx.lm_eval_backend", "--model", "nesso-mlx"]
+    command = [sys.executable, "-m", "nesso_mlx.lm_eval_backend", "--model", "hf"]
     command += ["--model_args", f"pretrained={nesso_folder('text')},dtype=float32", "--tasks", "nesso_fidelity_mc"]
+    command += ["--num_fewshot", "2", "--device", "cuda:0", "--batch_size", "1"]
     command += ["--include_path", str(TASKS_DIR), "--limit", "2"]
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "HF_DATASETS_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
     assert "nesso-mlx" in done.stdout and "nesso_fidelity_mc" in done.stdout and "acc_norm" in done.stdout
+    assert "num_fewshot: 2" in done.stdout
+    assert "note: --device cuda:0 ignored: MLX picks its device itself" in done.stderr
+    command[6] = "pretrained=/no/such/model"
+    missing = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    assert missing.returncode == 1 and missing.stderr.strip().splitlines()[-1].startswith("error: /no/such/model")
+    assert "Traceback" not in missing.stderr
 
 
 def test_release_adds_lm_eval_scores_per_variant(tmp_path):
