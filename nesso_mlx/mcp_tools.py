@@ -451,7 +451,9 @@ class MCPTools(Mapping[str, Callable[..., str]]):
     def _failed(self, server: _Server, name: str, e: Exception) -> NoReturn:
         """A call failed (not a timeout): a dead or misbehaving server. Notice, then ToolError."""
         reason = _describe(e)
-        if not self._responds(server):
+        if type(e).__name__ == "ValidationError":  # pydantic's: the answer is no CallToolResult
+            reason = f"the server returned a malformed result ({reason[:120]})"
+        elif not self._responds(server):
             server.session, server.error = None, f"stopped ({reason})"
             tail = server.stderr_tail()
             reason = f"the server stopped ({reason})" + (f"; it said: {tail}" if tail else "")

@@ -3,6 +3,7 @@
     python tests/mcp_server.py                    # stdio
     python tests/mcp_server.py --http PORT        # streamable HTTP on 127.0.0.1:PORT/mcp
     python tests/mcp_server.py --name NAME        # another server name (to test name clashes)
+    python tests/mcp_server.py --broken           # a hand-written server whose tools/call answer is malformed
 
 Its tools return text, an error, a huge result, text holding control tokens, or hang; `get_weather`
 validates its arguments (the SDK checks them against the schema) and logs every call it receives
@@ -109,8 +110,30 @@ async def add_tool(ctx: Context) -> str:
     return "added echo"
 
 
+def broken() -> None:
+    """JSON-RPC by hand: a correct handshake and listing, then a `tools/call` result that is no
+    CallToolResult (its `content` is a string), as a buggy server might send."""
+    for line in sys.stdin:
+        message = json.loads(line)
+        method, id_ = message.get("method"), message.get("id")
+        if id_ is None:
+            continue  # a notification
+        if method == "initialize":
+            version = message["params"]["protocolVersion"]
+            result = {"protocolVersion": version, "capabilities": {"tools": {}}, "serverInfo": {"name": "broken", "version": "0"}}
+        elif method == "tools/list":
+            result = {"tools": [{"name": "oops", "description": "A malformed answer.", "inputSchema": {"type": "object"}}]}
+        elif method == "tools/call":
+            result = {"content": "not a list of content blocks"}
+        else:
+            result = {}
+        print(json.dumps({"jsonrpc": "2.0", "id": id_, "result": result}), flush=True)
+
+
 if __name__ == "__main__":
-    if "--http" in sys.argv:
+    if "--broken" in sys.argv:
+        broken()
+    elif "--http" in sys.argv:
         server.run("streamable-http", host="127.0.0.1", port=int(sys.argv[sys.argv.index("--http") + 1]))
     else:
         server.run()

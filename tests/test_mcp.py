@@ -222,6 +222,14 @@ def test_a_dead_server_gives_error_results_and_a_notice(logs):
     assert not alive(pid)
 
 
+def test_a_malformed_result_is_an_error_result_and_a_notice():
+    with MCPTools([MCPServerSpec(command=PYTHON, args=[str(SERVER), "--broken"])], timeout=5) as tools:
+        with pytest.raises(ToolError, match="malformed result"):
+            tools.call("oops", {})
+        assert tools.notices == [f"MCP tool oops failed: {tools.notices[0].split(': ', 1)[1]}"]
+        assert "malformed result" in tools.notices[0] and len(tools.notices[0]) < 200
+
+
 def test_no_orphan_servers_after_an_exception(tmp_path):
     code = f"""
 import sys
