@@ -359,7 +359,10 @@ def chat(
             mcp=mcp_tools,
             max_result_tokens=max_tool_result_tokens,
         )
-        code = repl.run()
+        try:
+            code = repl.run()
+        except KeyboardInterrupt:  # before the first prompt: the REPL handles it afterwards
+            code = 130
     raise typer.Exit(code)
 
 

@@ -38,7 +38,7 @@ from typing import Any, NoReturn
 from .agent import ToolError
 from .errors import NessoError
 
-START_TIMEOUT = 30.0  # seconds for a server to start and list its tools
+START_TIMEOUT = 120.0  # seconds for a server to start and list its tools (npx may download it first)
 
 
 @dataclass

@@ -123,7 +123,7 @@ def http_url(logs):
 def tools(logs, http_url):
     """The stdio server ("local") and the HTTP one ("web"): every name clashes, so all are prefixed."""
     specs = [server_spec("local", logs / "local.jsonl"), MCPServerSpec.from_url(http_url)]
-    with MCPTools(specs, timeout=3) as tools:
+    with MCPTools(specs, timeout=2) as tools:
         yield tools
 
 
@@ -164,9 +164,9 @@ def test_text_errors_and_validation_over_stdio_and_http(tools, logs):
 def test_a_hung_tool_times_out_and_the_server_goes_on(tools):
     for server in ("local", "web"):
         start = time.monotonic()
-        with pytest.raises(ToolError, match="did not answer within 3 s"):
+        with pytest.raises(ToolError, match="did not answer within 2 s"):
             tools.call(f"{server}_hang", {"seconds": 60})
-        assert time.monotonic() - start < 6
+        assert time.monotonic() - start < 5
         assert "did not answer" in tools.notices.pop()
         assert tools.call(f"{server}_get_weather", {"city": "Bari"}).startswith("Bari")
 
@@ -338,7 +338,6 @@ def chat_args(model: Path, *args: str) -> list[str]:
         (["--mcp-url", "ftp://x"], "not an http:// or https:// URL"),
         (["--mcp-config", "/nonexistent/mcp.json"], "MCP config file not found"),
         (["--mcp", f"{PYTHON} -c 'import sys; sys.stderr.write(\"no way\\n\"); sys.exit(3)'"], "failed to start"),
-        (["--mcp", "/nonexistent/server"], "failed to start"),
         (["--mcp-timeout", "0"], "--mcp-timeout must be"),
     ],
 )
@@ -410,6 +409,27 @@ def test_repl_with_mcp_servers(tmp_path):
         child.close()
         assert child.exitstatus == 0
         assert gone(alpha + beta)
+    finally:
+        if child.isalive():
+            child.kill(signal.SIGKILL)
+
+
+def test_ctrl_c_at_the_prompt_stops_the_servers(tmp_path):
+    from nesso_fixture import nesso_folder
+
+    env = {**os.environ, "NO_COLOR": "1", "NESSO_MLX_HOME": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    args = chat_args(nesso_folder("added"), "--mcp", f"{PYTHON} {SERVER}")
+    child = pexpect.spawn(PYTHON, [__file__, "[]", *args], env=env, encoding="utf-8", timeout=60, dimensions=(50, 250))
+    try:
+        child.expect(r"8 tools: get_weather")
+        child.expect("nesso-vocab-added ›")
+        servers = list(children(child.pid))
+        assert len(servers) == 1 and alive(servers[0])
+        child.sendintr()
+        child.expect("bye")
+        child.expect(pexpect.EOF)
+        child.close()
+        assert child.exitstatus == 0 and gone(servers)
     finally:
         if child.isalive():
             child.kill(signal.SIGKILL)
