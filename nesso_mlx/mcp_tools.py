@@ -150,14 +150,6 @@ def result_text(result: Any) -> tuple[str, bool]:
     return "\n".join(parts), bool(result.is_error)
 
 
-def cut_to_tokens(text: str, budget: int, encode: Callable[[str], list[int]], decode: Callable[[list[int]], str]) -> str:
-    """`text`, or its first `budget` tokens and a marker the model sees, if it is longer."""
-    ids = encode(text)
-    if len(ids) <= budget:
-        return text
-    return decode(ids[:budget]) + f"\n[... cut: the result had {len(ids)} tokens, only the first {budget} are shown]"
-
-
 def compact_schema(schema: dict[str, Any]) -> dict[str, Any]:
     """An input schema without its `title`s (pydantic's restatements of names): fewer tokens."""
     if isinstance(schema, dict):
@@ -193,7 +185,7 @@ class _Server:
         self.error: str | None = None  # why it is down
         self.tools: list[Any] = []
         self.changed = False  # the server said its tool list changed
-        self.errlog = tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace")
+        self.errlog = tempfile.TemporaryFile("a+", encoding="utf-8", errors="replace")  # the server's stderr
 
     def stderr_tail(self) -> str:
         """The last line the server wrote on stderr (for error messages)."""
@@ -238,7 +230,9 @@ class MCPTools(Mapping[str, Callable[..., str]]):
     def start(self) -> None:
         """Start (or connect to) every server and list its tools; NessoError, in one line, naming
         the server that failed (the others are stopped again)."""
-        logging.getLogger("mcp").setLevel(logging.CRITICAL)  # protocol chatter would garble the terminal
+        sdk_log = logging.getLogger("mcp")
+        if not sdk_log.handlers:  # unless logging is set up, the SDK's warnings would garble the terminal
+            sdk_log.addHandler(logging.NullHandler())
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="nesso-mcp", daemon=True)
         self._thread.start()
@@ -487,4 +481,4 @@ def _describe(e: BaseException) -> str:
     return text[:200]
 
 
-__all__ = ["MCPServerSpec", "MCPTool", "MCPTools", "compact_schema", "cut_to_tokens", "read_mcp_config", "result_text"]
+__all__ = ["MCPServerSpec", "MCPTool", "MCPTools", "compact_schema", "read_mcp_config", "result_text"]
