@@ -403,6 +403,8 @@ class MCPTools(Mapping[str, Callable[..., str]]):
 
     def schemas(self, names: Sequence[str] | None = None) -> list[dict[str, Any]]:
         """The tools' schemas for the chat template (those in `names`, if given)."""
+        if self._loop is None:
+            raise RuntimeError("the MCP servers are not running: use `with mcp_tools(...) as tools:` (or call start())")
         return [t.schema for n, t in self.tools.items() if names is None or n in names]
 
     def __getitem__(self, name: str) -> Callable[..., str]:

@@ -208,6 +208,8 @@ def test_config_files_are_checked(tmp_path):
     )
     a, b = read_mcp_config(tmp_path / "ok.json")
     assert (a.name, a.command, a.args, b.name, b.url) == ("a", "npx", ["-y", "x"], "b", "http://127.0.0.1:1/mcp")
+    with pytest.raises(RuntimeError, match="not running"):  # not started: said so, not an empty list
+        mcp_tools(config=tmp_path / "ok.json").schemas()
 
 
 def test_a_dead_server_gives_error_results_and_a_notice(logs):
@@ -251,16 +253,18 @@ with mcp_tools({f"{PYTHON} {SERVER} --name orphan"!r}) as tools:
 # --- the agent loop --------------------------------------------------------------------------
 
 
-def test_agent_loop_with_a_scripted_model_cuts_long_results(tools, tiny_hermes):
+def test_agent_loop_with_a_scripted_model_cuts_long_results(tools, tiny_hermes, logs):
     schemas = tools.schemas(["local_get_weather", "web_huge"])
-    script = [call("local_get_weather", {"city": "Roma"}) + call("web_huge", {}), "Fatto."]
-    session = ScriptedSession(*tiny_hermes, script, tools=schemas)
-    events = list(agent_turn(session, "Meteo?", tools=tools, max_result_tokens=50))
+    calls = call("local_get_weather", {"city": "Roma"}) + call("web_huge", {}) + call("local_get_weather", {"city": "Segreta"})
+    session = ScriptedSession(*tiny_hermes, [calls, "Fatto."], tools=schemas)
+    confirm = lambda c: c.arguments.get("city") != "Segreta"  # noqa: E731
+    events = list(agent_turn(session, "Meteo?", tools=tools, confirm=confirm, max_result_tokens=50))
     runs = [e for e in events if isinstance(e, ToolRun)]
-    assert [r.status for r in runs] == ["ok", "ok"] and runs[0].result == "Roma: sereno, 24 gradi celsius"
+    assert [r.status for r in runs] == ["ok", "ok", "declined"] and runs[0].result == "Roma: sereno, 24 gradi celsius"
     assert runs[1].result.startswith("line 0: lorem") and runs[1].result.endswith("only the first 50 are shown]")
     assert "the result had" in session.messages[3]["content"] and len(session.messages[3]["content"]) < 200
-    assert [m["role"] for m in session.messages] == ["user", "assistant", "tool", "tool", "assistant"]
+    assert [m["role"] for m in session.messages] == ["user", "assistant", "tool", "tool", "tool", "assistant"]
+    assert "Segreta" not in (logs / "local.jsonl").read_text()  # a declined call never reaches the server
 
 
 @pytest.fixture(scope="module", params=["smollm2", "nesso"])
@@ -415,13 +419,16 @@ def test_repl_with_mcp_servers(tmp_path):
 
 
 def test_ctrl_c_at_the_prompt_stops_the_servers(tmp_path):
+    """With --tools and --mcp-config; the MCP tool named like a Python one gets its server's name."""
     from nesso_fixture import nesso_folder
 
     env = {**os.environ, "NO_COLOR": "1", "NESSO_MLX_HOME": str(tmp_path), "PYTHONPATH": str(ROOT)}
-    args = chat_args(nesso_folder("added"), "--mcp", f"{PYTHON} {SERVER}")
+    (tmp_path / "mcp.json").write_text(json.dumps({"mcpServers": {"cfg": {"command": PYTHON, "args": [str(SERVER)]}}}))
+    tools_file = str(ROOT / "examples" / "tools.py")
+    args = chat_args(nesso_folder("added"), "--tools", tools_file, "--mcp-config", str(tmp_path / "mcp.json"))
     child = pexpect.spawn(PYTHON, [__file__, "[]", *args], env=env, encoding="utf-8", timeout=60, dimensions=(50, 250))
     try:
-        child.expect(r"8 tools: get_weather")
+        child.expect(r"11 tools: get_weather, calculator, convert_units, cfg_get_weather, fail,")
         child.expect("nesso-vocab-added ›")
         servers = list(children(child.pid))
         assert len(servers) == 1 and alive(servers[0])
