@@ -231,7 +231,7 @@ class ChatREPL:
             for event in events:
                 if isinstance(event, GenerationChunk):
                     if live is None:
-                        shown = StreamingMarkdown(bool(self.session.tools))
+                        shown = StreamingMarkdown(bool(self.functions))
                         live = Live(
                             shown, console=self.console, refresh_per_second=self.refresh_per_second, vertical_overflow="visible"
                         )
@@ -250,8 +250,7 @@ class ChatREPL:
             if live is not None:
                 live.stop()
             events.close()
-            messages = self.session.messages
-            if messages and messages[-1]["role"] == "tool":
+            if self.functions and self.session.messages and self.session.messages[-1]["role"] == "tool":
                 kept = " (the tool was stopped; the model will be told)"
             else:
                 kept = " (the partial reply is kept)" if self.session.last.generated_tokens else ""
