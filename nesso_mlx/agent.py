@@ -1,4 +1,5 @@
-"""The agent loop: the model calls Python functions, sees their results, and goes on until it answers."""
+"""The agent loop: the model calls tools (Python functions, or MCP servers' tools through
+`mcp_tools`), sees their results, and goes on until it answers."""
 
 from __future__ import annotations
 
