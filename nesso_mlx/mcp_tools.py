@@ -255,7 +255,7 @@ class MCPTools(Mapping[str, Callable[..., str]]):
         loop, self._loop = self._loop, None
         try:
             future = asyncio.run_coroutine_threadsafe(self._stop_all(), loop)
-            future.result(timeout=15)
+            future.result(timeout=20)
         except BaseException:  # noqa: S110 - closing: best effort, then the loop stops anyway
             pass
         loop.call_soon_threadsafe(loop.stop)
@@ -283,8 +283,10 @@ class MCPTools(Mapping[str, Callable[..., str]]):
         server.ready, server.stop = asyncio.Event(), asyncio.Event()
         server.task = asyncio.create_task(self._serve(server))
         done = asyncio.create_task(server.ready.wait())
-        await asyncio.wait([done, server.task], timeout=START_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
-        done.cancel()
+        try:
+            await asyncio.wait([done, server.task], timeout=START_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            done.cancel()
         if server.error is None and not server.ready.is_set():
             server.error = f"did not start within {START_TIMEOUT:.0f} s"
             server.stop.set()
@@ -348,14 +350,20 @@ class MCPTools(Mapping[str, Callable[..., str]]):
                 return tools
 
     async def _stop_all(self) -> None:
+        """Ask every server's task to close its session; cancel those still starting (they do not
+        wait for `stop`) or slow to close, and let their clean-up (which ends the process) run."""
         for server in self._servers:
             if server.stop is not None:
                 server.stop.set()
+            if server.task is not None and server.ready is not None and not server.ready.is_set():
+                server.task.cancel()
         tasks = [s.task for s in self._servers if s.task is not None]
         if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=10)
+            _, pending = await asyncio.wait(tasks, timeout=8)
             for task in pending:
                 task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=8)
 
     # --- tools -------------------------------------------------------------------------------
 

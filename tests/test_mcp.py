@@ -250,6 +250,20 @@ with mcp_tools({f"{PYTHON} {SERVER} --name orphan"!r}) as tools:
     assert gone(servers)
 
 
+def test_no_orphan_when_interrupted_while_a_server_starts():
+    """Ctrl-C while a server has not answered `initialize` yet (here: one that never will)."""
+    code = "from nesso_mlx.agent import mcp_tools\nwith mcp_tools('sleep 987'):\n    pass\n"
+    child = subprocess.Popen([PYTHON, "-c", code], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 20
+    while not (servers := [pid for pid, cmd in children(child.pid).items() if "sleep 987" in cmd]):
+        assert time.monotonic() < deadline and child.poll() is None
+        time.sleep(0.1)
+    child.send_signal(signal.SIGINT)
+    _, stderr = child.communicate(timeout=30)
+    assert "KeyboardInterrupt" in stderr and "destroyed but it is pending" not in stderr
+    assert gone(servers)
+
+
 # --- the agent loop --------------------------------------------------------------------------
 
 
