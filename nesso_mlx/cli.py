@@ -265,7 +265,8 @@ def display_name(model: str) -> str:
 CHAT_HELP = (
     "Chat in the terminal: streamed Markdown replies, history, slash commands (/help).\n\n"
     "With --tools, the model may call the file's functions: each call is shown, confirmed (unless --yes), run, "
-    "and its result fed back until the model answers in text.\n\n"
+    "and its result fed back until the model answers in text. --mcp, --mcp-url and --mcp-config add the tools of "
+    "MCP servers (they run with your rights: use servers you trust).\n\n"
     f"Defaults: {defaults_text(CHAT_DEFAULTS)}; `generate` is greedy instead. {SAMPLING_ORDER}"
 )
 
@@ -302,7 +303,24 @@ def chat(
     kv_bits: int | None = KVBitsOption,
     max_kv_size: int | None = MaxKVSizeOption,
     prompt_lookup: bool = PromptLookupOption,
+    mcp: list[str] | None = typer.Option(
+        None,
+        "--mcp",
+        help='start a stdio MCP server and use its tools, e.g. --mcp "npx -y @modelcontextprotocol/server-filesystem DIR"',
+    ),
+    mcp_url: list[str] | None = typer.Option(None, "--mcp-url", help="use the tools of a streamable-HTTP MCP server"),
+    mcp_config: str | None = typer.Option(
+        None, "--mcp-config", help='JSON file of MCP servers, as Claude Desktop writes it: {"mcpServers": {...}}'
+    ),
+    mcp_timeout: float = NumberOption(
+        60.0, "--mcp-timeout", kind=float, help="seconds an MCP tool call may take", low=0, low_open=True
+    ),
+    max_tool_result_tokens: int = NumberOption(
+        1024, "--max-tool-result-tokens", help="longer tool results are cut (the model is told)", low=1
+    ),
 ) -> None:
+    from contextlib import ExitStack
+
     from .chat import ChatSession, SamplingSettings
     from .registry import home
     from .repl import ChatREPL
@@ -319,27 +337,71 @@ def chat(
     settings = SamplingSettings(**{name: value for name, value in given.items() if value is not None})
     system = as_text(system, "--system") if system is not None else None
     functions = load_functions_or_fail(tools) if tools else None
-    loaded, tokenizer = load_or_fail(model, quantize)
-    try:
-        session = ChatSession(
-            loaded,
-            tokenizer,
-            system=system,
-            settings=settings,
-            max_context=max_context,
-            tools=list(functions.values()) if functions else None,
-            kv_bits=kv_bits,
-            max_kv_size=max_kv_size,
-            prompt_lookup=prompt_lookup,
+    servers = mcp_servers_or_fail(mcp or [], mcp_url or [], mcp_config) if mcp or mcp_url or mcp_config else []
+    with ExitStack() as stack:  # MCP servers are stopped however the chat ends
+        mcp_tools = start_mcp_or_fail(servers, mcp_timeout, list(functions or {}), stack) if servers else None
+        loaded, tokenizer = load_or_fail(model, quantize)
+        tool_specs = list((functions or {}).values()) + (mcp_tools.schemas() if mcp_tools is not None else [])
+        try:
+            session = ChatSession(
+                loaded,
+                tokenizer,
+                system=system,
+                settings=settings,
+                max_context=max_context,
+                tools=tool_specs or None,
+                kv_bits=kv_bits,
+                max_kv_size=max_kv_size,
+                prompt_lookup=prompt_lookup,
+            )
+        except ValueError as e:  # --kv-bits on a model whose head dimension cannot be quantized
+            fail(str(e))
+        if prompt_cache:
+            use_prompt_cache(session, prompt_cache)
+        repl = ChatREPL(
+            session,
+            display_name(model),
+            precision_of(loaded),
+            home() / "history",
+            functions=functions,
+            yes=yes,
+            max_steps=max_steps,
+            mcp=mcp_tools,
+            max_result_tokens=max_tool_result_tokens,
         )
-    except ValueError as e:  # --kv-bits on a model whose head dimension cannot be quantized
+        try:
+            code = repl.run()
+        except KeyboardInterrupt:  # before the first prompt: the REPL handles it afterwards
+            code = 130
+    raise typer.Exit(code)
+
+
+def mcp_servers_or_fail(commands: list[str], urls: list[str], config: str | None) -> list:
+    """The MCP servers that --mcp, --mcp-url and --mcp-config name (checked, not started)."""
+    from .errors import NessoError
+    from .mcp_tools import MCPServerSpec, read_mcp_config
+
+    try:
+        servers = [MCPServerSpec.from_command(c) for c in commands] + [MCPServerSpec.from_url(u) for u in urls]
+        return servers + (read_mcp_config(config) if config else [])
+    except NessoError as e:
         fail(str(e))
-    if prompt_cache:
-        use_prompt_cache(session, prompt_cache)
-    repl = ChatREPL(
-        session, display_name(model), precision_of(loaded), home() / "history", functions=functions, yes=yes, max_steps=max_steps
-    )
-    raise typer.Exit(repl.run())
+
+
+def start_mcp_or_fail(servers: list, timeout: float, reserved: list[str], stack: Any) -> Any:
+    """Start the MCP servers (stopped when `stack` closes); a server that fails is a one-line error."""
+    from .errors import NessoError
+    from .mcp_tools import MCPTools
+
+    tools = MCPTools(servers, timeout=timeout, reserved=reserved)
+    try:
+        tools.start()
+    except NessoError as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        fail("interrupted while starting the MCP servers", 130)
+    stack.callback(tools.close)
+    return tools
 
 
 def use_prompt_cache(session, path: str) -> None:
