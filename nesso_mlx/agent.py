@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .chat import ChatSession
-from .errors import NessoError
+from .errors import NessoError, ToolError
 from .generation import GenerationChunk
 from .tools import ToolCall, parse_tool_calls
 
@@ -24,10 +24,6 @@ if TYPE_CHECKING:
 Functions = Mapping[str, Callable[..., Any]]
 """Tools the loop can run: name -> callable taking the call's arguments as keywords (Python
 functions, or an `MCPTools`)."""
-
-
-class ToolError(Exception):
-    """Raised by a tool to give the model an error result: `error: <message>` (no exception type)."""
 
 
 @dataclass

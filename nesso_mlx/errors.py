@@ -23,3 +23,9 @@ class TokenizerError(NessoError):
 
 class ContextLengthError(NessoError):
     """A prompt does not fit in the model's context window."""
+
+
+class ToolError(Exception):
+    """Raised by a tool to give the model an error result: `error: <message>` (no exception type).
+
+    Not a NessoError: it is the tool's answer to the model, not a failure of nesso-mlx."""

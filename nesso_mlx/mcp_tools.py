@@ -35,8 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .agent import ToolError
-from .errors import NessoError
+from .errors import NessoError, ToolError
 
 START_TIMEOUT = 120.0  # seconds for a server to start and list its tools (npx may download it first)
 

@@ -108,3 +108,58 @@ def smollm2(smollm2_path):
     from nesso_mlx import load
 
     return load(smollm2_path)
+
+
+# `python -m pytest -m "not slow"` is the inner loop while you work (under 4 minutes on 2 cores);
+# CI and the README's command run everything. Slow: whole files that start servers, clients or
+# other processes, and the tests that took over ~5 s on a busy 2-core machine (real models
+# decoding, subprocesses, the transformers and lm-eval references).
+SLOW_FILES = {"test_server.py", "test_server_apis.py", "test_lm_eval.py", "test_soak.py", "test_mcp.py", "test_model_card.py"}
+SLOW_TESTS = {
+    "test_agent.py": {
+        "test_agent_loop_example_runs",
+        "test_agent_repl_confirms_runs_and_continues",
+        "test_generate_with_json_schema_and_tools_files",
+    },
+    "test_agentic_vocab.py": {
+        "test_auto_body_is_forced_to_a_valid_call",
+        "test_bounded_schema_finishes_valid_within_64_tokens",
+        "test_forced_calls_always_complete",
+        "test_streamed_call_deltas_reassemble_to_the_calls",
+    },
+    "test_batch.py": {"test_constrained_rows_in_one_batch", "test_seeded_tool_call_after_a_trigger_equals_generate"},
+    "test_bench.py": {"test_every_workload_against_mlx_lm"},
+    "test_chat.py": {"test_real_model_turn_two_prefills_exactly_its_new_tokens"},
+    "test_chat_templates.py": {"test_a_risky_string_is_still_plain_text_in_every_template", "test_ids_equal_transformers"},
+    "test_cli.py": {
+        "test_chat_repl_session",
+        "test_context_overflow_drops_old_turns",
+        "test_ctrl_c_stops_a_reply_and_the_chat_goes_on",
+        "test_generate_from_stdin_as_json",
+        "test_repl_input_multiline_paste_unicode_and_history",
+    },
+    "test_convert.py": {"test_mlx_lm_load_generates_same_greedy_tokens", "test_sigterm_mid_conversion_leaves_nothing"},
+    "test_eval_rules.py": {"test_authors_rules_on_real_generation", "test_eval_tools_command_reports_the_authors_way"},
+    "test_generation.py": {"test_greedy_tokens_equal_mlx_lm", "test_italian_stream_equals_decode", "test_logprobs_equal_mlx_lm"},
+    "test_kv_cache.py": {"test_a_bounded_cache_bounds_memory_and_generation_goes_on"},
+    "test_nesso_trained_fixture.py": {"test_it_models_english_on_nessos_vocabulary"},
+    "test_speculative.py": {
+        "test_an_interrupted_reply_leaves_every_layer_at_what_was_handed_out",
+        "test_constrained_greedy_output_is_identical",
+        "test_greedy_on_smollm2_with_stop_strings",
+        "test_greedy_output_is_identical",
+    },
+    "test_tools.py": {
+        "test_eval_command_runs_the_authors_file_as_is",
+        "test_json_object_mode",
+        "test_named_tool_choice_gives_a_valid_call",
+        "test_schema_constrained_output_parses_and_validates",
+    },
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        name = item.path.name
+        if name in SLOW_FILES or getattr(item, "originalname", item.name) in SLOW_TESTS.get(name, ()):
+            item.add_marker(pytest.mark.slow)

@@ -57,3 +57,17 @@ def test_no_import_cycles():
 
     cyclic = sorted(m for m in graph if reaches(m, m, set()))
     assert cyclic == [], f"modules in import cycles: {cyclic}"
+
+
+def test_slow_marks_name_real_tests():
+    """Every test `conftest.SLOW_TESTS` marks slow exists (a renamed test would drop out of it silently)."""
+    import ast
+
+    from conftest import SLOW_FILES, SLOW_TESTS
+
+    tests = ROOT / "tests"
+    for file, names in SLOW_TESTS.items():
+        tree = ast.parse((tests / file).read_text(encoding="utf-8"))
+        defined = {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
+        assert names <= defined, (file, names - defined)
+    assert all((tests / file).is_file() for file in SLOW_FILES - {"test_server_apis.py"})
