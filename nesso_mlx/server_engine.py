@@ -299,6 +299,8 @@ def chat_job(rt: Runtime, request: ChatRequest, stream: bool) -> Iterator[Event 
     tokenizer = rt.tokenizer
     ids = chat_prompt_ids(tokenizer, request)
     asked = request.max_tokens
+    if asked is not None and request.clamp_max_tokens:  # a ceiling: what the window leaves, at most
+        asked = max(1, min(asked, rt.context_window - len(ids)))
     if asked is None and rt.default_max_tokens is not None:  # the server's default, within what the window leaves
         asked = max(1, min(rt.default_max_tokens, rt.context_window - len(ids)))
     max_tokens = check_context(len(ids), asked, rt.context_window)
@@ -322,12 +324,15 @@ def chat_job(rt: Runtime, request: ChatRequest, stream: bool) -> Iterator[Event 
     reply = ChatReply(tokenizer, tools=bool(request.tools), logprobs=request.logprobs)
     stats = {"cached_tokens": 0}
     finish = None
+    generated: list[int] = []
     steps = generate_steps(rt, ids, options, stats)
     try:
         for chunk in steps:
             if chunk is None or isinstance(chunk, BatchSlot):
                 yield chunk
                 continue
+            if chunk.token is not None:
+                generated.append(chunk.token)
             deltas, entries = reply.add(chunk)
             finish = chunk.finish_reason or finish
             yield {"type": "delta", "deltas": deltas, "logprobs": entries} if stream and (deltas or entries) else None
@@ -344,7 +349,21 @@ def chat_job(rt: Runtime, request: ChatRequest, stream: bool) -> Iterator[Event 
         "message": reply.message(),
         "logprobs": {"content": reply.logprob_entries} if request.logprobs else None,
         "usage": usage(len(ids), reply.completion_tokens, stats["cached_tokens"]),
+        "stop_sequence": _stop_hit(tokenizer, request.stop, generated, "".join(reply.raw)) if finish == "stop" else None,
     }
+
+
+def _stop_hit(tokenizer: Any, stops: Sequence[str], generated: Sequence[int], text: str) -> str | None:
+    """Which of `stops` ended a reply whose text (cut before the stop) is `text`, or None (EOS)."""
+    if not stops or not generated or generated[-1] in set(tokenizer.eos_token_ids):
+        return None
+    rest = tokenizer.decode(list(generated))[len(text) :]
+    return next((s for s in stops if rest.startswith(s)), next((s for s in stops if s in rest), stops[0]))
+
+
+def count_job(rt: Runtime, request: ChatRequest) -> Iterator[Event | None]:
+    """The prompt's token count only (Anthropic's count_tokens): one "done" event."""
+    yield {"type": "done", "input_tokens": len(chat_prompt_ids(rt.tokenizer, request))}
 
 
 def prompt_logprobs(rt: Runtime, ids: Sequence[int], k: int, cache: list[Any], out: list) -> Iterator[None]:
