@@ -490,7 +490,7 @@ def create_app(
             Middleware(
                 CORSMiddleware,
                 allow_origins=list(cors),
-                allow_methods=["GET", "POST", "OPTIONS"],
+                allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
                 allow_headers=["*"],  # the OpenAI SDKs send their own X-Stainless-* headers
             )
         )

@@ -472,3 +472,43 @@ def test_tool_input_is_constrained_on_nesso_vocabulary(nesso):
     assert response.status == "completed" and calls
     for call in calls:
         jsonschema.validate(json.loads(call.arguments), LIGHTS)
+
+
+# --- structured output: the additionalProperties convention ----------------------------------------------
+
+
+def _grammar_accepts(tokenizer, schema: dict, text: str) -> bool:
+    """Whether the response_format grammar for `schema` lets `text` (then EOS) be generated."""
+    import mlx.core as mx
+    import numpy as np
+
+    from nesso_mlx.constrained import build_processor
+
+    vocab = tokenizer.vocab_size
+    processor = build_processor(tokenizer, vocab, response_format={"type": "json_schema", "json_schema": {"schema": schema}})
+    history = [0]
+    for token in [*tokenizer.encode(text, add_special_tokens=False), tokenizer.eos_token_ids[0]]:
+        if not np.array(processor(mx.array(history), mx.zeros((1, vocab)))[0] > -np.inf)[token]:
+            return False
+        history.append(token)
+    return True
+
+
+@pytest.mark.parametrize("vocabulary", ["smollm2", "nesso"])
+def test_a_schema_without_additional_properties_allows_no_extra_keys(vocabulary, smollm2_path):
+    from nesso_mlx.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_folder(smollm2_path if vocabulary == "smollm2" else nesso_folder("text"))
+    item = {"type": "object", "properties": {"name": {"type": "string"}}}
+    order = {"type": "object", "properties": {"item": item, "n": {"type": "integer"}}, "required": ["item"]}
+    assert _grammar_accepts(tokenizer, order, '{"item": {"name": "pane"}, "n": 2}')
+    assert not _grammar_accepts(tokenizer, order, '{"item": {"name": "pane"}, "quantity": 2}')  # extra key, top level
+    assert not _grammar_accepts(tokenizer, order, '{"item": {"name": "pane", "quantity": 2}}')  # extra key, nested
+    open_order = {
+        **order,
+        "additionalProperties": True,
+        "properties": {**order["properties"], "item": {**item, "additionalProperties": True}},
+    }
+    assert _grammar_accepts(tokenizer, open_order, '{"item": {"name": "pane", "quantity": 2}, "note": "x"}')
+    assert _grammar_accepts(tokenizer, {"type": "object"}, '{"anything": 1}')  # no properties listed: open
+    assert order["properties"]["item"] == item and "additionalProperties" not in item  # the caller's schema is unchanged
