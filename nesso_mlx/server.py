@@ -34,17 +34,19 @@ import os
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from .errors import NessoError
-from .request import RequestError, check_depth, new_id, parse_chat_request, parse_completion_request
-from .server_engine import DEFAULT_PROMPT_CACHE_BYTES, Engine, Job, chat_job, completion_job, count_job
+from .request import RequestError, chat_prompt_ids, check_depth, new_id, parse_chat_request, parse_completion_request
+from .server_engine import DEFAULT_PROMPT_CACHE_BYTES, Engine, Job, chat_job, completion_job, prepare_chat
 
 log = logging.getLogger("nesso_mlx.server")
 
 DEFAULT_PORT = 8080
 DEFAULT_MAX_CONCURRENCY = 8
 DEFAULT_MAX_BODY_BYTES = 8 * 2**20
+PREPARE_THREADS = 2  # threads templating, tokenizing and compiling grammars for requests
 API_KEY_ENV = "NESSO_MLX_API_KEY"
 
 
@@ -127,8 +129,7 @@ class _Call:
     that cancels it when the client disconnects."""
 
     def __init__(self, engine: Engine, request: Any, work: Callable, max_queue: int | None = None) -> None:
-        if max_queue is not None and engine.active + engine.queued >= engine.max_concurrency + max_queue:
-            raise QueueFull
+        self.admit(engine, max_queue)
         loop = asyncio.get_running_loop()
         self.events: asyncio.Queue = asyncio.Queue()
 
@@ -142,6 +143,12 @@ class _Call:
         self.request = request
         engine.submit(self.job)
         self.watcher = asyncio.ensure_future(self._watch())
+
+    @staticmethod
+    def admit(engine: Engine, max_queue: int | None) -> None:
+        """Raise `QueueFull` when every slot is busy and `max_queue` requests already wait."""
+        if max_queue is not None and engine.active + engine.queued >= engine.max_concurrency + max_queue:
+            raise QueueFull
 
     async def _watch(self) -> None:
         try:
@@ -215,6 +222,24 @@ def create_app(
     def open_call(request: Any, work: Callable) -> _Call:
         return _Call(engine, request, work, max_queue)
 
+    # Templating, tokenizing and grammar compilation run here, not on the MLX worker thread.
+    pool = ThreadPoolExecutor(max_workers=PREPARE_THREADS, thread_name_prefix="nesso-mlx-prepare")
+
+    async def off_worker(function: Callable, *args: Any) -> Any:
+        try:
+            return await asyncio.get_running_loop().run_in_executor(pool, function, *args)
+        except RequestError:
+            raise
+        except NessoError as e:  # one-line messages about the request (template, tokenizer)
+            raise RequestError(str(e)) from None
+
+    async def prepare(parsed: Any) -> Any:
+        _Call.admit(engine, max_queue)  # a request that will be refused costs no preparation
+        runtime = engine.runtime
+        return await off_worker(
+            prepare_chat, runtime.tokenizer, engine.context_window, engine.vocab_size, parsed, runtime.default_max_tokens
+        )
+
     async def health(request: Any):
         return _json_response({"status": "ok", "active": engine.active, "queued": engine.queued})
 
@@ -235,7 +260,8 @@ def create_app(
 
     async def chat_completions(request: Any):
         parsed = await parse(request, parse_chat_request)
-        call = open_call(request, lambda rt: chat_job(rt, parsed, parsed.stream))
+        prepared = await prepare(parsed)
+        call = open_call(request, lambda rt: chat_job(rt, parsed, parsed.stream, prepared))
         streaming = False
         try:
             first = await call.next()
@@ -352,7 +378,8 @@ def create_app(
 
     async def messages(request: Any):
         parsed = await parse(request, anthropic.parse_messages_request)
-        call = open_call(request, lambda rt: chat_job(rt, parsed, True))
+        prepared = await prepare(parsed)
+        call = open_call(request, lambda rt: chat_job(rt, parsed, True, prepared))
         builder = anthropic.MessageStream(parsed.model or model_id)
         streaming = False
         try:
@@ -377,18 +404,13 @@ def create_app(
 
     async def count_tokens(request: Any):
         parsed = await parse(request, anthropic.parse_messages_request, count_only=True)
-        call = open_call(request, lambda rt: count_job(rt, parsed))
-        try:
-            event = await call.next()
-            if event["type"] != "done":
-                return _event_response(event) if event["type"] == "error" else _json_response({}, 499)
-            return _json_response({"input_tokens": event["input_tokens"]})
-        finally:
-            call.close()
+        ids = await off_worker(chat_prompt_ids, engine.runtime.tokenizer, parsed)
+        return _json_response({"input_tokens": len(ids)})
 
     async def create_response(request: Any):
         parsed = await parse(request, responses.parse_responses_request, store=store)
-        call = open_call(request, lambda rt: chat_job(rt, parsed.chat, True))
+        prepared = await prepare(parsed.chat)
+        call = open_call(request, lambda rt: chat_job(rt, parsed.chat, True, prepared))
         builder = responses.ResponseStream(parsed, parsed.chat.model or model_id)
         streaming = False
         try:
