@@ -334,32 +334,40 @@ def test_responses_function_call_output_round_trip(smol):
 
 
 def test_openai_agents_runs_a_tool_loop(smol):
+    """openai-agents' default (Responses) model runs an agent whose tool is called with valid
+    arguments; the tool's schema is the other tests' (so the prompt comes from the cache)."""
     agents = pytest.importorskip("agents")
     from agents.models.openai_responses import OpenAIResponsesModel
 
     agents.set_tracing_disabled(True)
-    calls: list[str] = []
+    calls: list[dict] = []
 
-    @agents.function_tool
-    def get_weather(city: str) -> str:
-        """Current weather for a city."""
-        calls.append(city)
+    async def get_weather(context, arguments: str) -> str:
+        calls.append(json.loads(arguments))
         return "sunny"
+
+    tool = agents.FunctionTool(
+        name="get_weather",
+        description=WEATHER["description"],
+        params_json_schema=CITY,
+        on_invoke_tool=get_weather,
+        strict_json_schema=False,
+    )
 
     async def run():
         client = openai.AsyncOpenAI(base_url=smol.url + "/v1", api_key=KEY, max_retries=0)
         agent = agents.Agent(
             name="weather",
-            instructions="Use the tools.",
             model=OpenAIResponsesModel(model="smollm2", openai_client=client),
-            tools=[get_weather],
+            tools=[tool],
             model_settings=agents.ModelSettings(tool_choice="required", max_tokens=40, temperature=0),
             tool_use_behavior="stop_on_first_tool",
         )
         return await agents.Runner.run(agent, "Weather in Rome?", max_turns=2)
 
     result = asyncio.run(run())
-    assert len(calls) == 1 and calls[0]
+    assert len(calls) == 1
+    jsonschema.validate(calls[0], CITY)
     assert result.final_output == "sunny"
 
 
