@@ -1,11 +1,16 @@
-"""`nesso-mlx serve`: an OpenAI-compatible HTTP server for agent frameworks and OpenAI clients.
+"""`nesso-mlx serve`: an OpenAI- and Anthropic-compatible HTTP server for agent frameworks and clients.
 
 Endpoints: POST /v1/chat/completions (tools with tool_choice and parallel calls streamed as
 OpenAI deltas, response_format json_object/json_schema, logprobs, SSE streaming with usage),
 POST /v1/completions (text or token ids, echo with prompt logprobs for lm-evaluation-harness),
-GET /v1/models, GET /health. Every request is validated by `nesso_mlx.request`; a bad one gets a
-400 with OpenAI's error object naming the field, never a traceback; an unexpected failure is a
-500 with a JSON error (the traceback goes to the server's log only).
+POST /v1/responses with GET/DELETE /v1/responses/{id} (OpenAI's Responses API) and POST
+/v1/messages with /v1/messages/count_tokens (Anthropic's Messages API), both translations over
+the chat core (`nesso_mlx.protocols`; docs/server.md has their field policies), GET /v1/models,
+GET /health. Every request is validated by `nesso_mlx.request` (or its protocol's module); a bad
+one gets a 400 with the API's error object naming the field, never a traceback; an unexpected
+failure is a 500 with a JSON error (the traceback goes to the server's log only). A request
+nested deeper than `request.MAX_JSON_DEPTH` is a 400; one holding far more text than the window
+takes is refused before it is tokenized; with `max_queue`, a full queue answers 429.
 
 Why Starlette and uvicorn: the two standard, well-kept pieces of Python's ASGI stack (FastAPI
 is built on them), small, pure Python and quick to import. Starlette gives routing, request
@@ -14,11 +19,13 @@ client-disconnect detection, and a CORS middleware; uvicorn is the HTTP/1.1 serv
 framework on top (FastAPI) would add pydantic models duplicating `request.py`'s validation, whose
 errors must be OpenAI's objects anyway; aiohttp would be a second, less common stack.
 
-All MLX work runs in one worker thread (`server_engine.Engine`); the asyncio side only parses,
-queues and writes. Security: binds 127.0.0.1 unless told otherwise; with an API key every
-endpoint but GET /health (for load balancers' checks; it reveals only load counters) needs
-`Authorization: Bearer KEY` (constant-time comparison), else 401; bodies over `max_body_bytes`
-get 413; CORS is off unless origins are named.
+All MLX work runs in one worker thread (`server_engine.Engine`); the asyncio side parses,
+queues and writes, and a small thread pool templates, tokenizes and compiles each request's
+grammar (`server_engine.prepare_chat`) so that none of that holds up decoding. Security: binds
+127.0.0.1 unless told otherwise; with an API key every endpoint but GET /health (for load
+balancers' checks; it reveals only load counters) needs `Authorization: Bearer KEY` or
+`x-api-key: KEY` (constant-time comparison), else 401; bodies over `max_body_bytes` get 413;
+CORS is off unless origins are named.
 
 Run: `python -m nesso_mlx.server --model PATH [--port 8080] [--api-key KEY]` (or `nesso-mlx serve`).
 """

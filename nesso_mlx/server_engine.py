@@ -11,9 +11,10 @@ Scheduling is continuous batching: up to `max_concurrency` jobs are active, the 
 arrival order. Each round, every active job that is not decoding yet takes one step (one chunk of
 its prompt's prefill), then all the decoding jobs take one decode step together: one forward pass
 for the batch (`batch.BatchDecoder`), each with its own sampler, penalties and grammar. A job joins
-the batch when its prefill is done and leaves it the moment its reply ends. A job's first step
-(tokenize, check the context, compile its grammar) runs as soon as it arrives, so a bad request is
-refused at once even when the server is busy. A cancelled job (its client went away) is closed at
+the batch when its prefill is done and leaves it the moment its reply ends. A chat job arrives
+prepared (`prepare_chat`: templated, tokenized, checked against the window, its grammar compiled,
+all in the server's thread pool, off this thread); a job's first step runs as soon as it arrives,
+so a bad request is refused at once even when the server is busy. A cancelled job (its client went away) is closed at
 its next turn: it leaves the batch, its cache is kept for reuse, and the slot is free.
 
 The prompt cache keeps the KV caches of finished requests (prompt and reply) in an LRU with a byte
