@@ -795,19 +795,6 @@ def generation_options(
     }
 
 
-def check_constraints(tokenizer: Tokenizer, vocab_size: int, request: ChatRequest) -> None:
-    """Compile the request's grammar once (a few ms) so that a schema llguidance rejects is a 400
-    before anything is generated."""
-    if not request.tools and request.response_format is None:
-        return
-    from .constrained import GrammarError, build_processor
-
-    try:
-        build_processor(tokenizer, vocab_size, request.tools, request.tool_choice, request.response_format)
-    except GrammarError as e:
-        raise RequestError(str(e), "response_format" if request.response_format else "tools", "invalid_schema") from None
-
-
 # --- replies -----------------------------------------------------------------------------------------
 
 
@@ -1043,7 +1030,6 @@ __all__ = [
     "RequestError",
     "Sampling",
     "chat_prompt_ids",
-    "check_constraints",
     "check_context",
     "completion_prompt_ids",
     "generation_options",
