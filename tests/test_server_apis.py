@@ -520,3 +520,38 @@ def test_a_schema_without_additional_properties_allows_no_extra_keys(vocabulary,
     assert _grammar_accepts(tokenizer, open_order, '{"item": {"name": "pane", "quantity": 2}, "note": "x"}')
     assert _grammar_accepts(tokenizer, {"type": "object"}, '{"anything": 1}')  # no properties listed: open
     assert order["properties"]["item"] == item and "additionalProperties" not in item  # the caller's schema is unchanged
+
+
+def test_a_huge_message_does_not_stall_a_running_stream(smol):
+    """While a 3 MB message is refused, a running stream's longest gap between chunks stays within
+    about twice its calm one (loosely: this machine is shared): the refusal happens on the HTTP
+    side, before templating or tokenizing, never on the worker thread that decodes."""
+    body = json.dumps({"messages": [{"role": "user", "content": "Count to 500."}], "max_tokens": 2000, "stream": True}).encode()
+    connection = http.client.HTTPConnection("127.0.0.1", smol.port, timeout=60)
+    connection.request(
+        "POST", "/v1/chat/completions", body, {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    )
+    response = connection.getresponse()
+
+    def gaps(n: int) -> list[float]:
+        times = []
+        while len(times) < n:
+            if response.readline().startswith(b"data:"):
+                times.append(time.perf_counter())
+        return [b - a for a, b in zip(times[:-1], times[1:], strict=True)]
+
+    try:
+        gaps(2)  # past the prefill
+        calm = gaps(8)
+        refused: list = []
+        huge = {"messages": [{"role": "user", "content": "x" * 3_000_000}], "max_tokens": 1}
+        thread = threading.Thread(
+            target=lambda: refused.append(post(smol.url + "/v1/chat/completions", huge, {"Authorization": f"Bearer {KEY}"}))
+        )
+        thread.start()
+        during = gaps(8)
+        thread.join(30)
+    finally:
+        connection.close()
+    assert refused and refused[0][0] == 400
+    assert max(during) <= 2 * max(calm) + 0.25, (calm, during)
