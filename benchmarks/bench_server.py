@@ -4,6 +4,7 @@ under 1, 4 and 8 concurrent clients.
     python benchmarks/bench_server.py                                  # the SmolLM2 test fixture
     python benchmarks/bench_server.py --model PATH --clients 1,4,8 --requests 4 --max-tokens 64
     python benchmarks/bench_server.py --workload tool --clients 1               # forced tool calls
+    python benchmarks/bench_server.py --apis --servers nesso-mlx --clients 1    # + a line per API
 
 Both servers run at once, each in its own process on a loopback port, on the same model folder
 (weights as stored). Each client sends `--requests` streaming chat requests one after another
@@ -18,6 +19,10 @@ nesso-mlx serve batches them too (continuous batching, `batch.BatchDecoder`).
 `--workload tool` sends tool-call requests instead (the `nesso-mlx bench` tool workload's tool and
 text, `tool_choice` "required"): nesso-mlx constrains the call and, for a request decoding alone,
 verifies its grammar-forced tokens in one pass (prompt lookup); mlx_lm.server decodes freely.
+
+`--apis` adds a line per API of nesso-mlx serve (Chat Completions, Responses, Anthropic Messages):
+the same prompt and the same number of greedy tokens through each, non-streaming, the APIs taking
+turns request by request; the time per request against chat's is what the translation costs.
 """
 
 from __future__ import annotations
@@ -126,6 +131,37 @@ def level(base_url: str, clients: int, requests: int, max_tokens: int, texts: li
     }
 
 
+API_BODIES = {
+    "chat": ("/v1/chat/completions", lambda p, n: {"messages": [{"role": "user", "content": p}], "max_tokens": n}),
+    "responses": ("/v1/responses", lambda p, n: {"input": p, "max_output_tokens": n, "store": False}),
+    "messages": ("/v1/messages", lambda p, n: {"messages": [{"role": "user", "content": p}], "max_tokens": n}),
+}
+
+
+def api_tokens(api: str, reply: dict) -> int:
+    usage = reply["usage"]
+    return usage["completion_tokens"] if api == "chat" else usage["output_tokens"]
+
+
+def per_api(base_url: str, max_tokens: int, rounds: int) -> dict[str, dict]:
+    """Each API's time per request for the same prompt and tokens (greedy; the APIs take turns)."""
+    from server_fixture import post
+
+    prompt = prompts(1)[0]
+    times: dict[str, list[float]] = {api: [] for api in API_BODIES}
+    tokens: dict[str, int] = {}
+    for _ in range(rounds + 1):  # the first round warms the prompt cache up, and is not counted
+        for api, (path, body) in API_BODIES.items():
+            t0 = time.perf_counter()
+            status, reply = post(base_url + path, {**body(prompt, max_tokens), "temperature": 0}, timeout=600)
+            elapsed = time.perf_counter() - t0
+            if status != 200:
+                raise RuntimeError(f"{api}: HTTP {status}: {reply}")
+            tokens[api] = api_tokens(api, reply)
+            times[api].append(elapsed)
+    return {api: {"tokens": tokens[api], "median_s": statistics.median(t[1:])} for api, t in times.items()}
+
+
 def probe_batching(model_path: str, batches: list[int], steps: int = 32, context: int = 64) -> list[dict]:
     """What batching the decode steps could buy, at most: nesso-mlx's model decoding B rows at once
     (equal-length caches, greedy, no sampling or constraints), generated tokens/s per batch size."""
@@ -158,6 +194,8 @@ def main() -> None:
     parser.add_argument("--servers", default="nesso-mlx,mlx-lm", help="which servers (default both)")
     parser.add_argument("--workload", choices=["chat", "tool"], default="chat", help="free stories or forced tool calls")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--apis", action="store_true", help="also time one request through each API of nesso-mlx serve")
+    parser.add_argument("--api-rounds", type=int, default=5, help="requests per API for --apis (default 5)")
     parser.add_argument("--probe-batching", action="store_true", help="also time batched decode steps of the bare model")
     args = parser.parse_args()
     if args.model is None:
@@ -182,6 +220,7 @@ def main() -> None:
                 result = level(server.url, clients, args.requests, args.max_tokens, texts, args.workload == "tool")
                 results[kind].append(result)
                 print(f"{kind:>9}  {clients} clients: {result['tokens_per_s']:.1f} tokens/s", file=sys.stderr, flush=True)
+        apis = per_api(servers["nesso-mlx"].url, args.max_tokens, args.api_rounds) if args.apis and "nesso-mlx" in servers else {}
     finally:
         for server in servers.values():
             server.stop()
@@ -204,6 +243,11 @@ def main() -> None:
         for i, clients in enumerate(levels):
             x, y = results[a][i], results[b][i]
             print(f"| {clients} | {x['tokens_per_s'] / y['tokens_per_s']:.2f} | {x['ttft_p50_s'] / y['ttft_p50_s']:.2f} |")
+    if apis:
+        print(f"\n| nesso-mlx API | tokens | median s per request ({args.api_rounds}) | vs chat |")
+        print("| --- | ---: | ---: | ---: |")
+        for api, r in apis.items():
+            print(f"| {api} | {r['tokens']} | {r['median_s']:.3f} | {r['median_s'] / apis['chat']['median_s']:.3f} |")
     probe = []
     if args.probe_batching:
         probe = probe_batching(args.model, levels)
@@ -212,7 +256,13 @@ def main() -> None:
         for p in probe:
             print(f"| {p['batch']} | {p['tokens_per_s']:.1f} | {p['tokens_per_s'] / probe[0]['tokens_per_s']:.2f} |")
     if args.json:
-        report = {"model": args.model, "args": vars(args) | {"json": str(args.json)}, "results": results, "batching_probe": probe}
+        report = {
+            "model": args.model,
+            "args": vars(args) | {"json": str(args.json)},
+            "results": results,
+            "batching_probe": probe,
+            "apis": apis,
+        }
         args.json.write_text(json.dumps(report, indent=2))
 
 

@@ -86,12 +86,52 @@ def _json(schema: dict[str, Any]) -> str:
     return "%json " + json.dumps({**schema, "x-guidance": {**JSON_STYLE, **schema.get("x-guidance", {})}})
 
 
+_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SUBSCHEMAS = (
+    "items",
+    "additionalItems",
+    "not",
+    "if",
+    "then",
+    "else",
+    "contains",
+    "additionalProperties",
+    "unevaluatedProperties",
+)
+
+
+def closed_schema(schema: Any, close: bool = True) -> Any:
+    """`schema` with the convention of xgrammar and llama.cpp: an object schema that lists
+    `properties` and does not mention `additionalProperties` allows no other properties.
+
+    A copy (the caller's schema is not changed); `additionalProperties: true` (or a schema) is kept,
+    an object schema listing no properties (`{"type": "object"}`) stays open, and so do the
+    direct branches of an `allOf` (each lists only part of the properties). Small models
+    otherwise wander into keys the schema never named and run out of tokens inside the JSON.
+    """
+    if isinstance(schema, list):
+        return [closed_schema(s, close) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: closed_schema(s) for name, s in out[key].items()}
+    for key in _SUBSCHEMA_LISTS + _SUBSCHEMAS:
+        if isinstance(out.get(key), (dict, list)):
+            out[key] = closed_schema(out[key], key != "allOf")
+    if close and "properties" in out and "additionalProperties" not in out and "unevaluatedProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
 def call_schema(tools: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """JSON schema of one call: {"name": one of the tools, "arguments": that tool's parameters}."""
     options = []
     for tool in tools:
         fn = tool["function"]
-        parameters = dict(fn.get("parameters") or {"type": "object", "properties": {}})
+        parameters = closed_schema(fn.get("parameters") or {"type": "object", "properties": {}})
         # Strict, as OpenAI's strict mode: only the declared parameters, so a small model cannot
         # wander into invented keys (measured: SmolLM2 kept adding "description" keys otherwise).
         parameters.setdefault("additionalProperties", False)
@@ -128,7 +168,7 @@ def response_format_grammar(response_format: dict[str, Any]) -> str:
         schema = spec.get("schema") if isinstance(spec, dict) else None
         if not isinstance(schema, dict):
             raise GrammarError('response_format of type json_schema needs {"json_schema": {"schema": {...}}}')
-        return "start: " + _json(schema)
+        return "start: " + _json(closed_schema(schema))
     if kind in (None, "text"):
         return ""
     raise GrammarError(f"response_format type {kind!r} is not supported (json_object, json_schema or text)")

@@ -109,6 +109,39 @@ class RequestError(NessoError):
 
 # --- field checks ------------------------------------------------------------------------------
 
+MAX_JSON_DEPTH = 128  # nesting a request (and any JSON text inside it) may have
+
+
+def check_depth(value: Any, where: str = "the request", limit: int = MAX_JSON_DEPTH) -> None:
+    """Raise `RequestError` when `value` (parsed JSON) nests lists and objects deeper than `limit`.
+
+    Iterative, so that no nesting can raise `RecursionError` here; the chat templates, the JSON
+    encoder and the grammar compiler all recurse, so what reaches them must be bounded first.
+    """
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            raise RequestError(f"{where} nests JSON deeper than {limit} levels", None, "invalid_value")
+        stack.extend((child, depth + 1) for child in children)
+
+
+def load_json(text: str, where: str) -> Any:
+    """`json.loads` for JSON text inside a request (a tool call's arguments): nesting past
+    `MAX_JSON_DEPTH` is a `RequestError`, never a `RecursionError`. Raises `json.JSONDecodeError`."""
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise RequestError(f"{where} nests JSON deeper than {MAX_JSON_DEPTH} levels", where, "invalid_value") from None
+    check_depth(value, where)
+    return value
+
 
 def _number(body: dict, name: str, default: float | None, low: float, high: float, *, low_open: bool = False) -> float | None:
     value = body.get(name)
@@ -263,6 +296,7 @@ class ChatRequest:
     parallel_tool_calls: bool = True
     response_format: dict[str, Any] | None = None
     model: str | None = None
+    clamp_max_tokens: bool = False  # max_tokens is a ceiling, lowered to what the window leaves (Anthropic's)
 
 
 def _text_content(content: Any, where: str, *, nullable: bool = False) -> str | None:
@@ -308,7 +342,7 @@ def _assistant_calls(calls: Any, where: str) -> list[dict[str, Any]]:
             raise RequestError(f"{here}.function.name must be a non-empty string", f"{here}.function.name", "invalid_value")
         if isinstance(arguments, str):
             try:
-                arguments = json.loads(arguments) if arguments.strip() else {}
+                arguments = load_json(arguments, f"{here}.function.arguments") if arguments.strip() else {}
             except json.JSONDecodeError as e:
                 raise RequestError(
                     f"{here}.function.arguments is not valid JSON ({e.msg} at character {e.pos})",
@@ -761,19 +795,6 @@ def generation_options(
     }
 
 
-def check_constraints(tokenizer: Tokenizer, vocab_size: int, request: ChatRequest) -> None:
-    """Compile the request's grammar once (a few ms) so that a schema llguidance rejects is a 400
-    before anything is generated."""
-    if not request.tools and request.response_format is None:
-        return
-    from .constrained import GrammarError, build_processor
-
-    try:
-        build_processor(tokenizer, vocab_size, request.tools, request.tool_choice, request.response_format)
-    except GrammarError as e:
-        raise RequestError(str(e), "response_format" if request.response_format else "tools", "invalid_schema") from None
-
-
 # --- replies -----------------------------------------------------------------------------------------
 
 
@@ -1009,7 +1030,6 @@ __all__ = [
     "RequestError",
     "Sampling",
     "chat_prompt_ids",
-    "check_constraints",
     "check_context",
     "completion_prompt_ids",
     "generation_options",

@@ -1,11 +1,16 @@
-"""`nesso-mlx serve`: an OpenAI-compatible HTTP server for agent frameworks and OpenAI clients.
+"""`nesso-mlx serve`: an OpenAI- and Anthropic-compatible HTTP server for agent frameworks and clients.
 
 Endpoints: POST /v1/chat/completions (tools with tool_choice and parallel calls streamed as
 OpenAI deltas, response_format json_object/json_schema, logprobs, SSE streaming with usage),
 POST /v1/completions (text or token ids, echo with prompt logprobs for lm-evaluation-harness),
-GET /v1/models, GET /health. Every request is validated by `nesso_mlx.request`; a bad one gets a
-400 with OpenAI's error object naming the field, never a traceback; an unexpected failure is a
-500 with a JSON error (the traceback goes to the server's log only).
+POST /v1/responses with GET/DELETE /v1/responses/{id} (OpenAI's Responses API) and POST
+/v1/messages with /v1/messages/count_tokens (Anthropic's Messages API), both translations over
+the chat core (`nesso_mlx.protocols`; docs/server.md has their field policies), GET /v1/models,
+GET /health. Every request is validated by `nesso_mlx.request` (or its protocol's module); a bad
+one gets a 400 with the API's error object naming the field, never a traceback; an unexpected
+failure is a 500 with a JSON error (the traceback goes to the server's log only). A request
+nested deeper than `request.MAX_JSON_DEPTH` is a 400; one holding far more text than the window
+takes is refused before it is tokenized; with `max_queue`, a full queue answers 429.
 
 Why Starlette and uvicorn: the two standard, well-kept pieces of Python's ASGI stack (FastAPI
 is built on them), small, pure Python and quick to import. Starlette gives routing, request
@@ -14,11 +19,13 @@ client-disconnect detection, and a CORS middleware; uvicorn is the HTTP/1.1 serv
 framework on top (FastAPI) would add pydantic models duplicating `request.py`'s validation, whose
 errors must be OpenAI's objects anyway; aiohttp would be a second, less common stack.
 
-All MLX work runs in one worker thread (`server_engine.Engine`); the asyncio side only parses,
-queues and writes. Security: binds 127.0.0.1 unless told otherwise; with an API key every
-endpoint but GET /health (for load balancers' checks; it reveals only load counters) needs
-`Authorization: Bearer KEY` (constant-time comparison), else 401; bodies over `max_body_bytes`
-get 413; CORS is off unless origins are named.
+All MLX work runs in one worker thread (`server_engine.Engine`); the asyncio side parses,
+queues and writes, and a small thread pool templates, tokenizes and compiles each request's
+grammar (`server_engine.prepare_chat`) so that none of that holds up decoding. Security: binds
+127.0.0.1 unless told otherwise; with an API key every endpoint but GET /health (for load
+balancers' checks; it reveals only load counters) needs `Authorization: Bearer KEY` or
+`x-api-key: KEY` (constant-time comparison), else 401; bodies over `max_body_bytes` get 413;
+CORS is off unless origins are named.
 
 Run: `python -m nesso_mlx.server --model PATH [--port 8080] [--api-key KEY]` (or `nesso-mlx serve`).
 """
@@ -34,22 +41,28 @@ import os
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from .errors import NessoError
-from .request import RequestError, new_id, parse_chat_request, parse_completion_request
-from .server_engine import DEFAULT_PROMPT_CACHE_BYTES, Engine, Job, chat_job, completion_job
+from .request import RequestError, chat_prompt_ids, check_depth, new_id, parse_chat_request, parse_completion_request
+from .server_engine import DEFAULT_PROMPT_CACHE_BYTES, Engine, Job, chat_job, completion_job, prepare_chat
 
 log = logging.getLogger("nesso_mlx.server")
 
 DEFAULT_PORT = 8080
 DEFAULT_MAX_CONCURRENCY = 8
 DEFAULT_MAX_BODY_BYTES = 8 * 2**20
+PREPARE_THREADS = 2  # threads templating, tokenizing and compiling grammars for requests
 API_KEY_ENV = "NESSO_MLX_API_KEY"
 
 
 class PayloadTooLarge(Exception):
     pass
+
+
+class QueueFull(Exception):
+    """Every slot is busy and `max_queue` requests already wait: a 429 with Retry-After."""
 
 
 def _error_body(message: str, error_type: str = "invalid_request_error", param: str | None = None, code: str | None = None):
@@ -77,20 +90,53 @@ async def read_json(request: Any, limit: int) -> Any:
     if not body:
         raise RequestError("the request has no body; send a JSON object")
     try:
-        return json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
+        value = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
     except UnicodeDecodeError:
         raise RequestError("the body is not UTF-8") from None
     except RecursionError:
         raise RequestError("the body's JSON is nested too deeply") from None
     except ValueError as e:
         raise RequestError(f"the body is not valid JSON ({str(e).splitlines()[0][:120]})") from None
+    check_depth(value, "the body")
+    return value
+
+
+class _NotFound(Exception):
+    """A stored object that is not there: a 404."""
+
+
+TEXT_CHARS_PER_TOKEN = 32  # more text than this many characters per token of the window cannot fit
+
+
+def check_text_size(body: Any, context_window: int) -> None:
+    """Refuse a body whose strings hold far more text than the context window could take, before
+    anything is templated or tokenized (no token is longer than `TEXT_CHARS_PER_TOKEN` characters
+    in practice), so that a multi-megabyte message costs its parse only."""
+    limit = TEXT_CHARS_PER_TOKEN * context_window
+    total, stack = 0, [body]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            total += len(item)
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    if total > limit:
+        raise RequestError(
+            f"the request holds {total} characters of text, far more than the model's context window of {context_window} "
+            f"tokens can take ({limit} characters at most); shorten the prompt",
+            None,
+            "context_length_exceeded",
+        )
 
 
 class _Call:
     """A job on its way through the engine, seen from the asyncio side: its events and the watcher
     that cancels it when the client disconnects."""
 
-    def __init__(self, engine: Engine, request: Any, work: Callable) -> None:
+    def __init__(self, engine: Engine, request: Any, work: Callable, max_queue: int | None = None) -> None:
+        self.admit(engine, max_queue)
         loop = asyncio.get_running_loop()
         self.events: asyncio.Queue = asyncio.Queue()
 
@@ -104,6 +150,12 @@ class _Call:
         self.request = request
         engine.submit(self.job)
         self.watcher = asyncio.ensure_future(self._watch())
+
+    @staticmethod
+    def admit(engine: Engine, max_queue: int | None) -> None:
+        """Raise `QueueFull` when every slot is busy and `max_queue` requests already wait."""
+        if max_queue is not None and engine.active + engine.queued >= engine.max_concurrency + max_queue:
+            raise QueueFull
 
     async def _watch(self) -> None:
         try:
@@ -148,20 +200,52 @@ def create_app(
     api_key: str | None = None,
     cors: Sequence[str] | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    max_queue: int | None = None,
 ):
-    """The Starlette application serving `engine` (started) under the OpenAI API."""
+    """The Starlette application serving `engine` (started) under the OpenAI and Anthropic APIs.
+
+    `max_queue` bounds the requests waiting for a generation slot (None: unbounded); past it a
+    request gets a 429 with Retry-After.
+    """
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
     from starlette.middleware import Middleware
     from starlette.responses import StreamingResponse
     from starlette.routing import Route
 
+    from .protocols import anthropic_messages as anthropic
+    from .protocols import responses
+
     model_id = model_id or engine.model_name
     created = int(time.time())
 
-    async def parse(request: Any, parser: Callable) -> Any:
+    store = responses.ResponseStore()
+
+    async def parse(request: Any, parser: Callable, **kwargs: Any) -> Any:
         body = await read_json(request, max_body_bytes)
-        return parser(body, context_window=engine.context_window, vocab_size=engine.vocab_size)
+        check_text_size(body, engine.context_window)
+        return parser(body, context_window=engine.context_window, vocab_size=engine.vocab_size, **kwargs)
+
+    def open_call(request: Any, work: Callable) -> _Call:
+        return _Call(engine, request, work, max_queue)
+
+    # Templating, tokenizing and grammar compilation run here, not on the MLX worker thread.
+    pool = ThreadPoolExecutor(max_workers=PREPARE_THREADS, thread_name_prefix="nesso-mlx-prepare")
+
+    async def off_worker(function: Callable, *args: Any) -> Any:
+        try:
+            return await asyncio.get_running_loop().run_in_executor(pool, function, *args)
+        except RequestError:
+            raise
+        except NessoError as e:  # one-line messages about the request (template, tokenizer)
+            raise RequestError(str(e)) from None
+
+    async def prepare(parsed: Any) -> Any:
+        _Call.admit(engine, max_queue)  # a request that will be refused costs no preparation
+        runtime = engine.runtime
+        return await off_worker(
+            prepare_chat, runtime.tokenizer, engine.context_window, engine.vocab_size, parsed, runtime.default_max_tokens
+        )
 
     async def health(request: Any):
         return _json_response({"status": "ok", "active": engine.active, "queued": engine.queued})
@@ -183,7 +267,8 @@ def create_app(
 
     async def chat_completions(request: Any):
         parsed = await parse(request, parse_chat_request)
-        call = _Call(engine, request, lambda rt: chat_job(rt, parsed, parsed.stream))
+        prepared = await prepare(parsed)
+        call = open_call(request, lambda rt: chat_job(rt, parsed, parsed.stream, prepared))
         streaming = False
         try:
             first = await call.next()
@@ -250,7 +335,7 @@ def create_app(
 
     async def completions(request: Any):
         parsed = await parse(request, parse_completion_request)
-        call = _Call(engine, request, lambda rt: completion_job(rt, parsed, parsed.stream))
+        call = open_call(request, lambda rt: completion_job(rt, parsed, parsed.stream))
         streaming = False
         try:
             first = await call.next()
@@ -298,6 +383,107 @@ def create_app(
         finally:
             call.close()
 
+    async def messages(request: Any):
+        parsed = await parse(request, anthropic.parse_messages_request)
+        prepared = await prepare(parsed)
+        call = open_call(request, lambda rt: chat_job(rt, parsed, True, prepared))
+        builder = anthropic.MessageStream(parsed.model or model_id)
+        streaming = False
+        try:
+            first = await call.next()
+            if first["type"] != "ready":
+                return _event_response(first) if first["type"] == "error" else _json_response({}, 499)
+            head = builder.start(first)
+            if parsed.stream:
+                streaming = True
+                return StreamingResponse(
+                    _protocol_stream(call, builder, head), media_type="text/event-stream", headers=SSE_HEADERS
+                )
+            while (event := await call.next())["type"] == "delta":
+                builder.add(event["deltas"])
+            if event["type"] != "done":
+                return _event_response(event) if event["type"] == "error" else _json_response({}, 499)
+            builder.finish(event)
+            return _json_response(builder.message())
+        finally:
+            if not streaming:
+                call.close()
+
+    async def count_tokens(request: Any):
+        parsed = await parse(request, anthropic.parse_messages_request, count_only=True)
+        ids = await off_worker(chat_prompt_ids, engine.runtime.tokenizer, parsed)
+        return _json_response({"input_tokens": len(ids)})
+
+    async def create_response(request: Any):
+        parsed = await parse(request, responses.parse_responses_request, store=store)
+        prepared = await prepare(parsed.chat)
+        call = open_call(request, lambda rt: chat_job(rt, parsed.chat, True, prepared))
+        builder = responses.ResponseStream(parsed, parsed.chat.model or model_id)
+        streaming = False
+        try:
+            first = await call.next()
+            if first["type"] != "ready":
+                return _event_response(first) if first["type"] == "error" else _json_response({}, 499)
+            head = builder.start()
+            if parsed.chat.stream:
+                streaming = True
+                return StreamingResponse(
+                    _protocol_stream(call, builder, head, lambda: keep(parsed, builder)),
+                    media_type="text/event-stream",
+                    headers=SSE_HEADERS,
+                )
+            while (event := await call.next())["type"] == "delta":
+                builder.add(event["deltas"])
+            if event["type"] != "done":
+                return _event_response(event) if event["type"] == "error" else _json_response({}, 499)
+            builder.finish(event)
+            keep(parsed, builder)
+            return _json_response(builder.response)
+        finally:
+            if not streaming:
+                call.close()
+
+    def keep(parsed: Any, builder: Any) -> None:
+        if parsed.store:
+            store.put(builder.response, [*parsed.conversation, builder.assistant_message()])
+
+    def stored_response(request: Any) -> tuple[str, Any]:
+        response_id = request.path_params["id"]
+        item = store.get(response_id)
+        if item is None:
+            raise _NotFound(f"no stored response with id {response_id!r}")
+        return response_id, item
+
+    async def get_response(request: Any):
+        return _json_response(stored_response(request)[1][0])
+
+    async def delete_response(request: Any):
+        response_id, _ = stored_response(request)
+        store.delete(response_id)
+        return _json_response({"id": response_id, "object": "response", "deleted": True})
+
+    async def _protocol_stream(call: _Call, builder: Any, head: str, on_done: Callable | None = None) -> AsyncIterator[str]:
+        try:
+            yield head
+            while True:
+                event = await call.next()
+                if event["type"] == "delta":
+                    text = builder.add(event["deltas"])
+                    if text:
+                        yield text
+                elif event["type"] == "done":
+                    yield builder.finish(event)
+                    if on_done is not None:
+                        on_done()
+                    return
+                elif event["type"] == "error":
+                    yield builder.error(event["status"], event["error"]["error"]["message"])
+                    return
+                else:  # disconnected
+                    return
+        finally:
+            call.close()
+
     async def request_error(request: Any, exc: Exception):
         assert isinstance(exc, RequestError)
         return _json_response(exc.to_dict(), 400)
@@ -317,6 +503,8 @@ def create_app(
             message = f"{request.method} is not allowed on {request.url.path}"
         else:
             message = str(exc.detail)
+        if request.url.path.startswith("/v1/messages"):
+            return _json_response(anthropic.error_body(exc.status_code, message), exc.status_code, getattr(exc, "headers", None))
         return _json_response(_error_body(message), exc.status_code, getattr(exc, "headers", None))
 
     async def server_error(request: Any, exc: Exception):
@@ -331,7 +519,7 @@ def create_app(
             Middleware(
                 CORSMiddleware,
                 allow_origins=list(cors),
-                allow_methods=["GET", "POST", "OPTIONS"],
+                allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
                 allow_headers=["*"],  # the OpenAI SDKs send their own X-Stainless-* headers
             )
         )
@@ -347,8 +535,32 @@ def create_app(
                 return await endpoint(request)
             except (RequestError, PayloadTooLarge) as e:
                 return await (request_error if isinstance(e, RequestError) else too_large)(request, e)
+            except QueueFull:
+                message = (
+                    f"the server is busy: {engine.max_concurrency} requests are generating and {max_queue} waiting; retry later"
+                )
+                return _json_response(_error_body(message, "rate_limit_error", code="queue_full"), 429, {"Retry-After": "1"})
+            except _NotFound as e:
+                return _json_response(_error_body(str(e), code="not_found"), 404)
             except Exception as e:
                 return await server_error(request, e)
+
+        return run
+
+    def anthropic_shaped(endpoint: Callable) -> Callable:
+        """The endpoint with its error bodies in Anthropic's shape, {"type": "error", "error": {...}}."""
+        inner = guarded(endpoint)
+
+        async def run(request: Any):
+            response = await inner(request)
+            if response.status_code < 400 or response.media_type != "application/json":
+                return response
+            try:
+                message = json.loads(response.body)["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                message = "request failed"
+            headers = {k: v for k, v in response.headers.items() if k.lower() in ("retry-after", "connection")}
+            return _json_response(anthropic.error_body(response.status_code, message), response.status_code, headers)
 
         return run
 
@@ -358,6 +570,11 @@ def create_app(
         Route("/v1/models/{name:path}", guarded(model), methods=["GET"]),
         Route("/v1/chat/completions", guarded(chat_completions), methods=["POST"]),
         Route("/v1/completions", guarded(completions), methods=["POST"]),
+        Route("/v1/messages", anthropic_shaped(messages), methods=["POST"]),
+        Route("/v1/messages/count_tokens", anthropic_shaped(count_tokens), methods=["POST"]),
+        Route("/v1/responses", guarded(create_response), methods=["POST"]),
+        Route("/v1/responses/{id}", guarded(get_response), methods=["GET"]),
+        Route("/v1/responses/{id}", guarded(delete_response), methods=["DELETE"]),
     ]
     handlers = {HTTPException: http_error, Exception: server_error}
     return Starlette(routes=routes, middleware=middleware, exception_handlers=handlers)
@@ -381,9 +598,16 @@ class BearerAuth:
                 scheme, _, token = value.partition(b" ")
                 if scheme.lower() == b"bearer":
                     given = token.strip()
+            elif name == b"x-api-key" and not given:  # Anthropic's clients
+                given = value.strip()
         if not hmac.compare_digest(given, self.key):
-            message = "missing API key: send Authorization: Bearer KEY" if not given else "incorrect API key"
-            body = _dumps(_error_body(message, code="invalid_api_key")).encode()
+            message = "missing API key: send Authorization: Bearer KEY or x-api-key: KEY" if not given else "incorrect API key"
+            if scope["path"].startswith("/v1/messages"):
+                from .protocols.anthropic_messages import error_body
+
+                body = _dumps(error_body(401, message)).encode()
+            else:
+                body = _dumps(_error_body(message, code="invalid_api_key")).encode()
             headers = [
                 (b"content-type", b"application/json"),
                 (b"www-authenticate", b"Bearer"),
@@ -409,6 +633,7 @@ def serve(
     dtype: str | None = None,
     log_level: str = "info",
     prompt_lookup: bool = True,
+    max_queue: int | None = None,
 ) -> None:
     """Load `model` (an alias, repo id or folder) and serve the OpenAI API on host:port until interrupted.
 
@@ -417,7 +642,8 @@ def serve(
     the prompt cache off); `cors` names the browser origins allowed (none by default);
     `max_body_bytes` bounds request bodies; `default_max_tokens` caps chat replies whose request sets
     no max_tokens (None: up to the context window, as OpenAI); `prompt_lookup` turns on
-    prompt-lookup decoding for a request while it decodes alone. Raises NessoError when the model
+    prompt-lookup decoding for a request while it decodes alone; `max_queue` bounds the requests
+    waiting for a slot (past it: 429 with Retry-After; None: unbounded). Raises NessoError when the model
     cannot be loaded.
     """
     import uvicorn
@@ -440,7 +666,9 @@ def serve(
         prompt_lookup=prompt_lookup,
     )
     engine.start()
-    app = create_app(engine, model_id=model, api_key=api_key, cors=cors, max_body_bytes=max_body_bytes)
+    if max_queue is not None and max_queue < 0:
+        raise NessoError(f"max_queue must not be negative, got {max_queue}")
+    app = create_app(engine, model_id=model, api_key=api_key, cors=cors, max_body_bytes=max_body_bytes, max_queue=max_queue)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="off", timeout_graceful_shutdown=5)
     try:
         uvicorn.Server(config).run()
@@ -473,6 +701,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def _port(text: str) -> int:
     try:
         value = int(text)
@@ -490,7 +728,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     prog = "nesso-mlx serve" if os.path.basename(sys.argv[0]) == "nesso-mlx" else "python -m nesso_mlx.server"
     parser = argparse.ArgumentParser(
         prog=prog,
-        description="Serve an OpenAI-compatible API (chat completions with tools and JSON schemas, completions, models, health).",
+        description="Serve OpenAI's chat completions, completions and Responses APIs and Anthropic's Messages API "
+        "(tools, JSON schemas, streaming) for one model.",
     )
     parser.add_argument(
         "--model",
@@ -518,6 +757,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=True,
         help="prompt-lookup decoding while a request decodes alone (greedy output unchanged up to kernel numerics; default: on)",
     )
+    parser.add_argument(
+        "--max-queue",
+        type=_count,
+        help="requests that may wait for a slot; past it a request gets 429 with Retry-After (default: no bound)",
+    )
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     args = parser.parse_args(argv)
     if args.max_body_bytes < 1:
@@ -536,6 +780,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             dtype=args.dtype,
             log_level=args.log_level,
             prompt_lookup=args.prompt_lookup,
+            max_queue=args.max_queue,
         )
     except NessoError as e:
         print(f"error: {e}", file=sys.stderr)

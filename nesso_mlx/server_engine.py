@@ -11,9 +11,10 @@ Scheduling is continuous batching: up to `max_concurrency` jobs are active, the 
 arrival order. Each round, every active job that is not decoding yet takes one step (one chunk of
 its prompt's prefill), then all the decoding jobs take one decode step together: one forward pass
 for the batch (`batch.BatchDecoder`), each with its own sampler, penalties and grammar. A job joins
-the batch when its prefill is done and leaves it the moment its reply ends. A job's first step
-(tokenize, check the context, compile its grammar) runs as soon as it arrives, so a bad request is
-refused at once even when the server is busy. A cancelled job (its client went away) is closed at
+the batch when its prefill is done and leaves it the moment its reply ends. A chat job arrives
+prepared (`prepare_chat`: templated, tokenized, checked against the window, its grammar compiled,
+all in the server's thread pool, off this thread); a job's first step runs as soon as it arrives,
+so a bad request is refused at once even when the server is busy. A cancelled job (its client went away) is closed at
 its next turn: it leaves the batch, its cache is kept for reuse, and the slot is free.
 
 The prompt cache keeps the KV caches of finished requests (prompt and reply) in an LRU with a byte
@@ -43,7 +44,6 @@ from .request import (
     LegacyLogprobs,
     RequestError,
     chat_prompt_ids,
-    check_constraints,
     check_context,
     completion_prompt_ids,
     generation_options,
@@ -240,7 +240,12 @@ def generate_steps(
             yield None
         kwargs = options(ids[:position], len(ids) - position)
         top_logprobs = kwargs.pop("top_logprobs", None)
+        constraint = kwargs.pop("constraint", None)
+        if constraint is not None:  # compiled already (once per request): not again here
+            kwargs.update(constrain=False, response_format=None)
         plan = prepare_decoding(rt.model, rt.tokenizer, ids[position:], position, **kwargs)
+        if constraint is not None:
+            plan.constraint = constraint
         prompt = mx.array(plan.ids, dtype=mx.int32)
         logits = prefill(rt.model, prompt, cache, rt.prefill_step)
         if plan.max_tokens <= 0:
@@ -294,15 +299,53 @@ def _prompt_lookup(rt: Runtime, ids: list[int], sampling: Any, top_logprobs: int
     return PromptLookup(ids, sampling, max_tokens=plan.max_tokens, stop_ids=plan.reply.eos, words=rt.tokenizer)
 
 
-def chat_job(rt: Runtime, request: ChatRequest, stream: bool) -> Iterator[Event | None]:
-    """A chat completion: "ready" once checked, "delta" events while streaming, then "done"."""
-    tokenizer = rt.tokenizer
+@dataclass
+class PreparedChat:
+    """A chat request made ready to run: its prompt ids, its token budget and its grammar
+    constraint (compiled once; None when nothing is constrained). See `prepare_chat`."""
+
+    ids: list[int]
+    max_tokens: int
+    constraint: Any = None
+
+
+def prepare_chat(
+    tokenizer: Any, context_window: int, vocab_size: int, request: ChatRequest, default_max_tokens: int | None = None
+) -> PreparedChat:
+    """Template and tokenize a chat request, check it fits the window and compile its grammar.
+
+    No MLX work: the server runs it in a thread pool on the HTTP side, so that a long prompt or a
+    large schema never holds up the worker thread's decoding. Raises `RequestError`.
+    """
     ids = chat_prompt_ids(tokenizer, request)
     asked = request.max_tokens
-    if asked is None and rt.default_max_tokens is not None:  # the server's default, within what the window leaves
-        asked = max(1, min(rt.default_max_tokens, rt.context_window - len(ids)))
-    max_tokens = check_context(len(ids), asked, rt.context_window)
-    check_constraints(tokenizer, rt.vocab_size, request)
+    if asked is not None and request.clamp_max_tokens:  # a ceiling: what the window leaves, at most
+        asked = max(1, min(asked, context_window - len(ids)))
+    if asked is None and default_max_tokens is not None:  # the server's default, within what the window leaves
+        asked = max(1, min(default_max_tokens, context_window - len(ids)))
+    max_tokens = check_context(len(ids), asked, context_window)
+    constraint = None
+    if request.tools or request.response_format is not None:
+        from .constrained import GrammarError, build_processor
+
+        try:
+            constraint = build_processor(
+                tokenizer, vocab_size, request.tools, request.tool_choice, request.response_format, max_tokens=max_tokens
+            )
+        except GrammarError as e:
+            raise RequestError(str(e), "response_format" if request.response_format else "tools", "invalid_schema") from None
+    return PreparedChat(ids, max_tokens, constraint)
+
+
+def chat_job(rt: Runtime, request: ChatRequest, stream: bool, prepared: PreparedChat | None = None) -> Iterator[Event | None]:
+    """A chat completion: "ready" once checked, "delta" events while streaming, then "done".
+
+    `prepared` (from `prepare_chat`, run off this thread) is made here when not given.
+    """
+    tokenizer = rt.tokenizer
+    if prepared is None:
+        prepared = prepare_chat(tokenizer, rt.context_window, rt.vocab_size, request, rt.default_max_tokens)
+    ids, max_tokens = prepared.ids, prepared.max_tokens
     yield {"type": "ready", "prompt_tokens": len(ids)}
 
     def options(prefix: Sequence[int], n: int) -> dict[str, Any]:
@@ -317,17 +360,20 @@ def chat_job(rt: Runtime, request: ChatRequest, stream: bool) -> Iterator[Event 
             tools=request.tools,
             tool_choice=request.tool_choice,
             response_format=request.response_format,
-        )
+        ) | {"constraint": prepared.constraint}
 
     reply = ChatReply(tokenizer, tools=bool(request.tools), logprobs=request.logprobs)
     stats = {"cached_tokens": 0}
     finish = None
+    generated: list[int] = []
     steps = generate_steps(rt, ids, options, stats)
     try:
         for chunk in steps:
             if chunk is None or isinstance(chunk, BatchSlot):
                 yield chunk
                 continue
+            if chunk.token is not None:
+                generated.append(chunk.token)
             deltas, entries = reply.add(chunk)
             finish = chunk.finish_reason or finish
             yield {"type": "delta", "deltas": deltas, "logprobs": entries} if stream and (deltas or entries) else None
@@ -344,7 +390,16 @@ def chat_job(rt: Runtime, request: ChatRequest, stream: bool) -> Iterator[Event 
         "message": reply.message(),
         "logprobs": {"content": reply.logprob_entries} if request.logprobs else None,
         "usage": usage(len(ids), reply.completion_tokens, stats["cached_tokens"]),
+        "stop_sequence": _stop_hit(tokenizer, request.stop, generated, "".join(reply.raw)) if finish == "stop" else None,
     }
+
+
+def _stop_hit(tokenizer: Any, stops: Sequence[str], generated: Sequence[int], text: str) -> str | None:
+    """Which of `stops` ended a reply whose text (cut before the stop) is `text`, or None (EOS)."""
+    if not stops or not generated or generated[-1] in set(tokenizer.eos_token_ids):
+        return None
+    rest = tokenizer.decode(list(generated))[len(text) :]
+    return next((s for s in stops if rest.startswith(s)), next((s for s in stops if s in rest), stops[0]))
 
 
 def prompt_logprobs(rt: Runtime, ids: Sequence[int], k: int, cache: list[Any], out: list) -> Iterator[None]:
