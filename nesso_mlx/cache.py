@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import mlx.core as mx
@@ -581,4 +582,17 @@ __all__ = [
     "trim_cache",
     "save_cache",
     "load_cache",
+    "common_prefix",
 ]
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """The length of the longest common prefix of two token sequences: how many of a cache's
+    positions a new prompt can keep (the server's prompt cache, the lm-eval backend)."""
+    import numpy as np
+
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(diff[0]) if diff.size else n

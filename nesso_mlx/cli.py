@@ -439,9 +439,7 @@ def generate(
     max_tokens: int = NumberOption(GENERATE_DEFAULTS["max_tokens"], "--max-tokens", "-n", low=1),
     seed: int | None = SeedOption,
     stop: list[str] | None = typer.Option(None, "--stop", help="stop string (repeatable)"),
-    raw: bool = typer.Option(
-        False, "--raw", "--ignore-chat-template", help="send the prompt as is, without the chat template"
-    ),
+    raw: bool = typer.Option(False, "--raw", "--ignore-chat-template", help="send the prompt as is, without the chat template"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object with text, tokens and speeds"),
     quantize: int | None = QuantizeOption,
     json_schema: str | None = typer.Option(None, "--json-schema", help="JSON schema file: the output always matches"),

@@ -40,7 +40,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, has_bos_prefix, normalize_gen_kwargs, postprocess_generated_text
 
-from .cache import KVCache, rollback_cache
+from .cache import KVCache, common_prefix, rollback_cache
 from .errors import NessoError, TokenizerError
 from .generation import prefill, stream_generate
 from .sampling import SamplingOptions, log_softmax
@@ -64,14 +64,6 @@ def _batch_size(value: Any, default: int = 1) -> int:
     if size < 1:
         raise ValueError(f"batch_size must be >= 1, got {value!r}")
     return size
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 @register_model("nesso-mlx", "nesso_mlx")
@@ -255,7 +247,7 @@ class NessoLM(TemplateLM):
 
     def _prefill(self, context: Sequence[int]) -> mx.array:
         """Log-probabilities (vocab,) of the token after `context`, reusing the cached prefix."""
-        keep = min(_common_prefix(self._cached, context), len(context) - 1)
+        keep = min(common_prefix(self._cached, context), len(context) - 1)
         rollback_cache(self._cache, keep)
         self._cached = list(context[:keep])
         logits = prefill(self.model, mx.array(context[keep:], dtype=mx.int32), self._cache)
@@ -404,7 +396,7 @@ class NessoLM(TemplateLM):
         results: list[str] = [""] * len(requests)
         step = self._bar("generate_until", len(requests), disable_tqdm)
         for ids, i, until, max_gen_toks, sampling in sorted(prepared, key=lambda p: (p[0], p[1])):
-            keep = min(_common_prefix(self._cached, ids), len(ids) - 1)
+            keep = min(common_prefix(self._cached, ids), len(ids) - 1)
             rollback_cache(self._cache, keep)
             self._cached = list(ids[:keep])
             tokens = []

@@ -666,9 +666,10 @@ def parse_completion_request(body: Any, *, context_window: int, vocab_size: int)
 
 
 def completion_prompt_ids(tokenizer: Tokenizer, prompt: str | list[int]) -> list[int]:
-    """A completions prompt's ids: a string is encoded as `stream_generate` does (BOS added when the
-    tokenizer adds one, special tokens in the text parsed); ids are taken as they are."""
-    return tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    """A completions prompt's ids: a string is encoded as `stream_generate` does (special tokens in
+    the text parsed; BOS added when the tokenizer adds one, unless the text holds special tokens);
+    ids are taken as they are."""
+    return tokenizer.encode_prompt(prompt) if isinstance(prompt, str) else list(prompt)
 
 
 def check_context(prompt_tokens: int, max_tokens: int | None, context_window: int, *, param: str = "messages") -> int:

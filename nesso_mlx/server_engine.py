@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .cache import common_prefix
 from .errors import NessoError
 from .request import (
     ChatReply,
@@ -82,17 +83,6 @@ def share_cache(cache: Sequence[Any], length: int) -> list[Any]:
             copy.offset = length
         out.append(copy)
     return out
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """The length of the longest common prefix of two token sequences."""
-    import numpy as np
-
-    n = min(len(a), len(b))
-    if n == 0:
-        return 0
-    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
-    return int(diff[0]) if diff.size else n
 
 
 @dataclass
