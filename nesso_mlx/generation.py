@@ -445,6 +445,7 @@ class ReplyStream:
         stop: str | Sequence[str] | None = None,
         tools: Sequence[Any] | None = None,
         tool_choice: Any = "auto",
+        parse_calls: bool = True,
     ) -> None:
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         if tools and tool_choice == "none":
@@ -454,7 +455,7 @@ class ReplyStream:
         self.detokenizer = tokenizer.detokenizer(skip_special_tokens=False)
         self.eos = set(tokenizer.eos_token_ids)
         self.prompt_tokens, self.max_tokens, self.count = prompt_tokens, max_tokens, 0
-        self.calls = ToolCallStream() if tools else None
+        self.calls = ToolCallStream() if tools and parse_calls else None  # off where the caller parses them itself
         self.emitted: list[str] = []
         self.t0 = time.perf_counter()  # when the request began (its prefill)
         self.t_first = 0.0
@@ -520,9 +521,12 @@ def prepare_decoding(
     sampling: SamplingOptions | None = None,
     stop: str | Sequence[str] | None = None,
     logits_processors: Sequence[LogitsProcessor] | None = None,
+    parse_calls: bool = True,
 ) -> Decoding:
     """Check a prompt of `ids` after `cached` positions already in the cache, and build its
-    sampler, logits processors, grammar constraint and reply stream (`stream_generate`'s options)."""
+    sampler, logits processors, grammar constraint and reply stream (`stream_generate`'s options).
+    `parse_calls=False`: the chunks carry no tool calls or call deltas (for a caller that parses
+    the reply's text itself, as the server's `ChatReply` does)."""
     ids = list(ids)
     if not ids:
         raise ValueError("the prompt is empty")
@@ -551,7 +555,7 @@ def prepare_decoding(
         constraint = build_processor(
             tokenizer, model.args.vocab_size, tools, tool_choice, response_format, constrain, max_tokens=max_tokens
         )
-    reply = ReplyStream(tokenizer, len(ids), max_tokens, stop, tools, tool_choice)
+    reply = ReplyStream(tokenizer, len(ids), max_tokens, stop, tools, tool_choice, parse_calls)
     return Decoding(ids, max_tokens, sampler, processors, constraint, reply)
 
 

@@ -233,7 +233,8 @@ def generate_steps(
         constraint = kwargs.pop("constraint", None)
         if constraint is not None:  # compiled already (once per request): not again here
             kwargs.update(constrain=False, response_format=None)
-        plan = prepare_decoding(rt.model, rt.tokenizer, ids[position:], position, **kwargs)
+        # The protocols' ChatReply parses the calls from the text, once: the reply stream does not.
+        plan = prepare_decoding(rt.model, rt.tokenizer, ids[position:], position, parse_calls=False, **kwargs)
         if constraint is not None:
             plan.constraint = constraint
         prompt = mx.array(plan.ids, dtype=mx.int32)
