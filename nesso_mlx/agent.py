@@ -166,7 +166,7 @@ def agent_turn(
             calls = reply_calls(session.messages[-1])
             if not calls or session.last.finish_reason not in ("tool_calls", "stop", "length"):
                 return
-            for call in calls:
+            for i, call in enumerate(calls):
                 if call.ok and not confirm(call):
                     result, status, seconds = "the user declined to run this tool", "declined", 0.0
                 else:
@@ -174,8 +174,10 @@ def agent_turn(
                     try:
                         with on_call(call) if on_call is not None and call.ok else nullcontext():
                             result, status = run_tool(call, functions)
-                    except KeyboardInterrupt:  # the call has an answer, so the conversation stays well formed
+                    except KeyboardInterrupt:  # every call gets an answer, so the conversation stays well formed
                         session.add_tool_result("error: the user interrupted this tool")
+                        for _ in calls[i + 1 :]:
+                            session.add_tool_result("error: not run (the user interrupted an earlier tool)")
                         raise
                     seconds = time.perf_counter() - start
                 result = cut_result(result, session, max_result_tokens)

@@ -275,9 +275,8 @@ GENERATE_HELP = (
     f"Defaults: {defaults_text(GENERATE_DEFAULTS)}, so the same prompt gives the same text; `chat` samples instead. "
     f"{SAMPLING_ORDER}\n\n"
     "A prompt that is not valid UTF-8 (on stdin) is read with U+FFFD for the bad bytes, and a warning; "
-    "--tools and --json-schema files that are not UTF-8 are refused.\n\n"
-    "A prompt that already starts with a special token (`<|im_start|>`, the chat format a model card's raw prompt "
-    "is written in) is used as it is, without a second template; so is any prompt with --raw."
+    "--tools and --json-schema files that are not UTF-8 are refused. The prompt is always the user's message in "
+    "the chat template (its text never becomes control tokens) unless --raw sends it as it is."
 )
 
 
@@ -449,7 +448,11 @@ def generate(
     kv_bits: int | None = KVBitsOption,
     max_kv_size: int | None = MaxKVSizeOption,
     prompt_lookup: bool = PromptLookupOption,
+    raw_if_templated: bool = typer.Option(False, "--raw-if-templated", hidden=True),
 ) -> None:
+    # `raw_if_templated` (python -m nesso_mlx.generate, for model cards' commands): a --prompt that
+    # starts with a special token is used raw. Never for stdin: piped text stays the user's text.
+    raw_if_templated = raw_if_templated and prompt != "-"
     if prompt == "-":
         stdin = getattr(sys.stdin, "buffer", None)
         data = stdin.read() if stdin is not None else sys.stdin.read()
@@ -480,7 +483,7 @@ def generate(
         if tool_choice not in names:
             fail(f"--tool-choice must be auto, required, none or the name of a tool in --tools, got {tool_choice!r}", 2)
     loaded, tokenizer = load_or_fail(model, quantize)
-    if not raw and tokenizer.is_templated(prompt):
+    if not raw and raw_if_templated and tokenizer.is_templated(prompt):
         if system:
             fail("the prompt is already in the chat format (it starts with a special token); put the system turn in it", 2)
         raw = True

@@ -33,13 +33,27 @@ def main(argv: Sequence[str] | None = None) -> None:
     @functools.wraps(cli.generate)
     def generate(**options: Any) -> None:
         options["prompt"] = unescape(options["prompt"])
+        options["raw_if_templated"] = True
         cli.generate(**options)
 
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-    app.command(cls=cli.OneLineCommand, help=cli.GENERATE_HELP + "\n\n`\\n` and `\\t` in --prompt are a newline and a tab.")(
-        generate
-    )
-    app(args=list(sys.argv[1:] if argv is None else argv), prog_name="python -m nesso_mlx.generate")
+    app.command(cls=cli.OneLineCommand, help=HELP)(generate)
+    command = typer.main.get_command(app)
+    for param in command.params:  # mlx_lm.generate's -m is --max-tokens (nesso-mlx's is --model)
+        if param.name == "model":
+            param.opts = [o for o in param.opts if o != "-m"]
+        elif param.name == "max_tokens":
+            param.opts = [*param.opts, "-m"]
+    command(args=list(sys.argv[1:] if argv is None else argv), prog_name="python -m nesso_mlx.generate")
+
+
+HELP = (
+    "Generate once and exit, as `python -m mlx_lm.generate` does: `nesso-mlx generate` under mlx_lm.generate's "
+    "names (--temp, --max-tokens/-m, --system-prompt, --ignore-chat-template). `\\n` and `\\t` in --prompt are a "
+    "newline and a tab, and a --prompt that starts with a special token (`<|im_start|>`: the chat format a model "
+    "card's raw prompt is written in) is used as it is, without a second template. A prompt read from stdin (-) is "
+    "always the user's message. Exit codes: 0 done, 1 error, 2 bad usage, 130 interrupted."
+)
 
 
 class _CallableModule(types.ModuleType):

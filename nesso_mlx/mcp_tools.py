@@ -22,6 +22,7 @@ HOME, PATH, USER, ...), never the rest of the user's environment.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -74,6 +75,22 @@ class MCPServerSpec:
     def label(self) -> str:
         """The server as the user gave it (for messages)."""
         return self.url or shlex.join([self.command or "", *self.args])
+
+
+@contextlib.asynccontextmanager
+async def _http_transport(url: str, headers: dict[str, str]) -> Any:
+    """The SDK's streamable-HTTP transport; with `headers`, over an HTTP client of ours (the SDK
+    leaves a client it is given open, so this closes it)."""
+    from mcp.client.streamable_http import streamable_http_client
+
+    if not headers:
+        async with streamable_http_client(url) as streams:
+            yield streams
+        return
+    from mcp.shared._httpx_utils import create_mcp_http_client  # the SDK's own defaults (timeouts, redirects)
+
+    async with create_mcp_http_client(headers=headers) as client, streamable_http_client(url, http_client=client) as streams:
+        yield streams
 
 
 def read_mcp_config(path: str | Path) -> list[MCPServerSpec]:
@@ -229,6 +246,8 @@ class MCPTools(Mapping[str, Callable[..., str]]):
     def start(self) -> None:
         """Start (or connect to) every server and list its tools; NessoError, in one line, naming
         the server that failed (the others are stopped again)."""
+        if self._loop is not None:
+            raise RuntimeError("the MCP servers are already running")
         sdk_log = logging.getLogger("mcp")
         if not sdk_log.handlers:  # unless logging is set up, the SDK's warnings would garble the terminal
             sdk_log.addHandler(logging.NullHandler())
@@ -326,10 +345,7 @@ class MCPTools(Mapping[str, Callable[..., str]]):
     def _transport(self, server: _Server) -> Any:
         spec = server.spec
         if spec.url is not None:
-            from mcp.client.streamable_http import streamable_http_client
-            from mcp.shared._httpx_utils import create_mcp_http_client
-
-            return streamable_http_client(spec.url, http_client=create_mcp_http_client(headers=spec.headers or None))
+            return _http_transport(spec.url, spec.headers)
         from mcp.client.stdio import StdioServerParameters, stdio_client
 
         params = StdioServerParameters(command=spec.command, args=spec.args, env=spec.env or None, cwd=spec.cwd)
@@ -408,21 +424,29 @@ class MCPTools(Mapping[str, Callable[..., str]]):
         self._refresh()
         return self.version != before
 
-    def schemas(self, names: Sequence[str] | None = None) -> list[dict[str, Any]]:
-        """The tools' schemas for the chat template (those in `names`, if given)."""
+    def _running(self) -> None:
+        """Raise unless the servers were started: before that the mapping would look empty, and
+        every call would be answered "there is no tool named ..." without a word to the user."""
         if self._loop is None:
             raise RuntimeError("the MCP servers are not running: use `with mcp_tools(...) as tools:` (or call start())")
+
+    def schemas(self, names: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        """The tools' schemas for the chat template (those in `names`, if given)."""
+        self._running()
         return [t.schema for n, t in self.tools.items() if names is None or n in names]
 
     def __getitem__(self, name: str) -> Callable[..., str]:
+        self._running()
         if name not in self.tools:
             raise KeyError(name)
         return lambda **arguments: self.call(name, arguments)
 
     def __iter__(self) -> Iterator[str]:
+        self._running()
         return iter(self.tools)
 
     def __len__(self) -> int:
+        self._running()
         return len(self.tools)
 
     def call(self, name: str, arguments: dict[str, Any]) -> str:

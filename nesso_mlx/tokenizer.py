@@ -227,15 +227,15 @@ class Tokenizer:
     def encode_prompt(self, text: str) -> list[int]:
         """Token ids of a raw prompt string, the caller's own text, as mlx-lm reads it.
 
-        Special tokens in it are parsed (`<|im_start|>` is the control token), so the string
-        `apply_chat_template(..., tokenize=False)` returns encodes to exactly the ids of
-        `apply_chat_template(..., tokenize=True)`. A string that holds a special token is such
-        a templated prompt: it gets no BOS from the tokenizer's post-processor (Llama-3.2's adds
-        `<|begin_of_text|>`; a template that wants one writes it itself). Plain text gets the
-        tokenizer's usual special tokens, as in transformers and mlx-lm.
+        Special tokens in it are parsed (`<|im_start|>` is the control token). A string that
+        starts with a special token is already in the chat format (`is_templated`): it gets no
+        BOS from the tokenizer's post-processor (Llama-3.2's adds `<|begin_of_text|>`; a template
+        that wants one writes it itself), so the string `apply_chat_template(..., tokenize=False)`
+        returns encodes to exactly the ids of `tokenize=True`, and one that starts with BOS gets
+        no second BOS, as in mlx-lm. Other text gets the tokenizer's usual special tokens, as in
+        transformers and mlx-lm.
         """
-        templated = self._specials().search(text) is not None
-        return self.encode(text, add_special_tokens=not templated)
+        return self.encode(text, add_special_tokens=not self.is_templated(text))
 
     def is_templated(self, text: str) -> bool:
         """Whether a prompt string is already in the chat format: it starts (after white space)

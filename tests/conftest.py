@@ -114,7 +114,7 @@ def smollm2(smollm2_path):
 # CI and the README's command run everything. Slow: whole files that start servers, clients or
 # other processes, and the tests that took over ~5 s on a busy 2-core machine (real models
 # decoding, subprocesses, the transformers and lm-eval references).
-SLOW_FILES = {"test_server.py", "test_server_apis.py", "test_lm_eval.py", "test_soak.py", "test_mcp.py", "test_model_card.py"}
+SLOW_FILES = {"test_server.py", "test_server_apis.py", "test_lm_eval.py", "test_soak.py", "test_mcp.py"}
 SLOW_TESTS = {
     "test_agent.py": {
         "test_agent_loop_example_runs",
@@ -142,6 +142,10 @@ SLOW_TESTS = {
     "test_eval_rules.py": {"test_authors_rules_on_real_generation", "test_eval_tools_command_reports_the_authors_way"},
     "test_generation.py": {"test_greedy_tokens_equal_mlx_lm", "test_italian_stream_equals_decode", "test_logprobs_equal_mlx_lm"},
     "test_kv_cache.py": {"test_a_bounded_cache_bounds_memory_and_generation_goes_on"},
+    "test_model_card.py": {
+        "test_the_cards_python_code_runs_as_written",
+        "test_the_cards_terminal_command_runs_as_written",
+    },
     "test_nesso_trained_fixture.py": {"test_it_models_english_on_nessos_vocabulary"},
     "test_speculative.py": {
         "test_an_interrupted_reply_leaves_every_layer_at_what_was_handed_out",

@@ -171,3 +171,28 @@ def test_agent_loop_example_runs():
     assert (name in ("get_weather", "calculator", "convert_units") and status in ("ok", "error")) or (
         name == "None" and "malformed tool call" in shown[0]
     ), shown
+
+
+def test_ctrl_c_in_one_of_several_calls_leaves_every_call_answered(tiny):
+    """A reply with three calls, Ctrl-C in the first: each call still has its tool message."""
+
+    def slow(city: str) -> str:
+        raise KeyboardInterrupt
+
+    script = [call("slow", {"city": "Roma"}) + call("slow", {"city": "Bari"}) + call("slow", {"city": "Pisa"}), "Fatto."]
+    session = ScriptedSession(*tiny, script, tools=[slow])
+    with pytest.raises(KeyboardInterrupt):
+        list(agent_turn(session, "Tre città", {"slow": slow}))
+    assert [m["role"] for m in session.messages] == ["user", "assistant", "tool", "tool", "tool"]
+    assert len(session.messages[1]["tool_calls"]) == 3
+    assert "interrupted this tool" in session.messages[2]["content"]
+    assert all("not run" in m["content"] for m in session.messages[3:])
+
+
+def test_mcp_tools_not_started_say_so():
+    from nesso_mlx.agent import mcp_tools
+
+    tools = mcp_tools("python -c pass")  # not entered: no server runs
+    for use in (len, list, lambda t: t.get("read_file"), lambda t: t.schemas()):
+        with pytest.raises(RuntimeError, match="not running"):
+            use(tools)

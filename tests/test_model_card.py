@@ -171,3 +171,44 @@ def test_the_readme_shows_the_cards_code_as_it_runs():
     assert " ".join(shell.replace("\\\n", " ").split()) == expected
     for link in re.findall(r"\]\(((?:docs|examples)/[^)#]+)\)", readme):
         assert (ROOT / link).is_file(), link
+
+
+def test_only_the_mlx_lm_command_reads_a_chatml_prompt_raw(tiny_folder):
+    """`python -m nesso_mlx.generate --prompt '<|im_start|>...'` is the card's raw prompt; the same
+    text piped to `nesso-mlx generate --prompt -`, or given to it as --prompt, stays the user's message."""
+    from nesso_mlx.tokenizer import Tokenizer
+
+    chatml = "<|im_start|>system\nobey<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    raw = len(Tokenizer.from_folder(tiny_folder).encode_prompt(chatml))
+    templated = len(template_ids(tiny_folder, [{"role": "user", "content": chatml}]))
+    piped = len(template_ids(tiny_folder, [{"role": "user", "content": chatml.rstrip("\n")}]))  # stdin's last newline goes
+
+    def prompt_tokens_of(command: list[str], stdin: str | None = None) -> int:
+        done = subprocess.run(command, input=stdin, capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return int(re.search(r"prompt (\d+) tokens at", done.stderr).group(1))
+
+    shim = [sys.executable, "-m", "nesso_mlx.generate", "--model", str(tiny_folder), "-m", "2"]
+    assert prompt_tokens_of([*shim, "--prompt", chatml.replace("\n", "\\n")]) == raw
+    assert prompt_tokens_of([*shim, "--prompt", "-"], chatml) == piped
+    cli = ["nesso-mlx", "generate", "--model", str(tiny_folder), "-n", "2"]
+    assert prompt_tokens_of([*cli, "--prompt", "-"], chatml) == piped
+    assert prompt_tokens_of([*cli, "--prompt", chatml]) == templated
+    assert raw < templated
+
+
+def test_raw_prompt_strings_follow_one_rule_everywhere(smollm2_path):
+    from nesso_fixture import nesso_folder
+
+    from nesso_mlx.generation import prompt_tokens
+    from nesso_mlx.request import completion_prompt_ids
+    from nesso_mlx.tokenizer import Tokenizer
+
+    for folder in (smollm2_path, nesso_folder("added")):
+        tokenizer = Tokenizer.from_folder(folder)
+        text = tokenizer.apply_chat_template(CARD_MESSAGES, tokenize=False, add_generation_prompt=True)
+        for prompt in (text, "Spiega il token <|im_end|> per favore", "C'era una volta"):
+            assert completion_prompt_ids(tokenizer, prompt) == prompt_tokens(tokenizer, prompt)  # the server's and the API's
+    # A special token inside plain text does not make it a templated prompt: it keeps its BOS.
+    assert prompt_tokens(tokenizer, "Spiega il token <|im_end|> per favore")[0] == 128000
+    assert prompt_tokens(tokenizer, "<|begin_of_text|>Ciao").count(128000) == 1  # no second BOS, as in mlx-lm
