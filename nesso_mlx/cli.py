@@ -337,6 +337,15 @@ def chat(
     system = as_text(system, "--system") if system is not None else None
     functions = load_functions_or_fail(tools) if tools else None
     servers = mcp_servers_or_fail(mcp or [], mcp_url or [], mcp_config) if mcp or mcp_url or mcp_config else []
+    if servers:  # a terminal closed or `kill`: exit through the clean-up below, which stops the servers
+        import signal
+
+        def _exit(signum: int, _frame: Any) -> None:
+            raise SystemExit(128 + signum)
+
+        signal.signal(signal.SIGTERM, _exit)
+        if hasattr(signal, "SIGHUP"):
+            signal.signal(signal.SIGHUP, _exit)
     with ExitStack() as stack:  # MCP servers are stopped however the chat ends
         mcp_tools = start_mcp_or_fail(servers, mcp_timeout, list(functions or {}), stack) if servers else None
         loaded, tokenizer = load_or_fail(model, quantize)

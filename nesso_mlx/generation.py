@@ -689,6 +689,8 @@ def stream_generate(
 
 
 _WIRED = {"users": 0, "previous": 0}
+_code = stream_generate.__code__
+_STREAM_OPTIONS = set(_code.co_varnames[: _code.co_argcount + _code.co_kwonlyargcount])  # its named parameters
 
 
 def _wire_memory() -> bool:
@@ -725,6 +727,8 @@ def generate(
     and `seed` may be passed loose instead of `sampling=SamplingOptions(...)`. `str()` of the
     result is its text, so `print(generate(...))` prints the reply.
     """
+    loose = {k: kwargs.pop(k) for k in list(kwargs) if k not in _STREAM_OPTIONS}
+    kwargs["sampling"] = SamplingOptions.merged(kwargs.get("sampling"), loose, "generate")  # bad keywords: before any output
     chunks = []
     t0 = time.perf_counter()
     ttft = 0.0

@@ -540,7 +540,10 @@ def card_arguments(argv: Sequence[str]) -> tuple[list[str], list[str]]:
         arg = args[i]
         name, eq, value = arg.partition("=")
         if name in ("--model", "--device") and not eq:
-            value = args[i + 1] if i + 1 < len(args) else ""
+            if i + 1 == len(args):  # no value: lm-eval's own parser says what is missing
+                out.append(arg)
+                break
+            value = args[i + 1]
             i += 1
         if name == "--model" and value in _HF_MODELS:
             notes.append(f"note: --model {value} runs on MLX here, through nesso-mlx (the numbers of lm-eval's hf backend)")

@@ -47,7 +47,13 @@ def test_no_import_cycles():
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.level and id(node) not in typing_only:
                 up = base.split(".")[: len(base.split(".")) - node.level + 1]
-                graph[name].add(".".join(up + ([node.module] if node.module else [])))
+                if node.module:
+                    graph[name].add(".".join([*up, node.module]))
+                else:  # `from . import cli`: the module cli
+                    graph[name].update(".".join([*up, alias.name]) for alias in node.names)
+            elif isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in typing_only:
+                modules = [node.module] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+                graph[name].update(m for m in modules if m and m.startswith("nesso_mlx."))
 
     def reaches(start: str, goal: str, seen: set[str]) -> bool:
         for nxt in graph.get(start, ()):

@@ -118,7 +118,7 @@ def test_the_cards_string_prompt_encodes_to_the_templates_ids(variant, smollm2_p
 
 
 def test_loose_sampling_keywords_and_the_result_as_text(tiny_folder):
-    from nesso_mlx import SamplingOptions, generate, load
+    from nesso_mlx import SamplingOptions, generate, load, stream_generate
 
     model, tokenizer = load(tiny_folder)
     loose = generate(model, tokenizer, prompt="the", temp=0.8, top_k=20, seed=3, max_tokens=8)
@@ -131,8 +131,10 @@ def test_loose_sampling_keywords_and_the_result_as_text(tiny_folder):
         generate(model, tokenizer, prompt="the", temp=0.3, sampling=SamplingOptions(temperature=0.7))
     with pytest.raises(ValueError, match=r"temperature=0.5 and temp=0.3 disagree"):
         generate(model, tokenizer, prompt="the", temperature=0.5, temp=0.3)
-    with pytest.raises(TypeError, match="'tempreature'"):
+    with pytest.raises(TypeError, match=r"generate\(\) got an unexpected keyword argument 'tempreature'"):
         generate(model, tokenizer, prompt="the", tempreature=0.5)
+    with pytest.raises(TypeError, match=r"stream_generate\(\) got an unexpected keyword argument 'tempreature'"):
+        next(stream_generate(model, tokenizer, prompt="the", tempreature=0.5))
 
 
 def test_the_generate_module_does_not_hide_the_generate_function(tiny_folder):
@@ -161,6 +163,7 @@ def test_lm_eval_card_arguments():
     ]
     assert len(notes) == 2 and "MLX picks its device" in notes[1] and "cuda:0" in notes[1]
     assert card_arguments(["--model=nesso-mlx", "--device=mps"])[0] == ["--model", "nesso-mlx"]
+    assert card_arguments(["--tasks", "arc_it", "--model"])[0] == ["--tasks", "arc_it", "--model"]
 
 
 def test_the_readme_shows_the_cards_code_as_it_runs():
