@@ -101,27 +101,39 @@ _SUBSCHEMAS = (
 )
 
 
+# Keywords that combine with a schema's own `properties` (their properties count too, or they test
+# the object): a schema beside one of them is left open, as closing it would refuse their keys.
+_REFINERS = ("$ref", "allOf", "anyOf", "oneOf", "if", "then", "else", "dependentSchemas", "not")
+_AS_IS = ("not", "if", "dependentSchemas")  # closing inside these would change what they exclude or test
+
+
 def closed_schema(schema: Any, close: bool = True) -> Any:
     """`schema` with the convention of xgrammar and llama.cpp: an object schema that lists
     `properties` and does not mention `additionalProperties` allows no other properties.
 
-    A copy (the caller's schema is not changed); `additionalProperties: true` (or a schema) is kept,
-    an object schema listing no properties (`{"type": "object"}`) stays open, and so do the
-    direct branches of an `allOf` (each lists only part of the properties). Small models
-    otherwise wander into keys the schema never named and run out of tokens inside the JSON.
+    A copy (the caller's schema is not changed). Left open: `additionalProperties: true` (or a
+    schema), an object schema listing no properties (`{"type": "object"}`), a schema whose
+    properties combine with others (`$ref`, `allOf`, `anyOf`, `oneOf`, `if`/`then`/`else` beside
+    `properties`), and the branches that refine such a schema (`allOf`'s always; `anyOf`'s and
+    `oneOf`'s when the parent lists properties of its own). `not`, `if` and `dependentSchemas` are
+    kept as they are. Small models otherwise wander into keys the schema never named and run out
+    of tokens inside the JSON.
     """
     if isinstance(schema, list):
         return [closed_schema(s, close) for s in schema]
     if not isinstance(schema, dict):
         return schema
     out = dict(schema)
+    own = "properties" in out
     for key in _SUBSCHEMA_MAPS:
-        if isinstance(out.get(key), dict):
+        if isinstance(out.get(key), dict) and key not in _AS_IS:
             out[key] = {name: closed_schema(s) for name, s in out[key].items()}
     for key in _SUBSCHEMA_LISTS + _SUBSCHEMAS:
-        if isinstance(out.get(key), (dict, list)):
-            out[key] = closed_schema(out[key], key != "allOf")
-    if close and "properties" in out and "additionalProperties" not in out and "unevaluatedProperties" not in out:
+        if isinstance(out.get(key), (dict, list)) and key not in _AS_IS:
+            refines = key in ("allOf", "then", "else") or (key in ("anyOf", "oneOf") and own)
+            out[key] = closed_schema(out[key], not refines)
+    combined = any(key in out for key in _REFINERS)
+    if close and own and not combined and "additionalProperties" not in out and "unevaluatedProperties" not in out:
         out["additionalProperties"] = False
     return out
 

@@ -345,7 +345,7 @@ def _assistant_calls(calls: Any, where: str) -> list[dict[str, Any]]:
                 arguments = load_json(arguments, f"{here}.function.arguments") if arguments.strip() else {}
             except json.JSONDecodeError as e:
                 raise RequestError(
-                    f"{here}.function.arguments is not valid JSON ({e.msg} at character {e.pos})",
+                    f"{here}.function.arguments is not valid JSON ({e.msg}, character {e.pos})",
                     f"{here}.function.arguments",
                     "invalid_value",
                 ) from None

@@ -45,7 +45,15 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from .errors import NessoError
-from .request import RequestError, chat_prompt_ids, check_depth, new_id, parse_chat_request, parse_completion_request
+from .request import (
+    MAX_JSON_DEPTH,
+    RequestError,
+    chat_prompt_ids,
+    check_depth,
+    new_id,
+    parse_chat_request,
+    parse_completion_request,
+)
 from .server_engine import DEFAULT_PROMPT_CACHE_BYTES, Engine, Job, chat_job, completion_job, prepare_chat
 
 log = logging.getLogger("nesso_mlx.server")
@@ -77,8 +85,8 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not valid JSON")
 
 
-async def read_json(request: Any, limit: int) -> Any:
-    """The request body as JSON, read up to `limit` bytes (PayloadTooLarge past it)."""
+async def read_body(request: Any, limit: int) -> bytes:
+    """The request body, read up to `limit` bytes (PayloadTooLarge past it)."""
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
         raise PayloadTooLarge
@@ -89,6 +97,19 @@ async def read_json(request: Any, limit: int) -> Any:
             raise PayloadTooLarge
     if not body:
         raise RequestError("the request has no body; send a JSON object")
+    return bytes(body)
+
+
+async def read_json(request: Any, limit: int) -> Any:
+    """The request body as JSON, read up to `limit` bytes (PayloadTooLarge past it)."""
+    return parse_json_body(await read_body(request, limit))
+
+
+def parse_json_body(body: bytes, text_limit: int | None = None, context_window: int = 0) -> Any:
+    """A body's JSON, checked: nesting past `MAX_JSON_DEPTH` and (with `text_limit`) more text than
+    the window could take are `RequestError`s. The walks run only when the bytes allow either:
+    a body of fewer `[`/`{` than the depth limit cannot nest past it, and one no longer than
+    `text_limit` bytes holds no more characters of text (the server runs this off its event loop)."""
     try:
         value = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
     except UnicodeDecodeError:
@@ -97,7 +118,10 @@ async def read_json(request: Any, limit: int) -> Any:
         raise RequestError("the body's JSON is nested too deeply") from None
     except ValueError as e:
         raise RequestError(f"the body is not valid JSON ({str(e).splitlines()[0][:120]})") from None
-    check_depth(value, "the body")
+    if body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH:
+        check_depth(value, "the body")
+    if text_limit is not None and len(body) > text_limit:
+        check_text_size(value, text_limit, context_window)
     return value
 
 
@@ -105,14 +129,10 @@ class _NotFound(Exception):
     """A stored object that is not there: a 404."""
 
 
-TEXT_CHARS_PER_TOKEN = 32  # more text than this many characters per token of the window cannot fit
-
-
-def check_text_size(body: Any, context_window: int) -> None:
-    """Refuse a body whose strings hold far more text than the context window could take, before
-    anything is templated or tokenized (no token is longer than `TEXT_CHARS_PER_TOKEN` characters
-    in practice), so that a multi-megabyte message costs its parse only."""
-    limit = TEXT_CHARS_PER_TOKEN * context_window
+def check_text_size(body: Any, limit: int, context_window: int) -> None:
+    """Refuse a body whose strings hold more than `limit` characters of text (the window times
+    the longest token's length: more cannot fit), before anything is templated or tokenized, so
+    that a multi-megabyte message costs its parse only."""
     total, stack = 0, [body]
     while stack:
         item = stack.pop()
@@ -124,8 +144,8 @@ def check_text_size(body: Any, context_window: int) -> None:
             stack.extend(item)
     if total > limit:
         raise RequestError(
-            f"the request holds {total} characters of text, far more than the model's context window of {context_window} "
-            f"tokens can take ({limit} characters at most); shorten the prompt",
+            f"the request holds {total} characters of text, more than the model's context window of {context_window} "
+            f"tokens can take ({limit} characters at most, even at the longest token); shorten the prompt",
             None,
             "context_length_exceeded",
         )
@@ -220,11 +240,14 @@ def create_app(
     created = int(time.time())
 
     store = responses.ResponseStore()
+    token_chars = engine.runtime.tokenizer.max_token_chars  # for the early size check (computed once, here)
 
-    async def parse(request: Any, parser: Callable, **kwargs: Any) -> Any:
-        body = await read_json(request, max_body_bytes)
-        check_text_size(body, engine.context_window)
-        return parser(body, context_window=engine.context_window, vocab_size=engine.vocab_size, **kwargs)
+    async def parse(request: Any, parser: Callable, size_check: bool = True, **kwargs: Any) -> Any:
+        raw = await read_body(request, max_body_bytes)
+        window = engine.context_window
+        limit = token_chars * window if size_check else None
+        body = await off_worker(parse_json_body, raw, limit, window)  # a big body's walks off the event loop
+        return parser(body, context_window=window, vocab_size=engine.vocab_size, **kwargs)
 
     def open_call(request: Any, work: Callable) -> _Call:
         return _Call(engine, request, work, max_queue)
@@ -410,7 +433,7 @@ def create_app(
                 call.close()
 
     async def count_tokens(request: Any):
-        parsed = await parse(request, anthropic.parse_messages_request, count_only=True)
+        parsed = await parse(request, anthropic.parse_messages_request, size_check=False, count_only=True)
         ids = await off_worker(chat_prompt_ids, engine.runtime.tokenizer, parsed)
         return _json_response({"input_tokens": len(ids)})
 
@@ -472,9 +495,10 @@ def create_app(
                     if text:
                         yield text
                 elif event["type"] == "done":
-                    yield builder.finish(event)
+                    final = builder.finish(event)
                     if on_done is not None:
-                        on_done()
+                        on_done()  # stored before the client hears it is done: its next request may name it
+                    yield final
                     return
                 elif event["type"] == "error":
                     yield builder.error(event["status"], event["error"]["error"]["message"])

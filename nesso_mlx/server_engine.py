@@ -390,7 +390,8 @@ def _stop_hit(tokenizer: Any, stops: Sequence[str], generated: Sequence[int], te
     if not stops or not generated or generated[-1] in set(tokenizer.eos_token_ids):
         return None
     rest = tokenizer.decode(list(generated))[len(text) :]
-    return next((s for s in stops if rest.startswith(s)), next((s for s in stops if s in rest), stops[0]))
+    # None when no stop string is there: the reply stopped at the `<tool_call>` that tool_choice "none" stops at.
+    return next((s for s in stops if rest.startswith(s)), next((s for s in stops if s in rest), None))
 
 
 def prompt_logprobs(rt: Runtime, ids: Sequence[int], k: int, cache: list[Any], out: list) -> Iterator[None]:
@@ -567,11 +568,12 @@ class Scheduler:
     def round(self) -> None:
         """Admit waiting jobs into free slots, step the jobs that are not decoding, then decode one
         token for all those that are."""
+        if any(job.cancelled for job in self.pending):  # clients gone while waiting: their places free now
+            for job in [j for j in self.pending if j.cancelled]:
+                self._close(job)
+            self.pending = deque(j for j in self.pending if not j.cancelled)
         while self.pending and len(self.active) < self.max_concurrency:
             job = self.pending.popleft()
-            if job.cancelled:
-                self._close(job)
-                continue
             self.active.append(job)
         for job in list(self.active):
             if not job.decoding:

@@ -169,6 +169,7 @@ class Tokenizer:
         self._control_has_space = any(c.isspace() for t in controls for c in t)
         self._plain_tokenizer: Any = None
         self._special_re: re.Pattern[str] | None = None
+        self._max_token_chars: int | None = None
         self.eos_token_ids = list(eos_token_ids or [])
         eos = self.special_tokens.get("eos_token")
         if eos is not None and (eos_id := tokenizer.token_to_id(eos)) is not None:
@@ -213,6 +214,14 @@ class Tokenizer:
     def vocab_size(self) -> int:
         """Number of token ids the tokenizer can produce, added tokens included."""
         return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def max_token_chars(self) -> int:
+        """The most characters one token can stand for (its vocabulary string's length: a byte-level
+        symbol per byte, so at least its characters), computed once."""
+        if self._max_token_chars is None:
+            self._max_token_chars = max(map(len, self._tokenizer.get_vocab(with_added_tokens=True)), default=1)
+        return self._max_token_chars
 
     def token_to_id(self, token: str) -> int | None:
         return self._tokenizer.token_to_id(token)

@@ -432,12 +432,22 @@ def test_full_queue_gets_429_with_retry_after(smol):
             )
         )
     )
-    thread.start()
-    try:
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    quitter = http.client.HTTPConnection("127.0.0.1", smol.port, timeout=60)  # waits, then gives up
+    quitter.request("POST", "/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": "hi"}]}), headers)
+
+    def wait_for(queued: int) -> None:
         deadline = time.monotonic() + 30
-        while smol.health()["queued"] < 1 and time.monotonic() < deadline:
+        while smol.health()["queued"] != queued and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert smol.health() == {"status": "ok", "active": 1, "queued": 1}
+        assert smol.health() == {"status": "ok", "active": 1, "queued": queued}
+
+    try:
+        wait_for(1)
+        quitter.close()  # a client that leaves while it waits frees its place at once, the stream still running
+        wait_for(0)
+        thread.start()
+        wait_for(1)
         request = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
         status, reply = post(smol.url + "/v1/chat/completions", request, {"Authorization": f"Bearer {KEY}"})
         assert status == 429 and reply["error"]["type"] == "rate_limit_error"

@@ -57,6 +57,7 @@ from ..request import (
 log = logging.getLogger("nesso_mlx.server")
 
 DEFAULT_STORE_SIZE = 256
+DEFAULT_STORE_CHARS = 64 * 2**20  # characters of JSON kept in all (responses and their conversations)
 _IGNORED = {
     "reasoning",
     "include",
@@ -88,18 +89,31 @@ _FIELDS = {
 _PARAMS = {"messages": "input", "max_tokens": "max_output_tokens", "response_format": "text.format"}
 
 
-class ResponseStore:
-    """Stored responses and their conversations (OpenAI chat messages), at most `size`, LRU out."""
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except (ValueError, RecursionError):
+        return False
+    return True
 
-    def __init__(self, size: int = DEFAULT_STORE_SIZE) -> None:
-        self.size = size
+
+class ResponseStore:
+    """Stored responses and their conversations (OpenAI chat messages): at most `size` of them
+    and `max_chars` characters of JSON in all, the least recently used out first."""
+
+    def __init__(self, size: int = DEFAULT_STORE_SIZE, max_chars: int = DEFAULT_STORE_CHARS) -> None:
+        self.size, self.max_chars = size, max_chars
         self._items: OrderedDict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = OrderedDict()
+        self._chars: dict[str, int] = {}
 
     def put(self, response: dict[str, Any], conversation: list[dict[str, Any]]) -> None:
-        self._items[response["id"]] = (response, conversation)
-        self._items.move_to_end(response["id"])
-        while len(self._items) > self.size:
-            self._items.popitem(last=False)
+        key = response["id"]
+        self.delete(key)
+        self._items[key] = (response, conversation)
+        self._chars[key] = len(json.dumps(response)) + len(json.dumps(conversation))
+        while len(self._items) > self.size or (len(self._items) > 1 and sum(self._chars.values()) > self.max_chars):
+            old, _ = self._items.popitem(last=False)
+            del self._chars[old]
 
     def get(self, response_id: str) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
         item = self._items.get(response_id)
@@ -108,6 +122,7 @@ class ResponseStore:
         return item
 
     def delete(self, response_id: str) -> bool:
+        self._chars.pop(response_id, None)
         return self._items.pop(response_id, None) is not None
 
 
@@ -473,12 +488,14 @@ class ResponseStream:
         return out + self.event(f"response.{status}", {"response": self.response})
 
     def assistant_message(self) -> dict[str, Any]:
-        """The reply as an OpenAI chat message (for a later `previous_response_id`)."""
+        """The reply as an OpenAI chat message (for a later `previous_response_id`). A call cut
+        by `max_output_tokens` (its arguments not JSON) is left out: no result can answer it, and
+        the conversation must stay one the chat core accepts."""
         text = "".join(p["text"] for item in self.output if item["type"] == "message" for p in item["content"])
         calls = [
             {"id": item["call_id"], "type": "function", "function": {"name": item["name"], "arguments": item["arguments"]}}
             for item in self.output
-            if item["type"] == "function_call"
+            if item["type"] == "function_call" and _is_json(item["arguments"])
         ]
         message: dict[str, Any] = {"role": "assistant", "content": text or (None if calls else "")}
         if calls:
@@ -486,4 +503,10 @@ class ResponseStream:
         return message
 
     def error(self, status: int, message: str) -> str:
-        return self.event("error", {"code": None, "message": message, "param": None})
+        """An error after the stream began: OpenAI's `error` event, then `response.failed` (the
+        open item closed as incomplete), so that clients waiting for the response's end get one."""
+        code = "server_error" if status >= 500 else "invalid_request"
+        out = self._close("incomplete") + self.event("error", {"code": code, "message": message, "param": None})
+        self.response = self._response("failed")
+        self.response["error"] = {"code": code, "message": message}
+        return out + self.event("response.failed", {"response": self.response})
