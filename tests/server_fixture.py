@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -96,3 +97,15 @@ def get(url: str, headers: dict[str, str] | None = None, timeout: float = 30) ->
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
+
+
+@contextlib.contextmanager
+def running(*servers: ServerProcess):
+    """Wait until every server is ready (they load side by side), and stop them all at the end."""
+    try:
+        for server in servers:
+            server.wait_ready()
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()

@@ -18,7 +18,7 @@ import time
 import numpy as np
 import pytest
 from nesso_fixture import nesso_folder
-from server_fixture import ServerProcess, get, post
+from server_fixture import ServerProcess, get, post, running
 
 openai = pytest.importorskip("openai")
 jsonschema = pytest.importorskip("jsonschema")
@@ -85,13 +85,8 @@ def servers(smollm2_path):
     """Both server processes, started together (loading overlaps), stopped at the end."""
     smol = ServerProcess.nesso(smollm2_path, "--dtype", "float32", "--max-concurrency", "4")
     nesso = ServerProcess.nesso(nesso_folder("text"), "--api-key", KEY, "--max-concurrency", "2", "--max-body-bytes", "200000")
-    try:
-        smol.wait_ready()
-        nesso.wait_ready()
+    with running(smol, nesso):
         yield smol, nesso
-    finally:
-        smol.stop()
-        nesso.stop()
 
 
 @pytest.fixture(scope="module")

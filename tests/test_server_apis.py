@@ -19,7 +19,7 @@ import time
 
 import pytest
 from nesso_fixture import nesso_folder
-from server_fixture import ServerProcess, get, post
+from server_fixture import ServerProcess, get, post, running
 
 anthropic = pytest.importorskip("anthropic")
 openai = pytest.importorskip("openai")
@@ -42,13 +42,8 @@ GREEDY = {"temperature": 0}  # this anthropic SDK has no temperature argument: s
 def servers(smollm2_path):
     smol = ServerProcess.nesso(smollm2_path, "--dtype", "float32", "--api-key", KEY, "--max-concurrency", "1", "--max-queue", "1")
     nesso = ServerProcess.nesso(nesso_folder("text"), "--api-key", KEY)
-    try:
-        smol.wait_ready()
-        nesso.wait_ready()
+    with running(smol, nesso):
         yield smol, nesso
-    finally:
-        smol.stop()
-        nesso.stop()
 
 
 @pytest.fixture(scope="module")
