@@ -172,9 +172,10 @@ class _Call:
         self.watcher = asyncio.ensure_future(self._watch())
 
     @staticmethod
-    def admit(engine: Engine, max_queue: int | None) -> None:
-        """Raise `QueueFull` when every slot is busy and `max_queue` requests already wait."""
-        if max_queue is not None and engine.active + engine.queued >= engine.max_concurrency + max_queue:
+    def admit(engine: Engine, max_queue: int | None, preparing: int = 0) -> None:
+        """Raise `QueueFull` when every slot is busy and `max_queue` requests already wait
+        (`preparing`: requests being prepared for the queue, which count as waiting)."""
+        if max_queue is not None and engine.active + engine.queued + preparing >= engine.max_concurrency + max_queue:
             raise QueueFull
 
     async def _watch(self) -> None:
@@ -263,12 +264,18 @@ def create_app(
         except NessoError as e:  # one-line messages about the request (template, tokenizer)
             raise RequestError(str(e)) from None
 
+    preparing = [0]  # requests in the pool on their way to the queue: a burst cannot all pass admission
+
     async def prepare(parsed: Any) -> Any:
-        _Call.admit(engine, max_queue)  # a request that will be refused costs no preparation
+        _Call.admit(engine, max_queue, preparing[0])  # a request that will be refused costs no preparation
         runtime = engine.runtime
-        return await off_worker(
-            prepare_chat, runtime.tokenizer, engine.context_window, engine.vocab_size, parsed, runtime.default_max_tokens
-        )
+        preparing[0] += 1
+        try:
+            return await off_worker(
+                prepare_chat, runtime.tokenizer, engine.context_window, engine.vocab_size, parsed, runtime.default_max_tokens
+            )
+        finally:
+            preparing[0] -= 1
 
     async def health(request: Any):
         return _json_response({"status": "ok", "active": engine.active, "queued": engine.queued})
