@@ -241,12 +241,14 @@ def create_app(
     created = int(time.time())
 
     store = responses.ResponseStore()
-    token_chars = engine.runtime.tokenizer.max_token_chars  # for the early size check (computed once, here)
+    token_chars: list[int] = []  # the vocabulary's longest token, for the early size check (computed once)
 
     async def parse(request: Any, parser: Callable, size_check: bool = True, **kwargs: Any) -> Any:
         raw = await read_body(request, max_body_bytes)
         window = engine.context_window
-        limit = token_chars * window if size_check else None
+        if size_check and not token_chars:
+            token_chars.append(await off_worker(lambda: engine.runtime.tokenizer.max_token_chars))
+        limit = token_chars[0] * window if size_check else None
         body = await off_worker(parse_json_body, raw, limit, window)  # a big body's walks off the event loop
         return parser(body, context_window=window, vocab_size=engine.vocab_size, **kwargs)
 
