@@ -337,16 +337,9 @@ def chat(
     system = as_text(system, "--system") if system is not None else None
     functions = load_functions_or_fail(tools) if tools else None
     servers = mcp_servers_or_fail(mcp or [], mcp_url or [], mcp_config) if mcp or mcp_url or mcp_config else []
-    if servers:  # a terminal closed or `kill`: exit through the clean-up below, which stops the servers
-        import signal
-
-        def _exit(signum: int, _frame: Any) -> None:
-            raise SystemExit(128 + signum)
-
-        signal.signal(signal.SIGTERM, _exit)
-        if hasattr(signal, "SIGHUP"):
-            signal.signal(signal.SIGHUP, _exit)
     with ExitStack() as stack:  # MCP servers are stopped however the chat ends
+        if servers:
+            exit_on_signals(stack)
         mcp_tools = start_mcp_or_fail(servers, mcp_timeout, list(functions or {}), stack) if servers else None
         loaded, tokenizer = load_or_fail(model, quantize)
         tool_specs = list((functions or {}).values()) + (mcp_tools.schemas() if mcp_tools is not None else [])
@@ -382,6 +375,24 @@ def chat(
         except KeyboardInterrupt:  # before the first prompt: the REPL handles it afterwards
             code = 130
     raise typer.Exit(code)
+
+
+def exit_on_signals(stack: Any) -> None:
+    """SIGTERM and SIGHUP (`kill`, a closed terminal) exit through `stack`'s clean-up, which stops
+    the MCP servers; the old handlers come back when the stack closes. Main thread only."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def leave(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            number = getattr(signal, name)
+            stack.callback(signal.signal, number, signal.signal(number, leave))
 
 
 def mcp_servers_or_fail(commands: list[str], urls: list[str], config: str | None) -> list:

@@ -107,7 +107,24 @@ _REFINERS = ("$ref", "allOf", "anyOf", "oneOf", "if", "then", "else", "dependent
 _AS_IS = ("not", "if", "dependentSchemas")  # closing inside these would change what they exclude or test
 
 
-def closed_schema(schema: Any, close: bool = True) -> Any:
+def _extended_refs(schema: Any, refining: bool = False) -> set[str]:
+    """The `$defs`/`definitions` names that some schema extends: a `$ref` beside `properties`, or
+    one in an `allOf` branch. Their properties combine with others, so they are left open."""
+    found: set[str] = set()
+    if isinstance(schema, list):
+        for item in schema:
+            found |= _extended_refs(item, refining)
+    elif isinstance(schema, dict):
+        ref = schema.get("$ref")
+        if isinstance(ref, str) and (refining or "properties" in schema) and ref.count("/") == 2:
+            found.add(ref.rsplit("/", 1)[1])
+        for key, value in schema.items():
+            if isinstance(value, (dict, list)) and key != "enum" and key != "const":
+                found |= _extended_refs(value, key == "allOf")
+    return found
+
+
+def closed_schema(schema: Any, close: bool = True, _extended: set[str] | None = None) -> Any:
     """`schema` with the convention of xgrammar and llama.cpp: an object schema that lists
     `properties` and does not mention `additionalProperties` allows no other properties.
 
@@ -115,23 +132,27 @@ def closed_schema(schema: Any, close: bool = True) -> Any:
     schema), an object schema listing no properties (`{"type": "object"}`), a schema whose
     properties combine with others (`$ref`, `allOf`, `anyOf`, `oneOf`, `if`/`then`/`else` beside
     `properties`), and the branches that refine such a schema (`allOf`'s always; `anyOf`'s and
-    `oneOf`'s when the parent lists properties of its own). `not`, `if` and `dependentSchemas` are
+    `oneOf`'s when the parent lists properties of its own), and a `$defs` entry that some schema
+    extends (`$ref` beside `properties`, or in an `allOf`). `not`, `if` and `dependentSchemas` are
     kept as they are. Small models otherwise wander into keys the schema never named and run out
     of tokens inside the JSON.
     """
+    if _extended is None:
+        _extended = _extended_refs(schema)
     if isinstance(schema, list):
-        return [closed_schema(s, close) for s in schema]
+        return [closed_schema(s, close, _extended) for s in schema]
     if not isinstance(schema, dict):
         return schema
     out = dict(schema)
     own = "properties" in out
     for key in _SUBSCHEMA_MAPS:
         if isinstance(out.get(key), dict) and key not in _AS_IS:
-            out[key] = {name: closed_schema(s) for name, s in out[key].items()}
+            defs = key in ("$defs", "definitions")
+            out[key] = {name: closed_schema(s, not (defs and name in _extended), _extended) for name, s in out[key].items()}
     for key in _SUBSCHEMA_LISTS + _SUBSCHEMAS:
         if isinstance(out.get(key), (dict, list)) and key not in _AS_IS:
             refines = key in ("allOf", "then", "else") or (key in ("anyOf", "oneOf") and own)
-            out[key] = closed_schema(out[key], not refines)
+            out[key] = closed_schema(out[key], not refines, _extended)
     combined = any(key in out for key in _REFINERS)
     if close and own and not combined and "additionalProperties" not in out and "unevaluatedProperties" not in out:
         out["additionalProperties"] = False

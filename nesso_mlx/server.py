@@ -155,8 +155,8 @@ class _Call:
     """A job on its way through the engine, seen from the asyncio side: its events and the watcher
     that cancels it when the client disconnects."""
 
-    def __init__(self, engine: Engine, request: Any, work: Callable, max_queue: int | None = None) -> None:
-        self.admit(engine, max_queue)
+    def __init__(self, engine: Engine, request: Any, work: Callable, max_queue: int | None = None, preparing: int = 0) -> None:
+        self.admit(engine, max_queue, preparing)
         loop = asyncio.get_running_loop()
         self.events: asyncio.Queue = asyncio.Queue()
 
@@ -253,7 +253,8 @@ def create_app(
         return parser(body, context_window=window, vocab_size=engine.vocab_size, **kwargs)
 
     def open_call(request: Any, work: Callable) -> _Call:
-        return _Call(engine, request, work, max_queue)
+        # Requests still being prepared count as waiting (a chat request's own has ended by now).
+        return _Call(engine, request, work, max_queue, preparing[0])
 
     # Templating, tokenizing and grammar compilation run here, not on the MLX worker thread.
     pool = ThreadPoolExecutor(max_workers=PREPARE_THREADS, thread_name_prefix="nesso-mlx-prepare")

