@@ -12,7 +12,6 @@ import pytest
 from nesso_mlx.constrained import closed_schema
 from nesso_mlx.protocols import responses
 
-
 BASE = {"$defs": {"B": {"properties": {"id": {}}}}}
 
 
