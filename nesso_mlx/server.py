@@ -416,31 +416,46 @@ def create_app(
         finally:
             call.close()
 
-    async def messages(request: Any):
-        parsed = await parse(request, anthropic.parse_messages_request)
-        prepared = await prepare(parsed)
-        call = open_call(request, lambda rt: chat_job(rt, parsed, True, prepared))
-        builder = anthropic.MessageStream(parsed.model or model_id)
+    async def protocol_reply(
+        request: Any,
+        chat: Any,
+        builder: Any,
+        start: Callable[[dict], str],
+        body: Callable[[], dict],
+        on_done: Callable[[], None] | None = None,
+    ):
+        """Run a chat request for the Messages or Responses API: `builder` turns the core's events
+        into the protocol's stream (`start` gives its head) or, not streaming, its `body()`;
+        `on_done` runs once the reply is complete (before the stream says so)."""
+        prepared = await prepare(chat)
+        call = open_call(request, lambda rt: chat_job(rt, chat, True, prepared))
         streaming = False
         try:
             first = await call.next()
             if first["type"] != "ready":
                 return _event_response(first) if first["type"] == "error" else _json_response({}, 499)
-            head = builder.start(first)
-            if parsed.stream:
+            head = start(first)
+            if chat.stream:
                 streaming = True
                 return StreamingResponse(
-                    _protocol_stream(call, builder, head), media_type="text/event-stream", headers=SSE_HEADERS
+                    _protocol_stream(call, builder, head, on_done), media_type="text/event-stream", headers=SSE_HEADERS
                 )
             while (event := await call.next())["type"] == "delta":
                 builder.add(event["deltas"])
             if event["type"] != "done":
                 return _event_response(event) if event["type"] == "error" else _json_response({}, 499)
             builder.finish(event)
-            return _json_response(builder.message())
+            if on_done is not None:
+                on_done()
+            return _json_response(body())
         finally:
             if not streaming:
                 call.close()
+
+    async def messages(request: Any):
+        parsed = await parse(request, anthropic.parse_messages_request)
+        builder = anthropic.MessageStream(parsed.model or model_id)
+        return await protocol_reply(request, parsed, builder, builder.start, builder.message)
 
     async def count_tokens(request: Any):
         parsed = await parse(request, anthropic.parse_messages_request, size_check=False, count_only=True)
@@ -449,32 +464,10 @@ def create_app(
 
     async def create_response(request: Any):
         parsed = await parse(request, responses.parse_responses_request, store=store)
-        prepared = await prepare(parsed.chat)
-        call = open_call(request, lambda rt: chat_job(rt, parsed.chat, True, prepared))
         builder = responses.ResponseStream(parsed, parsed.chat.model or model_id)
-        streaming = False
-        try:
-            first = await call.next()
-            if first["type"] != "ready":
-                return _event_response(first) if first["type"] == "error" else _json_response({}, 499)
-            head = builder.start()
-            if parsed.chat.stream:
-                streaming = True
-                return StreamingResponse(
-                    _protocol_stream(call, builder, head, lambda: keep(parsed, builder)),
-                    media_type="text/event-stream",
-                    headers=SSE_HEADERS,
-                )
-            while (event := await call.next())["type"] == "delta":
-                builder.add(event["deltas"])
-            if event["type"] != "done":
-                return _event_response(event) if event["type"] == "error" else _json_response({}, 499)
-            builder.finish(event)
-            keep(parsed, builder)
-            return _json_response(builder.response)
-        finally:
-            if not streaming:
-                call.close()
+        return await protocol_reply(
+            request, parsed.chat, builder, lambda _ready: builder.start(), lambda: builder.response, lambda: keep(parsed, builder)
+        )
 
     def keep(parsed: Any, builder: Any) -> None:
         if parsed.store:
