@@ -166,23 +166,30 @@ def agent_turn(
             calls = reply_calls(session.messages[-1])
             if not calls or session.last.finish_reason not in ("tool_calls", "stop", "length"):
                 return
-            for i, call in enumerate(calls):
-                if call.ok and not confirm(call):
-                    result, status, seconds = "the user declined to run this tool", "declined", 0.0
-                else:
-                    start = time.perf_counter()
-                    try:
-                        with on_call(call) if on_call is not None and call.ok else nullcontext():
-                            result, status = run_tool(call, functions)
-                    except KeyboardInterrupt:  # every call gets an answer, so the conversation stays well formed
-                        session.add_tool_result("error: the user interrupted this tool")
-                        for _ in calls[i + 1 :]:
-                            session.add_tool_result("error: not run (the user interrupted an earlier tool)")
-                        raise
-                    seconds = time.perf_counter() - start
-                result = cut_result(result, session, max_result_tokens)
-                session.add_tool_result(result)
-                yield ToolRun(call, result, status, seconds)
+            answered = 0
+            try:
+                for call in calls:
+                    if call.ok and not confirm(call):
+                        result, status, seconds = "the user declined to run this tool", "declined", 0.0
+                    else:
+                        start = time.perf_counter()
+                        try:
+                            with on_call(call) if on_call is not None and call.ok else nullcontext():
+                                result, status = run_tool(call, functions)
+                        except KeyboardInterrupt:
+                            session.add_tool_result("error: the user interrupted this tool")
+                            answered += 1
+                            raise
+                        seconds = time.perf_counter() - start
+                    result = cut_result(result, session, max_result_tokens)
+                    session.add_tool_result(result)
+                    answered += 1
+                    yield ToolRun(call, result, status, seconds)
+            finally:
+                # However the round stops (Ctrl-C anywhere, the caller closing the loop, an error), every
+                # call gets an answer, so the conversation stays well formed.
+                for _ in calls[answered:]:
+                    session.add_tool_result("error: not run (the user interrupted the tools)")
             chunks = session.continue_reply()
         yield StepLimit(max_steps)
     finally:

@@ -189,6 +189,17 @@ def test_ctrl_c_in_one_of_several_calls_leaves_every_call_answered(tiny):
     assert all("not run" in m["content"] for m in session.messages[3:])
 
 
+def test_a_loop_closed_after_its_first_tool_run_answers_every_call(tiny):
+    """The REPL closes the loop on Ctrl-C while it shows a result: the calls after it still get answers."""
+    script = [call("weather", {"city": "Roma"}) + call("weather", {"city": "Bari"}) + call("weather", {"city": "Pisa"}), "Fatto."]
+    session = ScriptedSession(*tiny, script, tools=[weather])
+    events = agent_turn(session, "Tre città", {"weather": weather})
+    next(e for e in events if isinstance(e, ToolRun))
+    events.close()
+    assert [m["role"] for m in session.messages] == ["user", "assistant", "tool", "tool", "tool"]
+    assert "sereno" in session.messages[2]["content"] and all("not run" in m["content"] for m in session.messages[3:])
+
+
 def test_mcp_tools_not_started_say_so():
     from nesso_mlx.agent import mcp_tools
 
