@@ -459,7 +459,13 @@ def create_app(
 
     async def count_tokens(request: Any):
         parsed = await parse(request, anthropic.parse_messages_request, size_check=False, count_only=True)
-        ids = await off_worker(chat_prompt_ids, engine.runtime.tokenizer, parsed)
+        # It uses the preparation threads: with --max-queue it counts as waiting, so counts cannot starve chats.
+        _Call.admit(engine, max_queue, preparing[0])
+        preparing[0] += 1
+        try:
+            ids = await off_worker(chat_prompt_ids, engine.runtime.tokenizer, parsed)
+        finally:
+            preparing[0] -= 1
         return _json_response({"input_tokens": len(ids)})
 
     async def create_response(request: Any):
