@@ -559,4 +559,6 @@ def test_a_huge_message_does_not_stall_a_running_stream(smol):
     finally:
         connection.close()
     assert refused and refused[0][0] == 400
-    assert max(during) <= 2 * max(calm) + 0.25, (calm, during)
+    # Loose, as the issue asks: on two busy cores (two test workers) a gap of 0.58 s against a calm
+    # 0.16 s was seen once; the stall this guards against lasted 2.6 s (7.5 to 9 s for 7.7 MB).
+    assert max(during) <= 2 * max(calm) + 0.6, (calm, during)
