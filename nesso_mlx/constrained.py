@@ -191,6 +191,13 @@ def tool_body_grammar(tokenizer: Tokenizer, tools: Sequence[dict[str, Any]]) -> 
     return f'start: "\\n" call "\\n" {_literal(tokenizer, CLOSE)}\ncall: {_json(call_schema(tools))}\n'
 
 
+def calls_or_format_grammar(tokenizer: Tokenizer, tools: Sequence[dict[str, Any]], format_grammar: str) -> str:
+    """Lark grammar for a reply that is either tool calls or text in a format (`format_grammar`,
+    as `response_format_grammar` gives it: a `start` rule)."""
+    calls = tool_calls_grammar(tokenizer, tools).replace("start: block", "calls: block", 1)
+    return f"start: calls | answer\n{calls}answer: {format_grammar.removeprefix('start: ')}\n"
+
+
 def response_format_grammar(response_format: dict[str, Any]) -> str:
     """Lark grammar for an OpenAI-style `response_format`."""
     kind = response_format.get("type")
@@ -425,11 +432,18 @@ def build_processor(
     constrain: bool = True,
     max_tokens: int | None = None,
 ) -> GrammarProcessor | None:
-    """The grammar processor for a request, or None when nothing is constrained."""
-    if response_format is not None and (grammar := response_format_grammar(response_format)):
-        if tools and tool_choice not in (None, "none"):
-            raise GrammarError("response_format and tools cannot be combined; pass tool_choice='none'")
-        return GrammarProcessor(tokenizer, grammar, vocab_size)
+    """The grammar processor for a request, or None when nothing is constrained.
+
+    With both tools and a `response_format` (as OpenAI allows): under `tool_choice` "auto" the
+    reply is either tool calls or text in the format; under "required" or a named tool it is a
+    call, which the format does not govern; under "none" it is text in the format."""
+    format_grammar = response_format_grammar(response_format) if response_format is not None else ""
+    if format_grammar and tools and tool_choice == "auto":
+        grammar = calls_or_format_grammar(tokenizer, tools, format_grammar)
+        last = tool_calls_grammar(tokenizer, tools, single=True)
+        return GrammarProcessor(tokenizer, grammar, vocab_size, max_tokens=max_tokens, last_block_grammar=last)
+    if format_grammar and (not tools or tool_choice in (None, "none")):
+        return GrammarProcessor(tokenizer, format_grammar, vocab_size)
     if not tools or not constrain or tool_choice in (None, "none"):
         return None
     if tool_choice == "auto":

@@ -399,3 +399,60 @@ def test_agent_loop_runs_a_real_call_and_reuses_the_cache(models, kind):
     common = next((i for i, (a, b) in enumerate(zip(prompt, cached, strict=False)) if a != b), len(cached))
     assert session.last.prefilled_tokens == len(prompt) - common
     assert common >= len(first_ids) + 4  # the prompt and at least the opening of the call were reused
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_tools_with_a_format_give_calls_or_the_format(models, kind):
+    """OpenAI allows tools beside a response format (instructor sends both): under "auto" the reply
+    is valid calls or JSON in the schema, both reachable; a forced choice gives a call."""
+    model, tokenizer = models[kind]
+    response_format = {"type": "json_schema", "json_schema": {"name": "mood", "schema": SCHEMA}}
+    processor = build_processor(tokenizer, model.args.vocab_size, TOOLS, "auto", response_format)
+    mask = processor.allowed()
+    opens = [tokenizer.encode(text, add_special_tokens=False)[0] for text in (OPEN, '{"')]
+    assert all(mask[token] for token in opens) and not mask[tokenizer.encode("Ok", add_special_tokens=False)[0]]
+    kinds = set()
+    for seed in range(8):
+        result = generate(
+            model,
+            tokenizer,
+            messages=MESSAGES,
+            tools=TOOLS,
+            tool_choice="auto",
+            response_format=response_format,
+            max_tokens=160,
+            sampling=SamplingOptions(temperature=1.0, seed=seed),
+        )
+        if result.tool_calls:
+            assert all(valid_call(c) for c in result.tool_calls) and result.text == "", (seed, result.raw_text)
+            kinds.add("calls")
+        else:
+            jsonschema.validate(json.loads(result.text), SCHEMA)
+            kinds.add("json")
+    forced = build_processor(tokenizer, model.args.vocab_size, TOOLS, "required", response_format)
+    assert forced.allowed()[opens[0]] and not forced.allowed()[opens[1]]
+    for choice in ("required", "get_weather"):
+        result = generate(
+            model, tokenizer, messages=MESSAGES, tools=TOOLS, tool_choice=choice, response_format=response_format, max_tokens=160
+        )
+        assert result.finish_reason == "tool_calls" and all(valid_call(c) for c in result.tool_calls), result.raw_text
+    assert kinds, kinds
+    # Each branch, entered by forcing its first token, is carried to a valid end by the grammar.
+    for first, check in ((OPEN, "calls"), ('{"', "json")):
+        prefix = tokenizer.encode(first, add_special_tokens=False)[:1]
+        result = generate(
+            model,
+            tokenizer,
+            messages=MESSAGES,
+            tools=TOOLS,
+            tool_choice="auto",
+            response_format=response_format,
+            logits_processors=[force_prefix(prefix)],
+            max_tokens=160,
+            sampling=SamplingOptions(temperature=1.0, seed=1),
+        )
+        if check == "calls":
+            assert result.tool_calls and all(valid_call(c) for c in result.tool_calls), result.raw_text
+        else:
+            assert not result.tool_calls
+            jsonschema.validate(json.loads(result.text), SCHEMA)
