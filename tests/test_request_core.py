@@ -170,3 +170,46 @@ def test_the_preparation_pool_is_shut_down_with_the_app():
     app.state.close()
     with pytest.raises(RuntimeError, match="shutdown"):
         app.state.prepare_pool.submit(sum, [1, 2])
+
+
+def documented_policy(title: str) -> dict[str, set[str]]:
+    """docs/server.md's "Field policy (TITLE):" list: bullet name -> the field names it shows."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "server.md").read_text(encoding="utf-8")
+    lines = text[text.index(f"Field policy ({title}):") :].splitlines()[2:]
+    bullets: dict[str, str] = {}
+    for line in lines:
+        if line.startswith("- **"):
+            name = line[4 : line.index("**", 4)]
+            bullets[name] = line
+        elif line.startswith("  ") and bullets:
+            bullets[name] += line
+        else:
+            break
+    return {name: set(re.findall(r"`([a-z_.]+)`", body)) for name, body in bullets.items()}
+
+
+def heads(names: set[str]) -> set[str]:
+    """The top-level fields: `output_config.format` is `output_config`."""
+    return {name.split(".")[0] for name in names}
+
+
+@pytest.mark.parametrize(
+    ("title", "policy"),
+    [
+        ("Chat Completions", chat_completions.POLICY),
+        ("Completions", completions.POLICY),
+        ("Responses", responses.POLICY),
+        ("Messages", anthropic_messages.POLICY),
+    ],
+)
+def test_each_protocols_field_table_is_the_documented_policy(title, policy):
+    documented = documented_policy(title)
+    assert policy.supported <= heads(documented["supported"]), policy.supported - heads(documented["supported"])
+    ignored = documented["accepted and ignored"]
+    assert policy.ignored <= ignored, policy.ignored - ignored
+    assert not policy.supported & ignored  # no field both used and documented as ignored
+    with pytest.raises(RequestError, match="unsupported field 'nesso_unknown'"):
+        policy.check({"nesso_unknown": 1})

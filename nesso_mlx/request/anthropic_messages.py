@@ -33,6 +33,7 @@ from .core import (
     MAX_STOP,
     BlockStream,
     ChatRequest,
+    FieldPolicy,
     RequestError,
     boolean,
     dumps,
@@ -47,11 +48,13 @@ from .core import (
     refuse_unknown,
 )
 
-_IGNORED = {"thinking", "metadata", "context_management", "service_tier", "cache_control", "speed", "inference_geo"}
-_IGNORED |= {"diagnostics", "user_profile_id", "workspace_id"}
-_FIELDS = {"model", "messages", "system", "max_tokens", "temperature", "top_p", "top_k", "stop_sequences", "stream"}
-_FIELDS |= {"tools", "tool_choice", "output_config"} | _IGNORED
-_COUNT_FIELDS = _FIELDS - {"max_tokens", "temperature", "top_p", "top_k", "stop_sequences", "stream"}
+POLICY = FieldPolicy(
+    frozenset({"model", "messages", "system", "max_tokens", "temperature", "top_p", "top_k", "stop_sequences", "stream"})
+    | {"tools", "tool_choice", "output_config"},
+    frozenset({"thinking", "metadata", "context_management", "service_tier", "cache_control", "speed", "inference_geo"})
+    | {"diagnostics", "user_profile_id", "workspace_id"},
+)
+COUNT_POLICY = POLICY.without("max_tokens", "temperature", "top_p", "top_k", "stop_sequences", "stream")
 ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -223,7 +226,7 @@ def parse_messages_request(body: Any, *, context_window: int, vocab_size: int, c
     """Validate a Messages body (or a count_tokens body) into the core's `ChatRequest`."""
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
-    refuse_unknown(body, _COUNT_FIELDS if count_only else _FIELDS)
+    (COUNT_POLICY if count_only else POLICY).check(body)
     model = parse_model(body)
     system, messages = _convert_messages(body.get("messages"))
     if body.get("system") is not None:

@@ -33,6 +33,7 @@ from typing import Any
 
 from .core import (
     ChatRequest,
+    FieldPolicy,
     RequestError,
     boolean,
     dumps,
@@ -49,36 +50,42 @@ from .core import (
 )
 
 MAX_TOP_LOGPROBS = 20
-SAMPLING_FIELDS = {
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "seed",
-    "frequency_penalty",
-    "presence_penalty",
-    "repetition_penalty",
-    "repetition_context_size",
-    "logit_bias",
-}
-IGNORED_FIELDS = {"user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key"}
-_CHAT_FIELDS = SAMPLING_FIELDS | {
-    "model",
-    "messages",
-    "stream",
-    "stream_options",
-    "stop",
-    "max_tokens",
-    "max_completion_tokens",
-    "n",
-    "logprobs",
-    "top_logprobs",
-    "tools",
-    "tool_choice",
-    "parallel_tool_calls",
-    "response_format",
-    "modalities",
-}
+SAMPLING_FIELDS = frozenset(
+    {
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "seed",
+        "frequency_penalty",
+        "presence_penalty",
+        "repetition_penalty",
+        "repetition_context_size",
+        "logit_bias",
+    }
+)
+IGNORED_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key"})
+POLICY = FieldPolicy(
+    SAMPLING_FIELDS
+    | {
+        "model",
+        "messages",
+        "stream",
+        "stream_options",
+        "stop",
+        "max_tokens",
+        "max_completion_tokens",
+        "n",
+        "logprobs",
+        "top_logprobs",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "response_format",
+        "modalities",
+    },
+    IGNORED_FIELDS,
+)
 
 
 def single_choice(body: dict) -> None:
@@ -127,7 +134,7 @@ def parse_chat_request(body: Any, *, context_window: int, vocab_size: int) -> Ch
     """Validate a chat completions body; raises `RequestError` naming the first bad field."""
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
-    refuse_unknown(body, _CHAT_FIELDS | IGNORED_FIELDS)
+    POLICY.check(body)
     single_choice(body)
     modalities = body.get("modalities")
     if modalities is not None and modalities != ["text"]:

@@ -27,6 +27,7 @@ from .chat_completions import (
     sse,
 )
 from .core import (
+    FieldPolicy,
     RequestError,
     Sampling,
     boolean,
@@ -36,26 +37,17 @@ from .core import (
     parse_model,
     parse_sampling,
     parse_stop,
-    refuse_unknown,
 )
 
 if TYPE_CHECKING:
     from ..tokenizer import Tokenizer
 
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
-_COMPLETION_FIELDS = SAMPLING_FIELDS | {
-    "model",
-    "prompt",
-    "stream",
-    "stream_options",
-    "stop",
-    "max_tokens",
-    "n",
-    "best_of",
-    "logprobs",
-    "echo",
-    "suffix",
-}
+POLICY = FieldPolicy(
+    SAMPLING_FIELDS
+    | {"model", "prompt", "stream", "stream_options", "stop", "max_tokens", "n", "best_of", "logprobs", "echo", "suffix"},
+    IGNORED_FIELDS,
+)
 
 
 @dataclass
@@ -116,7 +108,7 @@ def parse_completion_request(body: Any, *, context_window: int, vocab_size: int)
     """Validate a (legacy) completions body; raises `RequestError` naming the first bad field."""
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
-    refuse_unknown(body, _COMPLETION_FIELDS | IGNORED_FIELDS)
+    POLICY.check(body)
     single_choice(body)
     if body.get("suffix") is not None:
         raise RequestError("suffix (insertion) is not supported", "suffix", "unsupported_parameter")

@@ -128,6 +128,24 @@ def refuse_unknown(body: dict, allowed: set[str] | frozenset[str], where: str = 
             raise RequestError(f"unsupported field {name!r}", name, "unsupported_parameter")
 
 
+@dataclass(frozen=True)
+class FieldPolicy:
+    """A protocol's field policy as a table: the fields it `supported`s and those it accepts and
+    `ignored`s (they cannot change this model's output); `check` refuses any other with a
+    `RequestError` naming it. docs/server.md lists the same (a test holds them together)."""
+
+    supported: frozenset[str]
+    ignored: frozenset[str] = frozenset()
+
+    def check(self, body: dict, where: str = "") -> None:
+        """Raise `RequestError` naming the first field of `body` the policy neither supports nor ignores."""
+        refuse_unknown(body, self.supported | self.ignored, where)
+
+    def without(self, *names: str) -> FieldPolicy:
+        """The policy with `names` no longer supported (refused)."""
+        return FieldPolicy(self.supported - set(names), self.ignored)
+
+
 def parse_model(body: dict) -> str | None:
     """`model`: any string (a server runs one model), or None."""
     model = body.get("model")

@@ -42,6 +42,7 @@ from typing import Any
 from .core import (
     BlockStream,
     ChatRequest,
+    FieldPolicy,
     RequestError,
     boolean,
     dumps,
@@ -60,34 +61,40 @@ log = logging.getLogger("nesso_mlx.server")
 
 DEFAULT_STORE_SIZE = 256
 DEFAULT_STORE_CHARS = 64 * 2**20  # characters of JSON kept in all (responses and their conversations)
-_IGNORED = {
-    "reasoning",
-    "include",
-    "prompt_cache_key",
-    "prompt_cache_retention",
-    "client_metadata",
-    "truncation",
-    "user",
-    "metadata",
-    "service_tier",
-    "safety_identifier",
-    "stream_options",
-}
-_FIELDS = {
-    "model",
-    "input",
-    "instructions",
-    "tools",
-    "tool_choice",
-    "parallel_tool_calls",
-    "text",
-    "temperature",
-    "top_p",
-    "max_output_tokens",
-    "stream",
-    "store",
-    "previous_response_id",
-} | _IGNORED
+POLICY = FieldPolicy(
+    frozenset(
+        {
+            "model",
+            "input",
+            "instructions",
+            "tools",
+            "tool_choice",
+            "parallel_tool_calls",
+            "text",
+            "temperature",
+            "top_p",
+            "max_output_tokens",
+            "stream",
+            "store",
+            "previous_response_id",
+        }
+    ),
+    frozenset(
+        {
+            "reasoning",
+            "include",
+            "prompt_cache_key",
+            "prompt_cache_retention",
+            "client_metadata",
+            "truncation",
+            "user",
+            "metadata",
+            "service_tier",
+            "safety_identifier",
+            "stream_options",
+        }
+    ),
+)
 _PARAMS = {"messages": "input", "max_tokens": "max_output_tokens", "response_format": "text.format"}
 
 
@@ -275,7 +282,7 @@ def parse_responses_request(body: Any, *, context_window: int, vocab_size: int, 
 def _parse(body: Any, vocab_size: int, store: ResponseStore) -> ResponsesRequest:
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
-    refuse_unknown(body, _FIELDS)
+    POLICY.check(body)
     model = parse_model(body)
     if "input" not in body:
         raise RequestError("input is required", "input", "invalid_value")
