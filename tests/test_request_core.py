@@ -213,3 +213,42 @@ def test_each_protocols_field_table_is_the_documented_policy(title, policy):
     assert not policy.supported & ignored  # no field both used and documented as ignored
     with pytest.raises(RequestError, match="unsupported field 'nesso_unknown'"):
         policy.check({"nesso_unknown": 1})
+
+
+class Untouchable:
+    """A tokenizer the worker thread must not use."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"tokenizer.{name} used on the worker thread")
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_prompts_are_tokenized_before_they_reach_the_worker(path):
+    """The job the engine gets already holds its prompt ids: its worker side never tokenizes."""
+    import json
+    from types import SimpleNamespace
+
+    from server_fixture import asgi
+
+    from nesso_mlx.server import create_app
+
+    tokenizer = Tokenizer.from_folder(nesso_folder("added"))
+    seen = []
+
+    class Engine:
+        model_name, context_window, vocab_size, active, queued, max_concurrency = "stub", 4096, 128262, 0, 0, 1
+        runtime = SimpleNamespace(tokenizer=tokenizer, default_max_tokens=None)
+
+        def submit(self, job):
+            worker = SimpleNamespace(tokenizer=Untouchable(), context_window=4096, vocab_size=128262, default_max_tokens=None)
+            ready = next(job.work(worker))  # its first step on the worker: the checks are done already
+            seen.append(ready)
+            job.sink(ready)
+            job.sink({"type": "error", "status": 503, "error": {"error": {"message": "stub engine", "type": "x"}}})
+
+    prompt = "Scrivi una poesia <tool_call> sul mare."
+    body = {"prompt": prompt} if path == "/v1/completions" else {"messages": [{"role": "user", "content": prompt}]}
+    status, _, reply = asgi(create_app(Engine()), "POST", path, {"content-type": "application/json"}, json.dumps(body).encode())
+    assert status == 503 and json.loads(reply)["error"]["message"] == "stub engine"
+    expected = tokenizer.encode_prompt(prompt) if path == "/v1/completions" else tokenizer.apply_chat_template(body["messages"])
+    assert seen == [{"type": "ready", "prompt_tokens": len(expected)}]
