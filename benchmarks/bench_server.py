@@ -20,9 +20,12 @@ nesso-mlx serve batches them too (continuous batching, `batch.BatchDecoder`).
 text, `tool_choice` "required"): nesso-mlx constrains the call and, for a request decoding alone,
 verifies its grammar-forced tokens in one pass (prompt lookup); mlx_lm.server decodes freely.
 
-`--apis` adds a line per API of nesso-mlx serve (Chat Completions, Responses, Anthropic Messages):
-the same prompt and the same number of greedy tokens through each, non-streaming, the APIs taking
-turns request by request; the time per request against chat's is what the translation costs.
+`--apis` adds a line per API of nesso-mlx serve (Chat Completions, Completions, Responses,
+Anthropic Messages): the same prompt and the same number of greedy tokens through each,
+non-streaming, the APIs taking turns request by request. The per-request noise (several percent)
+hides what the translation costs, so each API's protocol layer is also timed in process on the
+same prompt and tokens (`translation_costs`: the body parsed, validated and translated to the
+core request, and the reply built from the same chunks), and shown as a share of its request.
 """
 
 from __future__ import annotations
@@ -33,7 +36,9 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
@@ -133,6 +138,7 @@ def level(base_url: str, clients: int, requests: int, max_tokens: int, texts: li
 
 API_BODIES = {
     "chat": ("/v1/chat/completions", lambda p, n: {"messages": [{"role": "user", "content": p}], "max_tokens": n}),
+    "completions": ("/v1/completions", lambda p, n: {"prompt": p, "max_tokens": n}),
     "responses": ("/v1/responses", lambda p, n: {"input": p, "max_output_tokens": n, "store": False}),
     "messages": ("/v1/messages", lambda p, n: {"messages": [{"role": "user", "content": p}], "max_tokens": n}),
 }
@@ -140,20 +146,147 @@ API_BODIES = {
 
 def api_tokens(api: str, reply: dict) -> int:
     usage = reply["usage"]
-    return usage["completion_tokens"] if api == "chat" else usage["output_tokens"]
+    return usage["completion_tokens"] if api in ("chat", "completions") else usage["output_tokens"]
 
 
-def per_api(base_url: str, max_tokens: int, rounds: int) -> dict[str, dict]:
+class Chunk:
+    """What the core's reply reads of a generated chunk (`stream_generate`'s chunk, duck-typed)."""
+
+    def __init__(self, text: str, token: int, generation_tokens: int) -> None:
+        self.text, self.token, self.generation_tokens, self.logprobs = text, token, generation_tokens, None
+
+
+def translation_costs(model_path: str, max_tokens: int, repeat: int = 200) -> dict[str, dict]:
+    """Each API's protocol layer, timed in process (median of `repeat`, in ms), on the same prompt
+    and the same `max_tokens` tokens of reply: "parse_ms" is the body parsed (`parse_json_body`),
+    validated and translated to the core request; "reply_ms" the reply built from the core's
+    events as the server does not streaming (its JSON written), "stream_ms" streaming (the SSE
+    text). The core's own work, the same for every API (templating, tokenizing, the reply events
+    from the chunks), is not in them: "core_ms" times the events once, for scale."""
+    from nesso_mlx.request import anthropic_messages, chat_completions, completions, responses
+    from nesso_mlx.request.core import ChatReply, dumps, usage
+    from nesso_mlx.server import parse_json_body
+    from nesso_mlx.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_folder(model_path)
+    prompt = prompts(1)[0]
+    story = "Once upon a time, in a small village by the sea, there lived a cat who loved the lighthouse. " * 8
+    detokenizer = tokenizer.detokenizer()
+    ids = tokenizer.encode(story, add_special_tokens=False)[:max_tokens]
+    chunks = [Chunk(detokenizer.add_token(t), t, i + 1) for i, t in enumerate(ids)]
+    window = {"context_window": 8192, "vocab_size": tokenizer.vocab_size}
+    ready = {"type": "ready", "prompt_tokens": 40}
+
+    def core_events(stream: bool) -> tuple[list[dict], dict]:
+        """chat_job's events for the chunks (as `server_engine.chat_job` makes them)."""
+        reply, events = ChatReply(tokenizer, tools=False), []
+        for chunk in chunks:
+            deltas, entries = reply.add(chunk)
+            if stream and (deltas or entries):
+                events.append({"type": "delta", "deltas": deltas, "logprobs": entries})
+        done = {
+            "type": "done",
+            "deltas": reply.finish(),
+            "finish_reason": reply.finish_reason("length"),
+            "message": reply.message(),
+            "logprobs": None,
+            "usage": usage(40, len(chunks), 0),
+            "stop_sequence": None,
+        }
+        return events, done
+
+    def completion_events(stream: bool) -> tuple[list[dict], dict]:
+        events = [{"type": "delta", "index": 0, "text": c.text, "logprobs": None} for c in chunks if c.text] if stream else []
+        choice = {"index": 0, "text": "".join(c.text for c in chunks), "logprobs": None, "finish_reason": "length"}
+        return events, {"type": "done", "choices": [choice], "usage": usage(40, len(chunks), 0)}
+
+    store = responses.ResponseStore()
+    apis = {  # api -> (parse the body, make the builder, the core's events (streamed?), the builder always takes deltas)
+        "chat": (
+            lambda body: chat_completions.parse_chat_request(body, **window),
+            lambda parsed: chat_completions.ChatCompletionStream("m", parsed.include_usage),
+            core_events,
+            False,
+        ),
+        "completions": (
+            lambda body: completions.parse_completion_request(body, **window),
+            lambda parsed: completions.CompletionStream("m", parsed.include_usage),
+            completion_events,
+            False,
+        ),
+        "responses": (
+            lambda body: responses.parse_responses_request(body, store=store, **window),
+            lambda parsed: responses.ResponseStream(parsed, "m"),
+            core_events,
+            True,
+        ),
+        "messages": (
+            lambda body: anthropic_messages.parse_messages_request(body, **window),
+            lambda parsed: anthropic_messages.MessageStream("m"),
+            core_events,
+            True,
+        ),
+    }
+
+    def median_ms(function: Callable[[], object]) -> float:
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            function()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times) * 1000
+
+    def measure(parse: Callable, builder: Callable, events_of: Callable, always_deltas: bool, raw: bytes) -> dict:
+        parsed = parse(parse_json_body(raw))
+        whole, streamed = events_of(always_deltas), events_of(True)
+
+        def reply(events: tuple[list[dict], dict], stream: bool) -> None:
+            b = builder(parsed)
+            text = b.start(ready)
+            for event in events[0]:
+                text += b.delta(event)
+            text += b.finish(events[1])
+            if not stream:
+                dumps(b.body())
+
+        return {
+            "parse_ms": median_ms(lambda: parse(parse_json_body(raw))),
+            "reply_ms": median_ms(lambda: reply(whole, False)),
+            "stream_ms": median_ms(lambda: reply(streamed, True)),
+        }
+
+    out = {}
+    for api, (parse, builder, events_of, always_deltas) in apis.items():
+        raw = json.dumps({**API_BODIES[api][1](api_prompt(api, prompt, tokenizer), max_tokens), "temperature": 0}).encode()
+        out[api] = measure(parse, builder, events_of, always_deltas, raw)
+    out["chat"]["core_ms"] = median_ms(lambda: core_events(True))
+    return out
+
+
+def api_prompt(api: str, prompt: str, tokenizer: Any) -> str:
+    """The prompt as `api` takes it: completions takes the chat template's text (so that every API
+    sees the same prompt ids, and the model writes the same tokens)."""
+    if api != "completions":
+        return prompt
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False)
+
+
+def per_api(base_url: str, max_tokens: int, rounds: int, model: str) -> dict[str, dict]:
     """Each API's time per request for the same prompt and tokens (greedy; the APIs take turns)."""
     from server_fixture import post
 
+    from nesso_mlx.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_folder(model)
     prompt = prompts(1)[0]
     times: dict[str, list[float]] = {api: [] for api in API_BODIES}
     tokens: dict[str, int] = {}
     for _ in range(rounds + 1):  # the first round warms the prompt cache up, and is not counted
         for api, (path, body) in API_BODIES.items():
             t0 = time.perf_counter()
-            status, reply = post(base_url + path, {**body(prompt, max_tokens), "temperature": 0}, timeout=600)
+            status, reply = post(
+                base_url + path, {**body(api_prompt(api, prompt, tokenizer), max_tokens), "temperature": 0}, timeout=600
+            )
             elapsed = time.perf_counter() - t0
             if status != 200:
                 raise RuntimeError(f"{api}: HTTP {status}: {reply}")
@@ -220,7 +353,11 @@ def main() -> None:
                 result = level(server.url, clients, args.requests, args.max_tokens, texts, args.workload == "tool")
                 results[kind].append(result)
                 print(f"{kind:>9}  {clients} clients: {result['tokens_per_s']:.1f} tokens/s", file=sys.stderr, flush=True)
-        apis = per_api(servers["nesso-mlx"].url, args.max_tokens, args.api_rounds) if args.apis and "nesso-mlx" in servers else {}
+        apis = (
+            per_api(servers["nesso-mlx"].url, args.max_tokens, args.api_rounds, args.model)
+            if args.apis and "nesso-mlx" in servers
+            else {}
+        )
     finally:
         for server in servers.values():
             server.stop()
@@ -244,10 +381,22 @@ def main() -> None:
             x, y = results[a][i], results[b][i]
             print(f"| {clients} | {x['tokens_per_s'] / y['tokens_per_s']:.2f} | {x['ttft_p50_s'] / y['ttft_p50_s']:.2f} |")
     if apis:
-        print(f"\n| nesso-mlx API | tokens | median s per request ({args.api_rounds}) | vs chat |")
-        print("| --- | ---: | ---: | ---: |")
+        costs = translation_costs(args.model, args.max_tokens)
+        print(f"\n| nesso-mlx API | tokens | median s per request ({args.api_rounds}) | vs chat |", end="")
+        print(" protocol layer ms: parse + reply (streamed) | share of the request |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: |")
         for api, r in apis.items():
-            print(f"| {api} | {r['tokens']} | {r['median_s']:.3f} | {r['median_s'] / apis['chat']['median_s']:.3f} |")
+            c = costs[api]
+            own = c["parse_ms"] + c["reply_ms"]
+            print(
+                f"| {api} | {r['tokens']} | {r['median_s']:.3f} | {r['median_s'] / apis['chat']['median_s']:.3f} | "
+                f"{c['parse_ms']:.3f} + {c['reply_ms']:.3f} ({c['stream_ms']:.3f}) | {own / 1000 / r['median_s']:.3%} |"
+            )
+        print(
+            f"\n(the core's reply events for the same {args.max_tokens} tokens, shared by chat, Responses and Messages: "
+            f"{costs['chat']['core_ms']:.3f} ms)"
+        )
+        apis = {api: {**r, "translation": costs[api]} for api, r in apis.items()}
     probe = []
     if args.probe_batching:
         probe = probe_batching(args.model, levels)

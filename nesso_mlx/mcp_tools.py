@@ -267,14 +267,23 @@ class MCPTools(Mapping[str, Callable[..., str]]):
             raise
 
     def close(self) -> None:
-        """Stop every server (stdio servers are asked to exit, then killed) and the loop."""
+        """Stop every server (stdio servers are asked to exit, then killed) and the loop.
+
+        A Ctrl-C while the servers close (it can take seconds) is not swallowed: their tasks are
+        cancelled at once (their clean-up ends the processes), the loop stops, and the
+        KeyboardInterrupt goes on to the caller."""
         if self._loop is None:
             return
         loop, self._loop = self._loop, None
+        interrupted: KeyboardInterrupt | None = None
         try:
             future = asyncio.run_coroutine_threadsafe(self._stop_all(), loop)
             future.result(timeout=20)
-        except BaseException:  # noqa: S110 - closing: best effort, then the loop stops anyway
+        except KeyboardInterrupt as e:
+            interrupted = e
+            with contextlib.suppress(BaseException):  # a third Ctrl-C: the loop is stopped below anyway
+                asyncio.run_coroutine_threadsafe(self._cancel_all(), loop).result(timeout=5)
+        except Exception:  # noqa: S110 - closing: best effort, then the loop stops anyway
             pass
         loop.call_soon_threadsafe(loop.stop)
         if self._thread is not None:
@@ -283,6 +292,8 @@ class MCPTools(Mapping[str, Callable[..., str]]):
             loop.close()
         for server in self._servers:
             server.errlog.close()
+        if interrupted is not None:
+            raise interrupted
 
     def _run(self, coroutine: Any, timeout: float) -> Any:
         """Run `coroutine` on the background loop and wait for it; on any interruption
@@ -379,6 +390,14 @@ class MCPTools(Mapping[str, Callable[..., str]]):
                 task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=8)
+
+    async def _cancel_all(self) -> None:
+        """Cancel every server's task and give their clean-up (which ends the process) a moment."""
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]  # the loop is ours alone
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=4)
 
     # --- tools -------------------------------------------------------------------------------
 

@@ -4,28 +4,31 @@ Endpoints: POST /v1/chat/completions (tools with tool_choice and parallel calls 
 OpenAI deltas, response_format json_object/json_schema, logprobs, SSE streaming with usage),
 POST /v1/completions (text or token ids, echo with prompt logprobs for lm-evaluation-harness),
 POST /v1/responses with GET/DELETE /v1/responses/{id} (OpenAI's Responses API) and POST
-/v1/messages with /v1/messages/count_tokens (Anthropic's Messages API), both translations over
-the chat core (`nesso_mlx.protocols`; docs/server.md has their field policies), GET /v1/models,
-GET /health. Every request is validated by `nesso_mlx.request` (or its protocol's module); a bad
-one gets a 400 with the API's error object naming the field, never a traceback; an unexpected
-failure is a 500 with a JSON error (the traceback goes to the server's log only). A request
-nested deeper than `request.MAX_JSON_DEPTH` is a 400; one holding far more text than the window
-takes is refused before it is tokenized; with `max_queue`, a full queue answers 429.
+/v1/messages with /v1/messages/count_tokens (Anthropic's Messages API), GET /v1/models, GET
+/health. Each protocol is a module of `nesso_mlx.request` over one request core (docs/server.md
+has their field policies): it validates the body, and builds the reply or its stream from the
+core's events; this module only routes and runs them. A bad request gets a 400 with the API's
+error object naming the field, never a traceback; an unexpected failure is a 500 with a JSON
+error (the traceback goes to the server's log only). A request nested deeper than
+`request.core.MAX_JSON_DEPTH` is a 400; one holding far more text than the window takes is
+refused before it is tokenized; with `max_queue`, a full queue answers 429.
 
 Why Starlette and uvicorn: the two standard, well-kept pieces of Python's ASGI stack (FastAPI
 is built on them), small, pure Python and quick to import. Starlette gives routing, request
 bodies read as a stream (for the size limit), streaming responses for server-sent events with
 client-disconnect detection, and a CORS middleware; uvicorn is the HTTP/1.1 server (h11). A
-framework on top (FastAPI) would add pydantic models duplicating `request.py`'s validation, whose
-errors must be OpenAI's objects anyway; aiohttp would be a second, less common stack.
+framework on top (FastAPI) would add pydantic models duplicating `nesso_mlx.request`'s
+validation, whose errors must be the protocols' own objects anyway (docs/server.md measures
+that choice); aiohttp would be a second, less common stack.
 
 All MLX work runs in one worker thread (`server_engine.Engine`); the asyncio side parses,
 queues and writes, and a small thread pool templates, tokenizes and compiles each request's
-grammar (`server_engine.prepare_chat`) so that none of that holds up decoding. Security: binds
-127.0.0.1 unless told otherwise; with an API key every endpoint but GET /health (for load
-balancers' checks; it reveals only load counters) needs `Authorization: Bearer KEY` or
-`x-api-key: KEY` (constant-time comparison), else 401; bodies over `max_body_bytes` get 413;
-CORS is off unless origins are named.
+grammar (`server_engine.prepare_chat`, `completions.prompt_ids`) so that none of that holds up
+decoding; the pool is shut down when the server stops. Security: binds 127.0.0.1 unless told
+otherwise; with an API key every endpoint but GET /health (for load balancers' checks; it
+reveals only load counters) needs `Authorization: Bearer KEY` or `x-api-key: KEY`
+(constant-time comparison), else 401; bodies over `max_body_bytes` get 413; CORS is off unless
+origins are named.
 
 Run: `python -m nesso_mlx.server --model PATH [--port 8080] [--api-key KEY]` (or `nesso-mlx serve`).
 """
@@ -45,15 +48,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from .errors import NessoError
-from .request import (
-    MAX_JSON_DEPTH,
-    RequestError,
-    chat_prompt_ids,
-    check_depth,
-    new_id,
-    parse_chat_request,
-    parse_completion_request,
-)
+from .request.core import MAX_JSON_DEPTH, RequestError, chat_prompt_ids, check_depth, dumps
 from .server_engine import DEFAULT_PROMPT_CACHE_BYTES, Engine, Job, chat_job, completion_job, prepare_chat
 
 log = logging.getLogger("nesso_mlx.server")
@@ -75,10 +70,6 @@ class QueueFull(Exception):
 
 def _error_body(message: str, error_type: str = "invalid_request_error", param: str | None = None, code: str | None = None):
     return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
-
-
-def _dumps(obj: Any) -> str:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
 
 def _reject_constant(name: str) -> None:
@@ -200,15 +191,11 @@ class _Call:
 def _json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None):
     from starlette.responses import Response
 
-    return Response(_dumps(body), status_code=status, media_type="application/json", headers=headers)
+    return Response(dumps(body), status_code=status, media_type="application/json", headers=headers)
 
 
 def _event_response(event: dict):
     return _json_response(event["error"], event["status"])
-
-
-def _sse(data: Any) -> str:
-    return f"data: {_dumps(data)}\n\n"
 
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -234,8 +221,10 @@ def create_app(
     from starlette.responses import StreamingResponse
     from starlette.routing import Route
 
-    from .protocols import anthropic_messages as anthropic
-    from .protocols import responses
+    from .request import anthropic_messages as anthropic
+    from .request import chat_completions as chat_api
+    from .request import completions as completions_api
+    from .request import responses
 
     model_id = model_id or engine.model_name
     created = int(time.time())
@@ -269,16 +258,19 @@ def create_app(
 
     preparing = [0]  # requests in the pool on their way to the queue: a burst cannot all pass admission
 
-    async def prepare(parsed: Any) -> Any:
+    async def prepare(function: Callable, *args: Any) -> Any:
+        """`function(*args)` (a request's templating, tokenizing, grammar compilation) in the
+        preparation pool; while it runs, with `max_queue`, the request counts as waiting."""
         _Call.admit(engine, max_queue, preparing[0])  # a request that will be refused costs no preparation
-        runtime = engine.runtime
         preparing[0] += 1
         try:
-            return await off_worker(
-                prepare_chat, runtime.tokenizer, engine.context_window, engine.vocab_size, parsed, runtime.default_max_tokens
-            )
+            return await off_worker(function, *args)
         finally:
             preparing[0] -= 1
+
+    async def prepare_chat_request(chat: Any) -> Any:
+        rt = engine.runtime
+        return await prepare(prepare_chat, rt.tokenizer, engine.context_window, engine.vocab_size, chat, rt.default_max_tokens)
 
     async def health(request: Any):
         return _json_response({"status": "ok", "active": engine.active, "queued": engine.queued})
@@ -299,181 +291,67 @@ def create_app(
         return _json_response(model_card())
 
     async def chat_completions(request: Any):
-        parsed = await parse(request, parse_chat_request)
-        prepared = await prepare(parsed)
-        call = open_call(request, lambda rt: chat_job(rt, parsed, parsed.stream, prepared))
-        streaming = False
-        try:
-            first = await call.next()
-            if first["type"] != "ready":
-                return _event_response(first) if first["type"] == "error" else _json_response({}, 499)
-            base = {"id": new_id("chatcmpl-"), "object": "chat.completion", "created": int(time.time()), "model": model_id}
-            if parsed.stream:
-                streaming = True
-                return StreamingResponse(
-                    _chat_stream(call, base, parsed.include_usage), media_type="text/event-stream", headers=SSE_HEADERS
-                )
-            while (event := await call.next())["type"] == "delta":
-                pass
-            if event["type"] != "done":
-                return _event_response(event) if event["type"] == "error" else _json_response({}, 499)
-            choice = {
-                "index": 0,
-                "message": event["message"],
-                "logprobs": event["logprobs"],
-                "finish_reason": event["finish_reason"],
-            }
-            return _json_response({**base, "choices": [choice], "usage": event["usage"]})
-        finally:
-            if not streaming:
-                call.close()
-
-    async def _chat_stream(call: _Call, base: dict, include_usage: bool) -> AsyncIterator[str]:
-        head = {**base, "object": "chat.completion.chunk"}
-
-        def chunk(delta: dict, logprobs: Any = None, finish: str | None = None) -> str:
-            data = {**head, "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
-            if include_usage:
-                data["usage"] = None
-            return _sse(data)
-
-        def deltas(items: list[dict], entries: list[dict]) -> list[str]:
-            logprobs = {"content": entries} if entries else None
-            if not items:
-                return [chunk({}, logprobs)] if logprobs else []
-            return [chunk(d, logprobs if i == 0 else None) for i, d in enumerate(items)]
-
-        try:
-            yield chunk({"role": "assistant", "content": ""})
-            while True:
-                event = await call.next()
-                if event["type"] == "delta":
-                    for text in deltas(event["deltas"], event["logprobs"]):
-                        yield text
-                elif event["type"] == "done":
-                    for text in deltas(event["deltas"], []):
-                        yield text
-                    yield chunk({}, None, event["finish_reason"])
-                    if include_usage:
-                        yield _sse({**head, "choices": [], "usage": event["usage"]})
-                    yield "data: [DONE]\n\n"
-                    return
-                elif event["type"] == "error":
-                    yield _sse(event["error"])
-                    return
-                else:  # disconnected
-                    return
-        finally:
-            call.close()
+        parsed = await parse(request, chat_api.parse_chat_request)
+        prepared = await prepare_chat_request(parsed)
+        builder = chat_api.ChatCompletionStream(model_id, parsed.include_usage)
+        return await protocol_reply(request, builder, parsed.stream, lambda rt: chat_job(rt, parsed, parsed.stream, prepared))
 
     async def completions(request: Any):
-        parsed = await parse(request, parse_completion_request)
-        call = open_call(request, lambda rt: completion_job(rt, parsed, parsed.stream))
+        parsed = await parse(request, completions_api.parse_completion_request)
+        prompts = await prepare(completions_api.prompt_ids, engine.runtime.tokenizer, parsed, engine.context_window)
+        builder = completions_api.CompletionStream(model_id, parsed.include_usage)
+        return await protocol_reply(
+            request, builder, parsed.stream, lambda rt: completion_job(rt, parsed, parsed.stream, prompts)
+        )
+
+    async def chat_reply(request: Any, chat: Any, builder: Any, on_done: Callable[[], None] | None = None):
+        """A chat request of the Messages or Responses API: the builder always takes the deltas
+        (its reply is built from them, streamed or not)."""
+        prepared = await prepare_chat_request(chat)
+        return await protocol_reply(request, builder, chat.stream, lambda rt: chat_job(rt, chat, True, prepared), on_done)
+
+    async def protocol_reply(request: Any, builder: Any, stream: bool, work: Callable, on_done: Callable[[], None] | None = None):
+        """Run `work` (a prepared job) and answer with `builder`, the protocol's stream builder
+        (see `nesso_mlx.request`): its SSE events when `stream`, else its `body()` once the job is
+        done. `on_done` runs once the reply is complete (before the stream says so)."""
+        call = open_call(request, work)
         streaming = False
         try:
             first = await call.next()
             if first["type"] != "ready":
                 return _event_response(first) if first["type"] == "error" else _json_response({}, 499)
-            base = {"id": new_id("cmpl-"), "object": "text_completion", "created": int(time.time()), "model": model_id}
-            if parsed.stream:
-                streaming = True
-                return StreamingResponse(
-                    _completion_stream(call, base, parsed.include_usage), media_type="text/event-stream", headers=SSE_HEADERS
-                )
-            while (event := await call.next())["type"] == "delta":
-                pass
-            if event["type"] != "done":
-                return _event_response(event) if event["type"] == "error" else _json_response({}, 499)
-            return _json_response({**base, "choices": event["choices"], "usage": event["usage"]})
-        finally:
-            if not streaming:
-                call.close()
-
-    async def _completion_stream(call: _Call, base: dict, include_usage: bool) -> AsyncIterator[str]:
-        def chunk(index: int, text: str, logprobs: Any, finish: str | None) -> str:
-            data = {**base, "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}]}
-            if include_usage:
-                data["usage"] = None
-            return _sse(data)
-
-        try:
-            while True:
-                event = await call.next()
-                if event["type"] == "delta":
-                    yield chunk(event["index"], event["text"], event["logprobs"], None)
-                elif event["type"] == "done":
-                    for choice in event["choices"]:
-                        yield chunk(choice["index"], "", None, choice["finish_reason"])
-                    if include_usage:
-                        yield _sse({**base, "choices": [], "usage": event["usage"]})
-                    yield "data: [DONE]\n\n"
-                    return
-                elif event["type"] == "error":
-                    yield _sse(event["error"])
-                    return
-                else:
-                    return
-        finally:
-            call.close()
-
-    async def protocol_reply(
-        request: Any,
-        chat: Any,
-        builder: Any,
-        start: Callable[[dict], str],
-        body: Callable[[], dict],
-        on_done: Callable[[], None] | None = None,
-    ):
-        """Run a chat request for the Messages or Responses API: `builder` turns the core's events
-        into the protocol's stream (`start` gives its head) or, not streaming, its `body()`;
-        `on_done` runs once the reply is complete (before the stream says so)."""
-        prepared = await prepare(chat)
-        call = open_call(request, lambda rt: chat_job(rt, chat, True, prepared))
-        streaming = False
-        try:
-            first = await call.next()
-            if first["type"] != "ready":
-                return _event_response(first) if first["type"] == "error" else _json_response({}, 499)
-            head = start(first)
-            if chat.stream:
+            head = builder.start(first)
+            if stream:
                 streaming = True
                 return StreamingResponse(
                     _protocol_stream(call, builder, head, on_done), media_type="text/event-stream", headers=SSE_HEADERS
                 )
             while (event := await call.next())["type"] == "delta":
-                builder.add(event["deltas"])
+                builder.delta(event)
             if event["type"] != "done":
                 return _event_response(event) if event["type"] == "error" else _json_response({}, 499)
             builder.finish(event)
             if on_done is not None:
                 on_done()
-            return _json_response(body())
+            return _json_response(builder.body())
         finally:
             if not streaming:
                 call.close()
 
     async def messages(request: Any):
         parsed = await parse(request, anthropic.parse_messages_request)
-        builder = anthropic.MessageStream(parsed.model or model_id)
-        return await protocol_reply(request, parsed, builder, builder.start, builder.message)
+        return await chat_reply(request, parsed, anthropic.MessageStream(parsed.model or model_id))
 
     async def count_tokens(request: Any):
         parsed = await parse(request, anthropic.parse_messages_request, size_check=False, count_only=True)
         # It uses the preparation threads: with --max-queue it counts as waiting, so counts cannot starve chats.
-        _Call.admit(engine, max_queue, preparing[0])
-        preparing[0] += 1
-        try:
-            ids = await off_worker(chat_prompt_ids, engine.runtime.tokenizer, parsed)
-        finally:
-            preparing[0] -= 1
+        ids = await prepare(chat_prompt_ids, engine.runtime.tokenizer, parsed)
         return _json_response({"input_tokens": len(ids)})
 
     async def create_response(request: Any):
         parsed = await parse(request, responses.parse_responses_request, store=store)
         builder = responses.ResponseStream(parsed, parsed.chat.model or model_id)
-        return await protocol_reply(
-            request, parsed.chat, builder, lambda _ready: builder.start(), lambda: builder.response, lambda: keep(parsed, builder)
-        )
+        return await chat_reply(request, parsed.chat, builder, lambda: keep(parsed, builder))
 
     def keep(parsed: Any, builder: Any) -> None:
         if parsed.store:
@@ -496,11 +374,12 @@ def create_app(
 
     async def _protocol_stream(call: _Call, builder: Any, head: str, on_done: Callable | None = None) -> AsyncIterator[str]:
         try:
-            yield head
+            if head:
+                yield head
             while True:
                 event = await call.next()
                 if event["type"] == "delta":
-                    text = builder.add(event["deltas"])
+                    text = builder.delta(event)
                     if text:
                         yield text
                 elif event["type"] == "done":
@@ -510,7 +389,7 @@ def create_app(
                     yield final
                     return
                 elif event["type"] == "error":
-                    yield builder.error(event["status"], event["error"]["error"]["message"])
+                    yield builder.error(event)
                     return
                 else:  # disconnected
                     return
@@ -610,7 +489,11 @@ def create_app(
         Route("/v1/responses/{id}", guarded(delete_response), methods=["DELETE"]),
     ]
     handlers = {HTTPException: http_error, Exception: server_error}
-    return Starlette(routes=routes, middleware=middleware, exception_handlers=handlers)
+    app = Starlette(routes=routes, middleware=middleware, exception_handlers=handlers)
+    app.state.prepare_pool = pool
+    # For `serve` when the server stops: requests still waiting for preparation are dropped.
+    app.state.close = lambda: pool.shutdown(wait=False, cancel_futures=True)
+    return app
 
 
 class BearerAuth:
@@ -636,11 +519,11 @@ class BearerAuth:
         if not hmac.compare_digest(given, self.key):
             message = "missing API key: send Authorization: Bearer KEY or x-api-key: KEY" if not given else "incorrect API key"
             if scope["path"].startswith("/v1/messages"):
-                from .protocols.anthropic_messages import error_body
+                from .request.anthropic_messages import error_body
 
-                body = _dumps(error_body(401, message)).encode()
+                body = dumps(error_body(401, message)).encode()
             else:
-                body = _dumps(_error_body(message, code="invalid_api_key")).encode()
+                body = dumps(_error_body(message, code="invalid_api_key")).encode()
             headers = [
                 (b"content-type", b"application/json"),
                 (b"www-authenticate", b"Bearer"),
@@ -704,8 +587,13 @@ def serve(
     app = create_app(engine, model_id=model, api_key=api_key, cors=cors, max_body_bytes=max_body_bytes, max_queue=max_queue)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="off", timeout_graceful_shutdown=5)
     try:
-        uvicorn.Server(config).run()
+        sock = config.bind_socket()  # bound here, so that port 0 (any free port) can say which it got
+        if port == 0:
+            where = f"[{host}]" if ":" in host else host
+            print(f"nesso-mlx serve: listening on http://{where}:{sock.getsockname()[1]}", file=sys.stderr, flush=True)
+        uvicorn.Server(config).run(sockets=[sock])
     finally:
+        app.state.close()
         engine.stop()
 
 
@@ -747,8 +635,8 @@ def _port(text: str) -> int:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
-    if not 0 < value < 65536:
-        raise argparse.ArgumentTypeError(f"a port is between 1 and 65535, got {value}")
+    if not 0 <= value < 65536:
+        raise argparse.ArgumentTypeError(f"a port is between 1 and 65535 (0: any free port), got {value}")
     return value
 
 
@@ -768,7 +656,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         help=f"a Nesso alias, Hugging Face repo id or local folder (default {DEFAULT_CHAT_MODEL})",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    parser.add_argument("--port", type=_port, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    parser.add_argument(
+        "--port", type=_port, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0: any free port, printed on start)"
+    )
     parser.add_argument(
         "--api-key", default=os.environ.get(API_KEY_ENV), help=f"require Authorization: Bearer KEY (default ${API_KEY_ENV})"
     )

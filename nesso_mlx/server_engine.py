@@ -38,18 +38,8 @@ from typing import Any
 
 from .cache import common_prefix
 from .errors import NessoError
-from .request import (
-    ChatReply,
-    ChatRequest,
-    CompletionRequest,
-    LegacyLogprobs,
-    RequestError,
-    chat_prompt_ids,
-    check_context,
-    completion_prompt_ids,
-    generation_options,
-    usage,
-)
+from .request.completions import CompletionRequest, LegacyLogprobs, prompt_ids
+from .request.core import ChatReply, ChatRequest, RequestError, chat_prompt_ids, check_context, generation_options, usage
 
 log = logging.getLogger("nesso_mlx.server")
 
@@ -425,14 +415,17 @@ def prompt_logprobs(rt: Runtime, ids: Sequence[int], k: int, cache: list[Any], o
         yield None
 
 
-def completion_job(rt: Runtime, request: CompletionRequest, stream: bool) -> Iterator[Event | None]:
-    """A (legacy) completion, one choice per prompt: "ready", "delta" events while streaming, "done"."""
+def completion_job(
+    rt: Runtime, request: CompletionRequest, stream: bool, prompts: list[list[int]] | None = None
+) -> Iterator[Event | None]:
+    """A (legacy) completion, one choice per prompt: "ready", "delta" events while streaming, "done".
+
+    `prompts` (the prompts' ids from `completions.prompt_ids`, run off this thread) are made here
+    when not given.
+    """
     tokenizer = rt.tokenizer
-    prompts = [completion_prompt_ids(tokenizer, p) for p in request.prompts]
-    for ids in prompts:
-        if not ids:
-            raise RequestError("the prompt encodes to no tokens", "prompt", "invalid_value")
-        check_context(len(ids), request.max_tokens, rt.context_window, param="prompt")
+    if prompts is None:
+        prompts = prompt_ids(tokenizer, request, rt.context_window)
     yield {"type": "ready", "prompt_tokens": sum(map(len, prompts))}
     eos = set(tokenizer.eos_token_ids)
     k = request.logprobs

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from .errors import TokenizerError
-from .tools import tool_schemas
 
 # Plain ChatML with Hermes-style tools, for models that ship no template (Zagreus base).
 CHATML_TEMPLATE = """\
@@ -83,6 +82,30 @@ def _compile_template(source: str):
         return env.from_string(source)
     except TemplateError as e:
         raise TokenizerError(f"chat template does not compile: {e}") from None
+
+
+def _tool_schemas(tools: Any) -> list[dict[str, Any]] | None:
+    """Tool schemas as chat templates take them, `{"type": "function", "function": {...}}`; a
+    bare function schema (`{"name": ..., "parameters": ...}`) is wrapped. Python functions are
+    refused with a TypeError: describing them is `nesso_mlx.tools.tool_schemas`' work, done by
+    the caller, so that the tokenizer knows nothing of tools beyond their schemas."""
+    if not tools:
+        return None
+    out = []
+    for tool in tools:
+        if isinstance(tool, dict) and "function" in tool:
+            out.append(tool)
+        elif isinstance(tool, dict) and "name" in tool:
+            out.append({"type": "function", "function": tool})
+        elif callable(tool):
+            name = getattr(tool, "__name__", type(tool).__name__)
+            raise TypeError(
+                f"the tokenizer takes tool schemas, not the Python function {name!r}: "
+                "pass nesso_mlx.tools.tool_schemas(tools) instead"
+            )
+        else:
+            raise ValueError(f"a tool must be a JSON-schema dict with a name, got {tool!r:.80}")
+    return out
 
 
 class _UserTextMarker:
@@ -342,7 +365,7 @@ class Tokenizer:
         # As transformers does: a key set to None (OpenAI clients send back `"tool_calls": null`)
         # is left out, so templates that test `is defined` see it absent.
         messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
-        tools = tool_schemas(tools)
+        tools = _tool_schemas(tools)
         if marker is not None:
             messages = [marker.wrap_strings(m) for m in messages]
             tools = marker.wrap_strings(tools) if tools else None
@@ -390,8 +413,10 @@ class Tokenizer:
     ) -> list[int] | str:
         """Render `messages` (and `tools`) with the model's chat template.
 
-        Returns token ids (or the text with `tokenize=False`). Special tokens are produced only
-        by the template itself, never by message content or tool schemas. If the model's template
+        Returns token ids (or the text with `tokenize=False`). `tools` are JSON schemas (OpenAI's
+        function tools, or bare `{"name", "parameters"}` schemas); Python functions raise a
+        TypeError: describe them first with `nesso_mlx.tools.tool_schemas`. Special tokens are
+        produced only by the template itself, never by message content or tool schemas. If the model's template
         ignores `tools`, the built-in Hermes-style ChatML template renders the request instead.
         """
         marker = _UserTextMarker(self._is_risky, whitespace_outside=not self._control_has_space)

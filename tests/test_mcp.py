@@ -264,6 +264,41 @@ def test_no_orphan_when_interrupted_while_a_server_starts():
     assert gone(servers)
 
 
+def test_ctrl_c_while_the_servers_close_is_not_swallowed():
+    """Ctrl-C while `close` waits for the servers (here: forever) ends the wait at once, ends the
+    servers anyway, and gets through to the caller (it used to be swallowed: the program went on
+    with the servers still running)."""
+    code = f"""
+import asyncio, time
+from nesso_mlx.mcp_tools import MCPServerSpec, MCPTools
+
+async def slow_stop():
+    print("closing", flush=True)
+    await asyncio.sleep(3600)
+
+tools = MCPTools([MCPServerSpec.from_command({f"{PYTHON} {SERVER} --name slowclose"!r})])
+tools.start()
+tools._stop_all = slow_stop  # servers that take long to stop
+print("ready", flush=True)
+tools.close()
+print("went on", flush=True)
+time.sleep(3600)
+"""
+    child = subprocess.Popen([PYTHON, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        servers = [pid for pid, cmd in children(child.pid).items() if "slowclose" in cmd]
+        assert servers and all(alive(pid) for pid in servers)
+        assert child.stdout.readline().strip() == "closing"
+        child.send_signal(signal.SIGINT)
+        child.wait(timeout=10)  # not the 20 s `close` would otherwise wait, nor the sleep after it
+    finally:
+        child.kill()
+    out, stderr = child.communicate(timeout=10)
+    assert "went on" not in out and child.returncode != 0 and "KeyboardInterrupt" in stderr
+    assert gone(servers)
+
+
 # --- the agent loop --------------------------------------------------------------------------
 
 

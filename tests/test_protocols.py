@@ -10,7 +10,7 @@ import jsonschema
 import pytest
 
 from nesso_mlx.constrained import closed_schema
-from nesso_mlx.protocols import responses
+from nesso_mlx.request import responses
 
 BASE = {"$defs": {"B": {"properties": {"id": {}}}}}
 
@@ -54,7 +54,8 @@ def events(text: str) -> list[dict]:
 def test_a_stream_that_fails_after_it_began_ends_with_response_failed():
     store = responses.ResponseStore()
     builder = responses.ResponseStream(request({"input": "hi", "stream": True}, store), "m")
-    out = builder.start() + builder.add([{"content": "Ciao"}]) + builder.error(500, "the server failed")
+    failed = {"type": "error", "status": 500, "error": {"error": {"message": "the server failed"}}}
+    out = builder.start() + builder.add([{"content": "Ciao"}]) + builder.error(failed)
     seen = events(out)
     assert [e["type"] for e in seen][-3:] == ["response.output_item.done", "error", "response.failed"]
     assert seen[-2]["code"] == "server_error" and seen[-1]["response"]["status"] == "failed"

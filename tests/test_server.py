@@ -18,7 +18,7 @@ import time
 import numpy as np
 import pytest
 from nesso_fixture import nesso_folder
-from server_fixture import ServerProcess, get, post, running
+from server_fixture import ServerProcess, asgi, get, post, running
 
 openai = pytest.importorskip("openai")
 jsonschema = pytest.importorskip("jsonschema")
@@ -857,37 +857,6 @@ def test_messages_convert_for_the_template():
     ]
     with pytest.raises(RequestError, match="did not make"):
         parse_messages([{"role": "user", "content": "x"}, {"role": "tool", "tool_call_id": "c1", "content": "y"}])
-
-
-def asgi(app, method: str, path: str, headers: dict[str, str] | None = None, body: bytes = b"") -> tuple[int, dict, bytes]:
-    """One request straight through an ASGI app: (status, headers, body)."""
-    import asyncio
-
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.3"},
-        "http_version": "1.1",
-        "method": method,
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()],
-        "client": ("127.0.0.1", 5000),
-        "server": ("127.0.0.1", 8080),
-    }
-    sent, messages = [], [{"type": "http.request", "body": body, "more_body": False}]
-
-    async def receive():
-        return messages.pop(0) if messages else {"type": "http.disconnect"}
-
-    async def send(message):
-        sent.append(message)
-
-    asyncio.run(app(scope, receive, send))
-    start = next(m for m in sent if m["type"] == "http.response.start")
-    return start["status"], {k.decode(): v.decode() for k, v in start["headers"]}, b"".join(m.get("body", b"") for m in sent[1:])
 
 
 class StubEngine:

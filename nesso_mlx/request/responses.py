@@ -1,4 +1,4 @@
-"""OpenAI's Responses API (POST /v1/responses, GET and DELETE /v1/responses/{id}) over the chat request core.
+"""OpenAI's Responses API (POST /v1/responses, GET and DELETE /v1/responses/{id}) over the request core.
 
 A body becomes a `ChatRequest`: `instructions` is the system message; `input` (a string, or
 items: `message` items with roles user / assistant / system / developer and string or
@@ -37,64 +37,65 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
 from typing import Any
 
-from ..request import (
+from .core import (
+    BlockStream,
     ChatRequest,
+    FieldPolicy,
     RequestError,
-    _boolean,
-    _integer,
-    _refuse_unknown,
+    boolean,
+    dumps,
+    integer,
     new_id,
     parse_messages,
+    parse_model,
     parse_response_format,
     parse_sampling,
     parse_tool_choice,
     parse_tools,
+    refuse_unknown,
 )
 
 log = logging.getLogger("nesso_mlx.server")
 
 DEFAULT_STORE_SIZE = 256
 DEFAULT_STORE_CHARS = 64 * 2**20  # characters of JSON kept in all (responses and their conversations)
-_IGNORED = {
-    "reasoning",
-    "include",
-    "prompt_cache_key",
-    "prompt_cache_retention",
-    "client_metadata",
-    "truncation",
-    "user",
-    "metadata",
-    "service_tier",
-    "safety_identifier",
-    "stream_options",
-}
-_FIELDS = {
-    "model",
-    "input",
-    "instructions",
-    "tools",
-    "tool_choice",
-    "parallel_tool_calls",
-    "text",
-    "temperature",
-    "top_p",
-    "max_output_tokens",
-    "stream",
-    "store",
-    "previous_response_id",
-} | _IGNORED
+POLICY = FieldPolicy(
+    frozenset(
+        {
+            "model",
+            "input",
+            "instructions",
+            "tools",
+            "tool_choice",
+            "parallel_tool_calls",
+            "text",
+            "temperature",
+            "top_p",
+            "max_output_tokens",
+            "stream",
+            "store",
+            "previous_response_id",
+        }
+    ),
+    frozenset(
+        {
+            "reasoning",
+            "include",
+            "prompt_cache_key",
+            "prompt_cache_retention",
+            "client_metadata",
+            "truncation",
+            "user",
+            "metadata",
+            "service_tier",
+            "safety_identifier",
+            "stream_options",
+        }
+    ),
+)
 _PARAMS = {"messages": "input", "max_tokens": "max_output_tokens", "response_format": "text.format"}
-
-
-def _is_json(text: str) -> bool:
-    try:
-        json.loads(text)
-    except (ValueError, RecursionError):
-        return False
-    return True
 
 
 class ResponseStore:
@@ -128,7 +129,7 @@ class ResponseStore:
 
 def _part_text(part: Any, where: str) -> str:
     if isinstance(part, dict) and part.get("type") in ("input_text", "output_text", "text") and isinstance(part.get("text"), str):
-        _refuse_unknown(part, {"type", "text", "annotations", "logprobs"}, where)
+        refuse_unknown(part, {"type", "text", "annotations", "logprobs"}, where)
         return part["text"]
     if isinstance(part, dict) and part.get("type") == "refusal" and isinstance(part.get("refusal"), str):
         return part["refusal"]
@@ -157,7 +158,7 @@ def convert_input(value: Any) -> list[dict[str, Any]]:
             raise RequestError(f"{where} must be an object", where, "invalid_type")
         kind = item.get("type", "message" if "role" in item else None)
         if kind == "message":
-            _refuse_unknown(item, {"type", "role", "content", "id", "status", "phase"}, where)
+            refuse_unknown(item, {"type", "role", "content", "id", "status", "phase"}, where)
             role = item.get("role")
             if role not in ("user", "assistant", "system", "developer"):
                 raise RequestError(
@@ -165,7 +166,7 @@ def convert_input(value: Any) -> list[dict[str, Any]]:
                 )
             out.append({"role": role, "content": _content(item.get("content"), f"{where}.content")})
         elif kind == "function_call":
-            _refuse_unknown(item, {"type", "id", "call_id", "name", "arguments", "status"}, where)
+            refuse_unknown(item, {"type", "id", "call_id", "name", "arguments", "status"}, where)
             for name in ("call_id", "name"):
                 if not isinstance(item.get(name), str) or not item[name]:
                     raise RequestError(f"{where}.{name} must be a non-empty string", f"{where}.{name}", "invalid_value")
@@ -180,7 +181,7 @@ def convert_input(value: Any) -> list[dict[str, Any]]:
             else:
                 out.append({"role": "assistant", "content": None, "tool_calls": [call]})
         elif kind == "function_call_output":
-            _refuse_unknown(item, {"type", "id", "call_id", "output", "status"}, where)
+            refuse_unknown(item, {"type", "id", "call_id", "output", "status"}, where)
             if not isinstance(item.get("call_id"), str) or not item["call_id"]:
                 raise RequestError(f"{where}.call_id must be a non-empty string", f"{where}.call_id", "invalid_value")
             out.append(
@@ -211,7 +212,7 @@ def _convert_tools(tools: Any) -> tuple[list[dict[str, Any]] | None, list[str]]:
         if tool["type"] != "function":
             hosted.append(tool["type"])
             continue
-        _refuse_unknown(tool, {"type", "name", "description", "parameters", "strict"}, where)
+        refuse_unknown(tool, {"type", "name", "description", "parameters", "strict"}, where)
         function = {k: tool[k] for k in ("name", "description", "parameters", "strict") if tool.get(k) is not None}
         out.append({"type": "function", "function": function})
     return parse_tools(out), hosted
@@ -221,7 +222,7 @@ def _convert_tool_choice(choice: Any, tools: list[dict[str, Any]] | None) -> str
     if choice is None or isinstance(choice, str):
         return parse_tool_choice(choice, tools)
     if isinstance(choice, dict) and choice.get("type") == "function":
-        _refuse_unknown(choice, {"type", "name"}, "tool_choice")
+        refuse_unknown(choice, {"type", "name"}, "tool_choice")
         return parse_tool_choice({"type": "function", "function": {"name": choice.get("name")}}, tools)
     kind = choice.get("type") if isinstance(choice, dict) else None
     raise RequestError(
@@ -238,14 +239,14 @@ def _text_format(text: Any) -> tuple[dict[str, Any] | None, dict[str, Any]]:
         return None, {"format": {"type": "text"}}
     if not isinstance(text, dict):
         raise RequestError("text must be an object", "text", "invalid_type")
-    _refuse_unknown(text, {"format", "verbosity"}, "text")
+    refuse_unknown(text, {"format", "verbosity"}, "text")
     fmt = text.get("format")
     if fmt is None:
         return None, {"format": {"type": "text"}}
     if not isinstance(fmt, dict):
         raise RequestError("text.format must be an object", "text.format", "invalid_type")
     if fmt.get("type") == "json_schema":
-        _refuse_unknown(fmt, {"type", "name", "schema", "strict", "description"}, "text.format")
+        refuse_unknown(fmt, {"type", "name", "schema", "strict", "description"}, "text.format")
         spec = {k: fmt[k] for k in ("name", "schema", "strict", "description") if k in fmt}
         try:
             response_format = parse_response_format({"type": "json_schema", "json_schema": spec})
@@ -281,9 +282,8 @@ def parse_responses_request(body: Any, *, context_window: int, vocab_size: int, 
 def _parse(body: Any, vocab_size: int, store: ResponseStore) -> ResponsesRequest:
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
-    _refuse_unknown(body, _FIELDS)
-    if body.get("model") is not None and not isinstance(body["model"], str):
-        raise RequestError("model must be a string", "model", "invalid_type")
+    POLICY.check(body)
+    model = parse_model(body)
     if "input" not in body:
         raise RequestError("input is required", "input", "invalid_value")
     conversation: list[dict[str, Any]] = []
@@ -309,18 +309,18 @@ def _parse(body: Any, vocab_size: int, store: ResponseStore) -> ResponsesRequest
     response_format, text = _text_format(body.get("text"))
     if response_format is not None and tools and tool_choice != "none":
         raise RequestError('text.format and tools cannot be combined unless tool_choice is "none"', "text.format")
-    max_tokens = _integer(body, "max_output_tokens", None, 1, 2**31)
+    max_tokens = integer(body, "max_output_tokens", None, 1, 2**31)
     chat = ChatRequest(
         messages=parse_messages(messages),
         sampling=parse_sampling({k: body.get(k) for k in ("temperature", "top_p")}, vocab_size),
         max_tokens=max_tokens,
         clamp_max_tokens=True,
-        stream=_boolean(body, "stream", False),
+        stream=boolean(body, "stream", False),
         tools=tools,
         tool_choice=tool_choice,
-        parallel_tool_calls=_boolean(body, "parallel_tool_calls", True),
+        parallel_tool_calls=boolean(body, "parallel_tool_calls", True),
         response_format=response_format,
-        model=body.get("model"),
+        model=model,
     )
     echo = {
         "instructions": instructions,
@@ -334,35 +334,35 @@ def _parse(body: Any, vocab_size: int, store: ResponseStore) -> ResponsesRequest
         "tools": [t for t in body.get("tools") or [] if t.get("type") == "function"],
         "metadata": body.get("metadata") if isinstance(body.get("metadata"), dict) else {},
     }
-    return ResponsesRequest(chat, conversation, echo, _boolean(body, "store", True))
+    return ResponsesRequest(chat, conversation, echo, boolean(body, "store", True))
 
 
 # --- replies ---------------------------------------------------------------------------------------
 
 
-class ResponseStream:
+class ResponseStream(BlockStream):
     """Builds a Response from the core's events, and the stream of events that spells it.
 
-    `start()`, `add(deltas)` for each "delta" event and `finish(done)` return SSE text; `response`
-    is the Response, the same whether or not it was streamed; `assistant_message()` is the reply
-    as an OpenAI chat message, for the store.
+    `start()`, `delta(event)` (or `add(deltas)`) for each "delta" event, `finish(done)` and
+    `error(event)` return SSE text; `response` (also `body()`) is the Response, the same whether
+    or not it was streamed; `assistant_message()` is the reply as an OpenAI chat message, for the
+    store. The output items open and close with the core's `BlockStream`.
     """
 
     def __init__(self, request: ResponsesRequest, model: str) -> None:
+        super().__init__()
         self.request = request
         self.id = new_id("resp_")
         self.created = int(time.time())
         self.model = model
         self.output: list[dict[str, Any]] = []
-        self._open = False
-        self._call_item: dict[int, int] = {}  # the core's call index -> output index
         self.sequence = 0
         self.response: dict[str, Any] = self._response("in_progress")
 
     def event(self, name: str, data: dict[str, Any]) -> str:
         payload = {"type": name, "sequence_number": self.sequence, **data}
         self.sequence += 1
-        return f"event: {name}\ndata: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
+        return f"event: {name}\ndata: {dumps(payload)}\n\n"
 
     def _response(self, status: str, usage: dict[str, Any] | None = None, reason: str | None = None) -> dict[str, Any]:
         texts = [p["text"] for item in self.output if item["type"] == "message" for p in item["content"]]
@@ -384,16 +384,50 @@ class ResponseStream:
             **self.request.echo,
         }
 
-    def start(self) -> str:
+    def start(self, ready: dict[str, Any] | None = None) -> str:
         return self.event("response.created", {"response": self.response}) + self.event(
             "response.in_progress", {"response": self.response}
         )
 
-    def _close(self, status: str = "completed") -> str:
-        if not self._open:
-            return ""
-        self._open = False
-        index, item = len(self.output) - 1, self.output[-1]
+    def delta(self, event: dict[str, Any]) -> str:
+        return self.add(event["deltas"])
+
+    # --- the block hooks (see `BlockStream`) ---
+
+    def _open_text(self, index: int) -> str:
+        item = {"id": new_id("msg_"), "type": "message", "role": "assistant", "status": "in_progress", "content": []}
+        self.output.append(item)
+        out = self.event("response.output_item.added", {"output_index": index, "item": json.loads(json.dumps(item))})
+        part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+        item["content"].append(part)
+        where = {"item_id": item["id"], "output_index": index, "content_index": 0}
+        return out + self.event("response.content_part.added", {**where, "part": dict(part)})
+
+    def _text(self, index: int, text: str) -> str:
+        item = self.output[index]
+        item["content"][0]["text"] += text
+        where = {"item_id": item["id"], "output_index": index, "content_index": 0}
+        return self.event("response.output_text.delta", {**where, "delta": text, "logprobs": []})
+
+    def _open_call(self, index: int, call: dict[str, Any]) -> str:
+        item = {
+            "id": "fc_" + call["id"].removeprefix("call_"),
+            "type": "function_call",
+            "status": "in_progress",
+            "call_id": call["id"],
+            "name": call["function"]["name"],
+            "arguments": "",
+        }
+        self.output.append(item)
+        return self.event("response.output_item.added", {"output_index": index, "item": dict(item)})
+
+    def _arguments(self, index: int, fragment: str) -> str:
+        self.output[index]["arguments"] += fragment
+        where = {"item_id": self.output[index]["id"], "output_index": index}
+        return self.event("response.function_call_arguments.delta", {**where, "delta": fragment})
+
+    def _close_block(self, index: int, status: str = "completed") -> str:
+        item = self.output[index]
         item["status"] = status
         if item["type"] == "message":
             part = item["content"][0]
@@ -408,73 +442,11 @@ class ResponseStream:
             "response.function_call_arguments.done", {**where, "name": item["name"], "arguments": item["arguments"]}
         ) + self.event("response.output_item.done", {"output_index": index, "item": dict(item)})
 
-    def add(self, deltas: Sequence[dict[str, Any]]) -> str:
-        out: list[str] = []
-        for delta in deltas:
-            if delta.get("content"):
-                if not (self._open and self.output[-1]["type"] == "message"):
-                    out.append(self._close())
-                    item = {"id": new_id("msg_"), "type": "message", "role": "assistant", "status": "in_progress", "content": []}
-                    self.output.append(item)
-                    self._open = True
-                    index = len(self.output) - 1
-                    out.append(
-                        self.event("response.output_item.added", {"output_index": index, "item": json.loads(json.dumps(item))})
-                    )
-                    part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
-                    item["content"].append(part)
-                    out.append(
-                        self.event(
-                            "response.content_part.added",
-                            {"item_id": item["id"], "output_index": index, "content_index": 0, "part": dict(part)},
-                        )
-                    )
-                item, index = self.output[-1], len(self.output) - 1
-                item["content"][0]["text"] += delta["content"]
-                out.append(
-                    self.event(
-                        "response.output_text.delta",
-                        {
-                            "item_id": item["id"],
-                            "output_index": index,
-                            "content_index": 0,
-                            "delta": delta["content"],
-                            "logprobs": [],
-                        },
-                    )
-                )
-            for call in delta.get("tool_calls") or []:
-                if "id" in call:
-                    out.append(self._close())
-                    item = {
-                        "id": "fc_" + call["id"].removeprefix("call_"),
-                        "type": "function_call",
-                        "status": "in_progress",
-                        "call_id": call["id"],
-                        "name": call["function"]["name"],
-                        "arguments": "",
-                    }
-                    self.output.append(item)
-                    self._open = True
-                    self._call_item[call["index"]] = len(self.output) - 1
-                    out.append(
-                        self.event("response.output_item.added", {"output_index": len(self.output) - 1, "item": dict(item)})
-                    )
-                fragment = call.get("function", {}).get("arguments") or ""
-                if fragment:
-                    index = self._call_item[call["index"]]
-                    self.output[index]["arguments"] += fragment
-                    out.append(
-                        self.event(
-                            "response.function_call_arguments.delta",
-                            {"item_id": self.output[index]["id"], "output_index": index, "delta": fragment},
-                        )
-                    )
-        return "".join(out)
+    # --- the end ---
 
     def finish(self, done: dict[str, Any]) -> str:
         incomplete = done["finish_reason"] == "length"
-        out = self.add(done["deltas"]) + self._close("incomplete" if incomplete else "completed")
+        out = self.add(done["deltas"]) + self.close("incomplete" if incomplete else "completed")
         core = done["usage"]
         usage = {
             "input_tokens": core["prompt_tokens"],
@@ -487,26 +459,32 @@ class ResponseStream:
         self.response = self._response(status, usage, "max_output_tokens" if incomplete else None)
         return out + self.event(f"response.{status}", {"response": self.response})
 
+    def body(self) -> dict[str, Any]:
+        return self.response
+
     def assistant_message(self) -> dict[str, Any]:
         """The reply as an OpenAI chat message (for a later `previous_response_id`). A call cut
-        by `max_output_tokens` (its arguments not JSON) is left out: no result can answer it, and
-        the conversation must stay one the chat core accepts."""
+        by `max_output_tokens` (its arguments not a JSON object) is left out: no result can
+        answer it, and the conversation must stay one the chat core accepts."""
         text = "".join(p["text"] for item in self.output if item["type"] == "message" for p in item["content"])
+        inputs = self.call_inputs()
         calls = [
             {"id": item["call_id"], "type": "function", "function": {"name": item["name"], "arguments": item["arguments"]}}
-            for item in self.output
-            if item["type"] == "function_call" and _is_json(item["arguments"])
+            for index, item in enumerate(self.output)
+            if item["type"] == "function_call" and inputs.get(index) is not None
         ]
         message: dict[str, Any] = {"role": "assistant", "content": text or (None if calls else "")}
         if calls:
             message["tool_calls"] = calls
         return message
 
-    def error(self, status: int, message: str) -> str:
-        """An error after the stream began: OpenAI's `error` event, then `response.failed` (the
-        open item closed as incomplete), so that clients waiting for the response's end get one."""
+    def error(self, event: dict[str, Any]) -> str:
+        """An error after the stream began (the core's "error" event): OpenAI's `error` event,
+        then `response.failed` (the open item closed as incomplete), so that clients waiting for
+        the response's end get one."""
+        status, message = event["status"], event["error"]["error"]["message"]
         code = "server_error" if status >= 500 else "invalid_request"
-        out = self._close("incomplete") + self.event("error", {"code": code, "message": message, "param": None})
+        out = self.close("incomplete") + self.event("error", {"code": code, "message": message, "param": None})
         self.response = self._response("failed")
         self.response["error"] = {"code": code, "message": message}
         return out + self.event("response.failed", {"response": self.response})

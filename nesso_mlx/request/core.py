@@ -1,30 +1,17 @@
-"""Requests in OpenAI's chat and completions formats, shared by `nesso-mlx serve` and the CLI.
+"""The request core that every protocol of `nesso-mlx serve` translates to and from.
 
-No HTTP here: a request body (a dict, as parsed from JSON) becomes a validated dataclass, the
-prompt's token ids, the keyword arguments for `stream_generate` (frequency, presence and
-repetition penalties and `logit_bias` as logits processors), and the reply is assembled from
-`stream_generate` chunks into OpenAI's shapes, streamed (`ChatReply.add` gives the deltas) or
-whole (`ChatReply.message`). Every bad field or value raises `RequestError`, whose message names
-the field; `server.py` turns it into a 400 with OpenAI's error object.
-
-Field policy (chat; completions take the same sampling fields):
-
-- supported: messages, model (any string: a server runs one model), stream, stream_options
-  (include_usage), temperature (default 1, as OpenAI), top_p, seed, stop (up to 16 strings),
-  max_tokens, max_completion_tokens, frequency_penalty, presence_penalty, logit_bias, logprobs,
-  top_logprobs (0-20), tools, tool_choice, parallel_tool_calls, response_format (text,
-  json_object, json_schema; always strict), n (1 only); extensions as in vLLM and mlx-lm: top_k,
-  min_p, repetition_penalty, repetition_context_size. Completions: prompt (a string, token ids,
-  or a list of up to 64 of either; a stream takes one), max_tokens (default 16; 0 with echo),
-  echo, logprobs (0-20), best_of (1 only), suffix (null only).
-- accepted and ignored (they never change the output): user, metadata, store, service_tier,
-  safety_identifier, prompt_cache_key (prompts are cached automatically), modalities (["text"]
-  only), stream_options.include_obfuscation, and on messages `name` (the chat templates have no
-  place for it) and null `refusal`/`function_call`/`audio`, `annotations` (as the OpenAI SDK
-  echoes them back).
-- everything else is refused with a 400 naming the field: n > 1, audio, prediction,
-  reasoning_effort, verbosity, web_search_options, functions/function_call (the legacy API),
-  unknown fields, image/audio/file content parts.
+No HTTP and no protocol here. A protocol module (`chat_completions`, `completions`, `responses`,
+`anthropic_messages`) validates its body with the field checks below (`number`, `integer`,
+`boolean`, `refuse_unknown`, `check_depth`; each bad value raises `RequestError`, whose message
+names the field) and translates it to a `ChatRequest`: messages for the chat template
+(`parse_messages`), tools (`parse_tools`), a tool choice (`parse_tool_choice`), a format
+(`parse_response_format`), sampling (`parse_sampling`) and stop strings (`parse_stop`). From it
+the core gives the prompt's token ids (`chat_prompt_ids`, checked by `check_context`), the
+keyword arguments for generation (`generation_options`: penalties and `logit_bias` as logits
+processors) and, from the generated chunks, the reply events: `ChatReply` parses the tool calls
+out of the model's text once, as OpenAI chat deltas (content, a call's name, its arguments
+fragment by fragment). `BlockStream` is the block state machine (a text block, tool-call blocks
+opening and closing) that the Responses and Messages streams both spell their events with.
 """
 
 from __future__ import annotations
@@ -37,61 +24,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .errors import NessoError
-from .tools import ToolCallDelta, ToolCallStream
+from ..errors import NessoError
+from ..tools import ToolCallDelta, ToolCallStream
 
 if TYPE_CHECKING:
-    from .generation import GenerationChunk
-    from .tokenizer import Tokenizer
+    from ..generation import GenerationChunk
+    from ..tokenizer import Tokenizer
 
-MAX_TOP_LOGPROBS = 20
-MAX_STOP = 16
-MAX_PROMPTS = 64  # prompts in one /v1/completions request
+MAX_STOP = 16  # stop strings in one request
 _TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-
-_SAMPLING_FIELDS = {
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "seed",
-    "frequency_penalty",
-    "presence_penalty",
-    "repetition_penalty",
-    "repetition_context_size",
-    "logit_bias",
-}
-_IGNORED_FIELDS = {"user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key"}
-_CHAT_FIELDS = _SAMPLING_FIELDS | {
-    "model",
-    "messages",
-    "stream",
-    "stream_options",
-    "stop",
-    "max_tokens",
-    "max_completion_tokens",
-    "n",
-    "logprobs",
-    "top_logprobs",
-    "tools",
-    "tool_choice",
-    "parallel_tool_calls",
-    "response_format",
-    "modalities",
-}
-_COMPLETION_FIELDS = _SAMPLING_FIELDS | {
-    "model",
-    "prompt",
-    "stream",
-    "stream_options",
-    "stop",
-    "max_tokens",
-    "n",
-    "best_of",
-    "logprobs",
-    "echo",
-    "suffix",
-}
 
 
 class RequestError(NessoError):
@@ -143,7 +84,8 @@ def load_json(text: str, where: str) -> Any:
     return value
 
 
-def _number(body: dict, name: str, default: float | None, low: float, high: float, *, low_open: bool = False) -> float | None:
+def number(body: dict, name: str, default: float | None, low: float, high: float, *, low_open: bool = False) -> float | None:
+    """`body[name]` as a finite number in [low, high] (`(low, high]` with `low_open`), or `default` when absent or null."""
     value = body.get(name)
     if value is None:
         return default
@@ -155,7 +97,8 @@ def _number(body: dict, name: str, default: float | None, low: float, high: floa
     return float(value)
 
 
-def _integer(body: dict, name: str, default: int | None, low: int, high: int) -> int | None:
+def integer(body: dict, name: str, default: int | None, low: int, high: int) -> int | None:
+    """`body[name]` as an integer in [low, high] (not a bool), or `default` when absent or null."""
     value = body.get(name)
     if value is None:
         return default
@@ -166,7 +109,8 @@ def _integer(body: dict, name: str, default: int | None, low: int, high: int) ->
     return value
 
 
-def _boolean(body: dict, name: str, default: bool) -> bool:
+def boolean(body: dict, name: str, default: bool) -> bool:
+    """`body[name]` as true or false, or `default` when absent or null."""
     value = body.get(name)
     if value is None:
         return default
@@ -175,20 +119,39 @@ def _boolean(body: dict, name: str, default: bool) -> bool:
     return value
 
 
-def _refuse_unknown(body: dict, allowed: set[str], where: str = "") -> None:
+def refuse_unknown(body: dict, allowed: set[str] | frozenset[str], where: str = "") -> None:
+    """Raise `RequestError` (unsupported_parameter) naming the first key of `body` not in `allowed`
+    (`where` is the path of `body` in the request, for the message)."""
     for key in body:
         if key not in allowed:
             name = f"{where}.{key}" if where else key
             raise RequestError(f"unsupported field {name!r}", name, "unsupported_parameter")
 
 
-def _single_choice(body: dict) -> None:
-    for name in ("n", "best_of"):
-        value = body.get(name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise RequestError(f"{name} must be a positive integer", name, "invalid_value")
-        if value is not None and value != 1:
-            raise RequestError(f"{name} > 1 is not supported: send one request per choice", name, "unsupported_value")
+@dataclass(frozen=True)
+class FieldPolicy:
+    """A protocol's field policy as a table: the fields it `supported`s and those it accepts and
+    `ignored`s (they cannot change this model's output); `check` refuses any other with a
+    `RequestError` naming it. docs/server.md lists the same (a test holds them together)."""
+
+    supported: frozenset[str]
+    ignored: frozenset[str] = frozenset()
+
+    def check(self, body: dict, where: str = "") -> None:
+        """Raise `RequestError` naming the first field of `body` the policy neither supports nor ignores."""
+        refuse_unknown(body, self.supported | self.ignored, where)
+
+    def without(self, *names: str) -> FieldPolicy:
+        """The policy with `names` no longer supported (refused)."""
+        return FieldPolicy(self.supported - set(names), self.ignored)
+
+
+def parse_model(body: dict) -> str | None:
+    """`model`: any string (a server runs one model), or None."""
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise RequestError("model must be a string", "model", "invalid_type")
+    return model
 
 
 # --- the shared parts of a request -------------------------------------------------------------
@@ -226,23 +189,24 @@ def parse_sampling(body: dict, vocab_size: int) -> Sampling:
                 raise RequestError(f"logit_bias token id {token} is outside the vocabulary (0-{vocab_size - 1})", "logit_bias")
             if value is None:
                 raise RequestError(f"logit_bias for token {token} must be a number", "logit_bias", "invalid_type")
-            logit_bias[token] = _number({"logit_bias": value}, "logit_bias", None, -100, 100)
-    repetition = _number(body, "repetition_penalty", None, 0, 10, low_open=True)
+            logit_bias[token] = number({"logit_bias": value}, "logit_bias", None, -100, 100)
+    repetition = number(body, "repetition_penalty", None, 0, 10, low_open=True)
     return Sampling(
-        temperature=_number(body, "temperature", 1.0, 0, 2),
-        top_p=_number(body, "top_p", 1.0, 0, 1, low_open=True),
-        top_k=_integer(body, "top_k", 0, 0, vocab_size),
-        min_p=_number(body, "min_p", 0.0, 0, 0.999999),
-        seed=_integer(body, "seed", None, 0, 2**63 - 1),
-        frequency_penalty=_number(body, "frequency_penalty", 0.0, -2, 2),
-        presence_penalty=_number(body, "presence_penalty", 0.0, -2, 2),
+        temperature=number(body, "temperature", 1.0, 0, 2),
+        top_p=number(body, "top_p", 1.0, 0, 1, low_open=True),
+        top_k=integer(body, "top_k", 0, 0, vocab_size),
+        min_p=number(body, "min_p", 0.0, 0, 0.999999),
+        seed=integer(body, "seed", None, 0, 2**63 - 1),
+        frequency_penalty=number(body, "frequency_penalty", 0.0, -2, 2),
+        presence_penalty=number(body, "presence_penalty", 0.0, -2, 2),
         repetition_penalty=None if repetition == 1.0 else repetition,
-        repetition_context_size=_integer(body, "repetition_context_size", 64, 1, 2**20),
+        repetition_context_size=integer(body, "repetition_context_size", 64, 1, 2**20),
         logit_bias=logit_bias,
     )
 
 
-def _parse_stop(body: dict) -> list[str]:
+def parse_stop(body: dict) -> list[str]:
+    """`stop`: a string or up to `MAX_STOP` non-empty strings."""
     stop = body.get("stop")
     if stop is None:
         return []
@@ -256,32 +220,14 @@ def _parse_stop(body: dict) -> list[str]:
     return stops
 
 
-def _parse_stream(body: dict) -> tuple[bool, bool]:
-    stream = _boolean(body, "stream", False)
-    options = body.get("stream_options")
-    if options is None:
-        return stream, False
-    if not stream:
-        raise RequestError("stream_options is only allowed with stream: true", "stream_options", "invalid_value")
-    if not isinstance(options, dict):
-        raise RequestError("stream_options must be an object", "stream_options", "invalid_type")
-    _refuse_unknown(options, {"include_usage", "include_obfuscation"}, "stream_options")
-    return stream, _boolean(options, "include_usage", False)
-
-
-def _parse_model(body: dict) -> str | None:
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise RequestError("model must be a string", "model", "invalid_type")
-    return model
-
-
-# --- chat ----------------------------------------------------------------------------------------
+# --- the core request -----------------------------------------------------------------------------
 
 
 @dataclass
 class ChatRequest:
-    """A validated POST /v1/chat/completions body, with messages ready for the chat template."""
+    """The core request every chat-shaped protocol translates to: messages ready for the chat
+    template, tools, a tool choice, a response format, sampling and stops (the fields of OpenAI's
+    chat completions, which the other protocols map onto)."""
 
     messages: list[dict[str, Any]]
     sampling: Sampling = field(default_factory=Sampling)
@@ -331,7 +277,7 @@ def _assistant_calls(calls: Any, where: str) -> list[dict[str, Any]]:
         here = f"{where}.tool_calls[{i}]"
         if not isinstance(call, dict):
             raise RequestError(f"{here} must be an object", here, "invalid_type")
-        _refuse_unknown(call, {"id", "type", "function"}, here)
+        refuse_unknown(call, {"id", "type", "function"}, here)
         fn = call.get("function")
         if call.get("type", "function") != "function" or not isinstance(fn, dict):
             raise RequestError(f'{here} must be {{"type": "function", "function": {{...}}}}', here, "invalid_value")
@@ -385,7 +331,7 @@ def parse_messages(messages: Any) -> list[dict[str, Any]]:
                 f"{where}.role",
                 "invalid_value",
             )
-        _refuse_unknown(message, _MESSAGE_FIELDS[role], where)
+        refuse_unknown(message, _MESSAGE_FIELDS[role], where)
         if role == "assistant":
             for name in ("refusal", "function_call", "audio"):
                 if message.get(name) is not None:
@@ -427,9 +373,9 @@ def parse_tools(tools: Any) -> list[dict[str, Any]] | None:
         where = f"tools[{i}]"
         if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(tool.get("function"), dict):
             raise RequestError(f'{where} must be {{"type": "function", "function": {{...}}}}', where, "invalid_value")
-        _refuse_unknown(tool, {"type", "function"}, where)
+        refuse_unknown(tool, {"type", "function"}, where)
         fn = tool["function"]
-        _refuse_unknown(fn, {"name", "description", "parameters", "strict"}, f"{where}.function")
+        refuse_unknown(fn, {"name", "description", "parameters", "strict"}, f"{where}.function")
         name = fn.get("name")
         if not isinstance(name, str) or not _TOOL_NAME.match(name):
             raise RequestError(
@@ -469,7 +415,7 @@ def parse_tool_choice(choice: Any, tools: list[dict[str, Any]] | None) -> str | 
             raise RequestError('tool_choice "required" needs tools', "tool_choice", "invalid_value")
         return choice
     if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict):
-        _refuse_unknown(choice, {"type", "function"}, "tool_choice")
+        refuse_unknown(choice, {"type", "function"}, "tool_choice")
         name = choice["function"].get("name")
         known = [t["function"]["name"] for t in tools or []]
         if name not in known:
@@ -490,19 +436,19 @@ def parse_response_format(value: Any) -> dict[str, Any] | None:
         raise RequestError("response_format must be an object", "response_format", "invalid_type")
     kind = value.get("type")
     if kind == "text":
-        _refuse_unknown(value, {"type"}, "response_format")
+        refuse_unknown(value, {"type"}, "response_format")
         return None
     if kind == "json_object":
-        _refuse_unknown(value, {"type"}, "response_format")
+        refuse_unknown(value, {"type"}, "response_format")
         return {"type": "json_object"}
     if kind == "json_schema":
-        _refuse_unknown(value, {"type", "json_schema"}, "response_format")
+        refuse_unknown(value, {"type", "json_schema"}, "response_format")
         spec = value.get("json_schema")
         if not isinstance(spec, dict):
             raise RequestError(
                 'response_format json_schema needs {"json_schema": {"name": ..., "schema": {...}}}', "response_format"
             )
-        _refuse_unknown(spec, {"name", "schema", "strict", "description"}, "response_format.json_schema")
+        refuse_unknown(spec, {"name", "schema", "strict", "description"}, "response_format.json_schema")
         if not isinstance(spec.get("schema"), dict):
             raise RequestError(
                 "response_format.json_schema.schema must be a JSON schema object", "response_format.json_schema.schema"
@@ -517,159 +463,14 @@ def parse_response_format(value: Any) -> dict[str, Any] | None:
     )
 
 
-def _max_tokens(body: dict, context_window: int, names: Sequence[str], low: int) -> int | None:
-    values = {name: _integer(body, name, None, -(2**63), 2**63) for name in names}
-    given = {name: v for name, v in values.items() if v is not None}
-    if len(set(given.values())) > 1:
-        raise RequestError(f"{' and '.join(given)} disagree; send one", names[-1], "invalid_value")
-    if not given:
-        return None
-    name, value = next(iter(given.items()))
-    if value < low:
-        raise RequestError(f"{name} must be at least {low}, got {value}", name, "invalid_value")
-    if value > context_window:
-        raise RequestError(
-            f"{name} is {value}, past the model's context window of {context_window} tokens", name, "context_length_exceeded"
-        )
-    return value
-
-
-def parse_chat_request(body: Any, *, context_window: int, vocab_size: int) -> ChatRequest:
-    """Validate a chat completions body; raises `RequestError` naming the first bad field."""
-    if not isinstance(body, dict):
-        raise RequestError("the request body must be a JSON object")
-    _refuse_unknown(body, _CHAT_FIELDS | _IGNORED_FIELDS)
-    _single_choice(body)
-    modalities = body.get("modalities")
-    if modalities is not None and modalities != ["text"]:
-        raise RequestError('modalities must be ["text"]: this model writes text only', "modalities", "unsupported_value")
-    stream, include_usage = _parse_stream(body)
-    logprobs = _boolean(body, "logprobs", False)
-    top = _integer(body, "top_logprobs", None, 0, MAX_TOP_LOGPROBS)
-    if top is not None and not logprobs:
-        raise RequestError("top_logprobs needs logprobs: true", "top_logprobs", "invalid_value")
-    tools = parse_tools(body.get("tools"))
-    tool_choice = parse_tool_choice(body.get("tool_choice"), tools)
-    response_format = parse_response_format(body.get("response_format"))
-    if response_format is not None and tools and tool_choice != "none":
-        raise RequestError('response_format and tools cannot be combined unless tool_choice is "none"', "response_format")
-    return ChatRequest(
-        messages=parse_messages(body.get("messages")),
-        sampling=parse_sampling(body, vocab_size),
-        max_tokens=_max_tokens(body, context_window, ("max_tokens", "max_completion_tokens"), 1),
-        stop=_parse_stop(body),
-        stream=stream,
-        include_usage=include_usage,
-        logprobs=logprobs,
-        top_logprobs=(top or 0) if logprobs else None,
-        tools=tools,
-        tool_choice=tool_choice,
-        parallel_tool_calls=_boolean(body, "parallel_tool_calls", True),
-        response_format=response_format,
-        model=_parse_model(body),
-    )
-
-
 def chat_prompt_ids(tokenizer: Tokenizer, request: ChatRequest) -> list[int]:
     """The prompt's token ids: messages and tools through the model's chat template."""
-    from .errors import TokenizerError
+    from ..errors import TokenizerError
 
     try:
         return tokenizer.apply_chat_template(request.messages, tools=request.tools, add_generation_prompt=True)
     except TokenizerError as e:
         raise RequestError(str(e), "messages", "invalid_value") from None
-
-
-# --- completions ---------------------------------------------------------------------------------
-
-
-@dataclass
-class CompletionRequest:
-    """A validated POST /v1/completions body."""
-
-    prompts: list[str | list[int]]
-    sampling: Sampling = field(default_factory=Sampling)
-    max_tokens: int = 16  # OpenAI's default
-    stop: list[str] = field(default_factory=list)
-    stream: bool = False
-    include_usage: bool = False
-    logprobs: int | None = None  # how many alternatives per token, with token log-probabilities
-    echo: bool = False
-    model: str | None = None
-
-
-def _token_ids(value: list, vocab_size: int, where: str) -> list[int]:
-    if not value:
-        raise RequestError(f"{where} is empty", "prompt", "invalid_value")
-    for t in value:
-        if isinstance(t, bool) or not isinstance(t, int):
-            raise RequestError(f"{where} must be a string or a list of token ids", "prompt", "invalid_type")
-        if not 0 <= t < vocab_size:
-            raise RequestError(
-                f"{where} has token id {t}, outside the vocabulary (0-{vocab_size - 1})", "prompt", "invalid_value"
-            )
-    return list(value)
-
-
-def _parse_prompts(prompt: Any, vocab_size: int) -> list[str | list[int]]:
-    if isinstance(prompt, str):
-        prompts: list = [prompt]
-    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        prompts = [prompt]
-    elif isinstance(prompt, list) and prompt:
-        prompts = prompt
-    else:
-        raise RequestError(
-            "prompt must be a string, a list of token ids, or a non-empty list of either", "prompt", "invalid_value"
-        )
-    if len(prompts) > MAX_PROMPTS:
-        raise RequestError(f"at most {MAX_PROMPTS} prompts per request, got {len(prompts)}", "prompt", "invalid_value")
-    out: list[str | list[int]] = []
-    for i, p in enumerate(prompts):
-        if isinstance(p, str):
-            if not p:
-                raise RequestError(f"prompt[{i}] is empty", "prompt", "invalid_value")
-            out.append(p)
-        elif isinstance(p, list):
-            out.append(_token_ids(p, vocab_size, f"prompt[{i}]" if len(prompts) > 1 else "prompt"))
-        else:
-            raise RequestError("prompt must be a string, a list of token ids, or a list of either", "prompt", "invalid_type")
-    return out
-
-
-def parse_completion_request(body: Any, *, context_window: int, vocab_size: int) -> CompletionRequest:
-    """Validate a (legacy) completions body; raises `RequestError` naming the first bad field."""
-    if not isinstance(body, dict):
-        raise RequestError("the request body must be a JSON object")
-    _refuse_unknown(body, _COMPLETION_FIELDS | _IGNORED_FIELDS)
-    _single_choice(body)
-    if body.get("suffix") is not None:
-        raise RequestError("suffix (insertion) is not supported", "suffix", "unsupported_parameter")
-    if "prompt" not in body:
-        raise RequestError("prompt is required", "prompt", "invalid_value")
-    prompts = _parse_prompts(body["prompt"], vocab_size)
-    stream, include_usage = _parse_stream(body)
-    if stream and len(prompts) > 1:
-        raise RequestError("stream takes a single prompt", "prompt", "invalid_value")
-    max_tokens = _max_tokens(body, context_window, ("max_tokens",), 0)
-    return CompletionRequest(
-        prompts=prompts,
-        sampling=parse_sampling(body, vocab_size),
-        max_tokens=16 if max_tokens is None else max_tokens,
-        stop=_parse_stop(body),
-        stream=stream,
-        include_usage=include_usage,
-        logprobs=_integer(body, "logprobs", None, 0, MAX_TOP_LOGPROBS),
-        echo=_boolean(body, "echo", False),
-        model=_parse_model(body),
-    )
-
-
-def completion_prompt_ids(tokenizer: Tokenizer, prompt: str | list[int]) -> list[int]:
-    """A completions prompt's ids: a string is encoded as `stream_generate` does (special tokens in
-    the text parsed; BOS added when the tokenizer adds one, unless the text holds special tokens);
-    ids are taken as they are."""
-    return tokenizer.encode_prompt(prompt) if isinstance(prompt, str) else list(prompt)
 
 
 def check_context(prompt_tokens: int, max_tokens: int | None, context_window: int, *, param: str = "messages") -> int:
@@ -744,7 +545,7 @@ def logits_processors(sampling: Sampling, vocab_size: int, prefix: Sequence[int]
     """
     import mlx.core as mx
 
-    from .sampling import repetition_penalty_processor
+    from ..sampling import repetition_penalty_processor
 
     processors: list[Callable] = []
     if sampling.logit_bias:
@@ -779,7 +580,7 @@ def generation_options(
     response_format: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Keyword arguments for `stream_generate` (all but the model, tokenizer, prompt and cache)."""
-    from .sampling import SamplingOptions
+    from ..sampling import SamplingOptions
 
     return {
         "max_tokens": max_tokens,
@@ -818,16 +619,6 @@ def token_entry(tokenizer: Tokenizer, token: int, logprob: float) -> dict[str, A
     """A chat logprobs entry for one token: its text, log-probability and bytes."""
     data = tokenizer.token_bytes(token)
     return {"token": data.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(data)}
-
-
-def legacy_token_text(tokenizer: Tokenizer, token: int) -> str:
-    """A token as the legacy completions logprobs name it: its text, or `bytes:\\xNN...` for
-    bytes that are not whole UTF-8 characters."""
-    data = tokenizer.token_bytes(token)
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        return "bytes:" + "".join(f"\\x{b:02x}" for b in data)
 
 
 _BLOCK = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
@@ -988,56 +779,89 @@ class ChatReply:
         return message
 
 
-class LegacyLogprobs:
-    """The legacy completions `logprobs` object: tokens, token_logprobs, top_logprobs, text_offset."""
-
-    def __init__(self, tokenizer: Tokenizer, offset: int = 0) -> None:
-        self.tokenizer = tokenizer
-        self.detokenizer = tokenizer.detokenizer(skip_special_tokens=False)
-        self.offset = offset
-        self.tokens: list[str] = []
-        self.token_logprobs: list[float | None] = []
-        self.top_logprobs: list[dict[str, float] | None] = []
-        self.text_offset: list[int] = []
-
-    def add(self, token: int, logprob: float | None, top: Sequence[tuple[int, float]] | None) -> None:
-        """One token: its log-probability (None for the first prompt token) and its best alternatives."""
-        self.tokens.append(legacy_token_text(self.tokenizer, token))
-        self.token_logprobs.append(logprob)
-        if top is None:
-            self.top_logprobs.append(None)
-        else:
-            best: dict[str, float] = {}
-            for t, lp in top:
-                best.setdefault(legacy_token_text(self.tokenizer, t), lp)
-            self.top_logprobs.append(best)
-        self.text_offset.append(self.offset)
-        self.offset += len(self.detokenizer.add_token(token))
-
-    def to_dict(self, start: int = 0) -> dict[str, Any]:
-        return {
-            "tokens": self.tokens[start:],
-            "token_logprobs": self.token_logprobs[start:],
-            "top_logprobs": self.top_logprobs[start:],
-            "text_offset": self.text_offset[start:],
-        }
+def call_input(arguments: str) -> dict[str, Any] | None:
+    """A call's arguments (the JSON text `ChatReply` streamed) as an object, parsed once; None
+    when they are not a JSON object (the reply was cut by its token limit mid-call)."""
+    try:
+        value = json.loads(arguments) if arguments.strip() else None
+    except (ValueError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
-__all__ = [
-    "ChatReply",
-    "ChatRequest",
-    "CompletionRequest",
-    "LegacyLogprobs",
-    "RequestError",
-    "Sampling",
-    "chat_prompt_ids",
-    "check_context",
-    "completion_prompt_ids",
-    "generation_options",
-    "logits_processors",
-    "parse_chat_request",
-    "parse_completion_request",
-    "parse_messages",
-    "penalty_processor",
-    "usage",
-]
+def dumps(value: Any) -> str:
+    """Compact JSON as the server writes it (UTF-8 text as it is; NaN and infinities refused)."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+class BlockStream:
+    """The block state machine of the protocols whose replies are a list of blocks (Responses'
+    output items, Messages' content blocks), fed with `ChatReply`'s deltas.
+
+    Content after anything but text opens a text block; a call's first delta (its id and name)
+    opens a tool-call block; the open block closes when the next one opens, or at `close()`. The
+    protocol spells each step as its own events, returned as text by the hooks `_open_text(index)`,
+    `_text(index, text)`, `_open_call(index, call)`, `_arguments(index, fragment)` and
+    `_close_block(index, *args)` (`index` is the block's position in the reply). The arguments'
+    JSON text of each call block is kept, and `call_inputs()` parses it once.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0  # blocks opened so far
+        self.open_kind: str | None = None  # "text" or "call" while a block is open
+        self.arguments: dict[int, str] = {}  # call block index -> its arguments' JSON text
+        self._call_block: dict[int, int] = {}  # ChatReply's call index -> block index
+
+    def add(self, deltas: Sequence[dict[str, Any]]) -> str:
+        """Feed a "delta" event's deltas; returns the events they spell."""
+        out: list[str] = []
+        for delta in deltas:
+            if delta.get("content"):
+                if self.open_kind != "text":
+                    out.append(self.close())
+                    out.append(self._open_text(self._next("text")))
+                out.append(self._text(self.count - 1, delta["content"]))
+            for call in delta.get("tool_calls") or []:
+                if "id" in call:
+                    out.append(self.close())
+                    index = self._next("call")
+                    self._call_block[call["index"]] = index
+                    self.arguments[index] = ""
+                    out.append(self._open_call(index, call))
+                fragment = call.get("function", {}).get("arguments") or ""
+                if fragment:
+                    index = self._call_block[call["index"]]
+                    self.arguments[index] += fragment
+                    out.append(self._arguments(index, fragment))
+        return "".join(out)
+
+    def close(self, *args: Any) -> str:
+        """Close the open block, if any (`args` go to `_close_block`); returns its events."""
+        if self.open_kind is None:
+            return ""
+        self.open_kind = None
+        return self._close_block(self.count - 1, *args)
+
+    def call_inputs(self) -> dict[int, dict[str, Any] | None]:
+        """Each call block's arguments as an object (None when cut), by block index."""
+        return {index: call_input(text) for index, text in self.arguments.items()}
+
+    def _next(self, kind: str) -> int:
+        self.open_kind = kind
+        self.count += 1
+        return self.count - 1
+
+    def _open_text(self, index: int) -> str:
+        raise NotImplementedError
+
+    def _text(self, index: int, text: str) -> str:
+        raise NotImplementedError
+
+    def _open_call(self, index: int, call: dict[str, Any]) -> str:
+        raise NotImplementedError
+
+    def _arguments(self, index: int, fragment: str) -> str:
+        raise NotImplementedError
+
+    def _close_block(self, index: int, *args: Any) -> str:
+        raise NotImplementedError

@@ -1,4 +1,4 @@
-"""Anthropic's Messages API (POST /v1/messages, /v1/messages/count_tokens) over the chat request core.
+"""Anthropic's Messages API (POST /v1/messages, /v1/messages/count_tokens) over the request core.
 
 A body becomes a `ChatRequest`: `system` (a string or text blocks) and any `system`-role messages
 inside `messages` (Claude Code sends one) are merged into one system prompt; `tool_use` blocks
@@ -27,29 +27,34 @@ Anthropic's does; `cache_read_input_tokens` counts those that were.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from typing import Any
 
-from ..request import (
+from .core import (
     MAX_STOP,
+    BlockStream,
     ChatRequest,
+    FieldPolicy,
     RequestError,
-    _boolean,
-    _integer,
-    _number,
-    _refuse_unknown,
+    boolean,
+    dumps,
+    integer,
     new_id,
+    number,
     parse_messages,
+    parse_model,
     parse_sampling,
     parse_tool_choice,
     parse_tools,
+    refuse_unknown,
 )
 
-_IGNORED = {"thinking", "metadata", "context_management", "service_tier", "cache_control", "speed", "inference_geo"}
-_IGNORED |= {"diagnostics", "user_profile_id", "workspace_id"}
-_FIELDS = {"model", "messages", "system", "max_tokens", "temperature", "top_p", "top_k", "stop_sequences", "stream"}
-_FIELDS |= {"tools", "tool_choice", "output_config"} | _IGNORED
-_COUNT_FIELDS = _FIELDS - {"max_tokens", "temperature", "top_p", "top_k", "stop_sequences", "stream"}
+POLICY = FieldPolicy(
+    frozenset({"model", "messages", "system", "max_tokens", "temperature", "top_p", "top_k", "stop_sequences", "stream"})
+    | {"tools", "tool_choice", "output_config"},
+    frozenset({"thinking", "metadata", "context_management", "service_tier", "cache_control", "speed", "inference_geo"})
+    | {"diagnostics", "user_profile_id", "workspace_id"},
+)
+COUNT_POLICY = POLICY.without("max_tokens", "temperature", "top_p", "top_k", "stop_sequences", "stream")
 ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -79,19 +84,19 @@ def _text_blocks(value: Any, where: str) -> str:
         if not isinstance(block, dict) or block.get("type") != "text" or not isinstance(block.get("text"), str):
             kind = block.get("type") if isinstance(block, dict) else type(block).__name__
             raise RequestError(f"{here} is not a text block ({kind!r}): this model reads text only", here, "unsupported_content")
-        _refuse_unknown(block, {"type", "text", "cache_control", "citations"}, here)
+        refuse_unknown(block, {"type", "text", "cache_control", "citations"}, here)
         texts.append(block["text"])
     return "\n\n".join(texts) if where == "system" else "".join(texts)
 
 
 def _tool_result(block: dict, here: str) -> dict[str, Any]:
-    _refuse_unknown(block, {"type", "tool_use_id", "content", "is_error", "cache_control"}, here)
+    refuse_unknown(block, {"type", "tool_use_id", "content", "is_error", "cache_control"}, here)
     call_id = block.get("tool_use_id")
     if not isinstance(call_id, str) or not call_id:
         raise RequestError(f"{here}.tool_use_id is required", f"{here}.tool_use_id", "invalid_value")
     content = block.get("content", "")
     text = _text_blocks(content, f"{here}.content") if content is not None else ""
-    if _boolean(block, "is_error", False):
+    if boolean(block, "is_error", False):
         text = f"Error: {text}"
     return {"role": "tool", "tool_call_id": call_id, "content": text}
 
@@ -106,7 +111,7 @@ def _convert_messages(messages: Any) -> tuple[list[str], list[dict[str, Any]]]:
         where = f"messages[{i}]"
         if not isinstance(message, dict):
             raise RequestError(f"{where} must be an object", where, "invalid_type")
-        _refuse_unknown(message, {"role", "content"}, where)
+        refuse_unknown(message, {"role", "content"}, where)
         role, content = message.get("role"), message.get("content")
         if role not in ("user", "assistant", "system"):
             raise RequestError(f"{where}.role must be user or assistant (got {json.dumps(role)[:40]})", f"{where}.role")
@@ -125,10 +130,10 @@ def _convert_messages(messages: Any) -> tuple[list[str], list[dict[str, Any]]]:
             here = f"{where}.content[{j}]"
             kind = block.get("type") if isinstance(block, dict) else None
             if kind == "text" and isinstance(block.get("text"), str):
-                _refuse_unknown(block, {"type", "text", "cache_control", "citations"}, here)
+                refuse_unknown(block, {"type", "text", "cache_control", "citations"}, here)
                 texts.append(block["text"])
             elif kind == "tool_use" and role == "assistant":
-                _refuse_unknown(block, {"type", "id", "name", "input", "cache_control"}, here)
+                refuse_unknown(block, {"type", "id", "name", "input", "cache_control"}, here)
                 if not isinstance(block.get("input", {}), dict):
                     raise RequestError(f"{here}.input must be an object", f"{here}.input", "invalid_type")
                 arguments = json.dumps(block.get("input", {}), ensure_ascii=False)
@@ -175,7 +180,7 @@ def _convert_tools(tools: Any) -> list[dict[str, Any]] | None:
                 where,
                 "unsupported_value",
             )
-        _refuse_unknown(tool, {"type", "name", "description", "input_schema", "cache_control"}, where)
+        refuse_unknown(tool, {"type", "name", "description", "input_schema", "cache_control"}, where)
         schema = tool.get("input_schema")
         if not isinstance(schema, dict):
             raise RequestError(f"{where}.input_schema must be a JSON schema object", f"{where}.input_schema", "invalid_value")
@@ -193,12 +198,12 @@ def _convert_tool_choice(choice: Any, tools: list[dict[str, Any]] | None) -> tup
     if not isinstance(choice, dict) or choice.get("type") not in ("auto", "any", "tool", "none"):
         raise RequestError('tool_choice must be {"type": "auto" | "any" | "tool" | "none"}', "tool_choice", "invalid_value")
     kind = choice["type"]
-    _refuse_unknown(
+    refuse_unknown(
         choice,
         {"type", "name", "disable_parallel_tool_use"} if kind == "tool" else {"type", "disable_parallel_tool_use"},
         "tool_choice",
     )
-    parallel = not _boolean(choice, "disable_parallel_tool_use", False)
+    parallel = not boolean(choice, "disable_parallel_tool_use", False)
     if kind in ("any", "tool") and not tools:
         raise RequestError(f'tool_choice "{kind}" needs tools', "tool_choice", "invalid_value")
     if kind == "tool":
@@ -221,9 +226,8 @@ def parse_messages_request(body: Any, *, context_window: int, vocab_size: int, c
     """Validate a Messages body (or a count_tokens body) into the core's `ChatRequest`."""
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
-    _refuse_unknown(body, _COUNT_FIELDS if count_only else _FIELDS)
-    if body.get("model") is not None and not isinstance(body["model"], str):
-        raise RequestError("model must be a string", "model", "invalid_type")
+    (COUNT_POLICY if count_only else POLICY).check(body)
+    model = parse_model(body)
     system, messages = _convert_messages(body.get("messages"))
     if body.get("system") is not None:
         system.insert(0, _text_blocks(body["system"], "system"))
@@ -238,18 +242,18 @@ def parse_messages_request(body: Any, *, context_window: int, vocab_size: int, c
         tools=tools,
         tool_choice=tool_choice,
         parallel_tool_calls=parallel,
-        model=body.get("model"),
+        model=model,
     )
     if count_only:
         return request
     if "max_tokens" not in body:
         raise RequestError("max_tokens is required", "max_tokens", "invalid_value")
-    request.max_tokens = _integer(body, "max_tokens", None, 1, 2**31)
+    request.max_tokens = integer(body, "max_tokens", None, 1, 2**31)
     request.clamp_max_tokens = True
-    _number(body, "temperature", None, 0, 1)
+    number(body, "temperature", None, 0, 1)
     request.sampling = parse_sampling({k: body.get(k) for k in ("temperature", "top_p", "top_k")}, vocab_size)
     request.stop = _stops(body)
-    request.stream = _boolean(body, "stream", False)
+    request.stream = boolean(body, "stream", False)
     request.response_format = _output_format(body.get("output_config"))
     if request.response_format is not None and tools and tool_choice != "none":
         raise RequestError('output_config.format and tools cannot be combined unless tool_choice is "none"', "output_config")
@@ -262,7 +266,7 @@ def _output_format(config: Any) -> dict[str, Any] | None:
         return None
     if not isinstance(config, dict):
         raise RequestError("output_config must be an object", "output_config", "invalid_type")
-    _refuse_unknown(config, {"effort", "format"}, "output_config")
+    refuse_unknown(config, {"effort", "format"}, "output_config")
     fmt = config.get("format")
     if fmt is None:
         return None
@@ -270,7 +274,7 @@ def _output_format(config: Any) -> dict[str, Any] | None:
         raise RequestError(
             'output_config.format must be {"type": "json_schema", "schema": {...}}', "output_config.format", "invalid_value"
         )
-    _refuse_unknown(fmt, {"type", "schema"}, "output_config.format")
+    refuse_unknown(fmt, {"type", "schema"}, "output_config.format")
     return {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt["schema"]}}
 
 
@@ -280,14 +284,6 @@ def _output_format(config: Any) -> dict[str, Any] | None:
 def _tool_id(call_id: str) -> str:
     """The core's call ids (`call_...`) in Anthropic's style (`toolu_...`)."""
     return "toolu_" + call_id.removeprefix("call_")
-
-
-def _input(arguments: str) -> dict[str, Any]:
-    try:
-        value = json.loads(arguments) if arguments.strip() else {}
-    except (json.JSONDecodeError, RecursionError):
-        return {}  # cut by max_tokens mid-call
-    return value if isinstance(value, dict) else {}
 
 
 def stop_reason(done: dict[str, Any]) -> str:
@@ -309,26 +305,25 @@ def _usage(prompt_tokens: int, output_tokens: int, cached: int) -> dict[str, Any
     }
 
 
-class MessageStream:
+class MessageStream(BlockStream):
     """Builds a Message from the core's events, and the stream of SSE events that spells it.
 
-    `start(ready)`, `add(deltas)` for each "delta" event, `finish(done)` return SSE text; `message()`
-    is the whole Message, the same whether or not it was streamed.
+    `start(ready)`, `delta(event)` (or `add(deltas)`) for each "delta" event, `finish(done)` and
+    `error(event)` return SSE text; `message()` (also `body()`) is the whole Message, the same
+    whether or not it was streamed. The content blocks open and close with the core's `BlockStream`.
     """
 
     def __init__(self, model: str) -> None:
+        super().__init__()
         self.id = new_id("msg_")
         self.model = model
         self.blocks: list[dict[str, Any]] = []
-        self._open = False
-        self._arguments: dict[int, str] = {}  # tool_use block index -> its input's JSON text
-        self._call_block: dict[int, int] = {}  # the core's call index -> block index
         self.prompt_tokens = 0
         self.done: dict[str, Any] | None = None
 
     @staticmethod
     def event(name: str, data: dict[str, Any]) -> str:
-        return f"event: {name}\ndata: {json.dumps({'type': name, **data}, ensure_ascii=False, separators=(',', ':'))}\n\n"
+        return f"event: {name}\ndata: {dumps({'type': name, **data})}\n\n"
 
     def start(self, ready: dict[str, Any]) -> str:
         self.prompt_tokens = ready["prompt_tokens"]
@@ -344,59 +339,39 @@ class MessageStream:
     def _head(self) -> dict[str, Any]:
         return {"id": self.id, "type": "message", "role": "assistant", "model": self.model}
 
-    def _close(self) -> str:
-        if not self._open:
-            return ""
-        self._open = False
-        return self.event("content_block_stop", {"index": len(self.blocks) - 1})
+    def delta(self, event: dict[str, Any]) -> str:
+        return self.add(event["deltas"])
 
-    def add(self, deltas: Sequence[dict[str, Any]]) -> str:
-        out: list[str] = []
-        for delta in deltas:
-            if delta.get("content"):
-                if not (self._open and self.blocks[-1]["type"] == "text"):
-                    out.append(self._close())
-                    self.blocks.append({"type": "text", "text": ""})
-                    self._open = True
-                    out.append(
-                        self.event(
-                            "content_block_start", {"index": len(self.blocks) - 1, "content_block": {"type": "text", "text": ""}}
-                        )
-                    )
-                self.blocks[-1]["text"] += delta["content"]
-                out.append(
-                    self.event(
-                        "content_block_delta",
-                        {"index": len(self.blocks) - 1, "delta": {"type": "text_delta", "text": delta["content"]}},
-                    )
-                )
-            for call in delta.get("tool_calls") or []:
-                if "id" in call:
-                    out.append(self._close())
-                    block = {"type": "tool_use", "id": _tool_id(call["id"]), "name": call["function"]["name"], "input": {}}
-                    self.blocks.append(block)
-                    self._open = True
-                    index = len(self.blocks) - 1
-                    self._call_block[call["index"]] = index
-                    self._arguments[index] = ""
-                    out.append(self.event("content_block_start", {"index": index, "content_block": dict(block)}))
-                fragment = call.get("function", {}).get("arguments") or ""
-                if fragment:
-                    index = self._call_block[call["index"]]
-                    self._arguments[index] += fragment
-                    out.append(
-                        self.event(
-                            "content_block_delta",
-                            {"index": index, "delta": {"type": "input_json_delta", "partial_json": fragment}},
-                        )
-                    )
-        return "".join(out)
+    # --- the block hooks (see `BlockStream`) ---
+
+    def _open_text(self, index: int) -> str:
+        self.blocks.append({"type": "text", "text": ""})
+        return self.event("content_block_start", {"index": index, "content_block": {"type": "text", "text": ""}})
+
+    def _text(self, index: int, text: str) -> str:
+        self.blocks[index]["text"] += text
+        return self.event("content_block_delta", {"index": index, "delta": {"type": "text_delta", "text": text}})
+
+    def _open_call(self, index: int, call: dict[str, Any]) -> str:
+        block = {"type": "tool_use", "id": _tool_id(call["id"]), "name": call["function"]["name"], "input": {}}
+        self.blocks.append(block)
+        return self.event("content_block_start", {"index": index, "content_block": dict(block)})
+
+    def _arguments(self, index: int, fragment: str) -> str:
+        return self.event(
+            "content_block_delta", {"index": index, "delta": {"type": "input_json_delta", "partial_json": fragment}}
+        )
+
+    def _close_block(self, index: int) -> str:
+        return self.event("content_block_stop", {"index": index})
+
+    # --- the end ---
 
     def finish(self, done: dict[str, Any]) -> str:
-        out = self.add(done["deltas"]) + self._close()
+        out = self.add(done["deltas"]) + self.close()
         self.done = done
-        for index, text in self._arguments.items():
-            self.blocks[index]["input"] = _input(text)
+        for index, value in self.call_inputs().items():
+            self.blocks[index]["input"] = value if value is not None else {}  # {} when cut by max_tokens mid-call
         usage = done["usage"]
         delta_usage = _usage(self.prompt_tokens, usage["completion_tokens"], usage["prompt_tokens_details"]["cached_tokens"])
         out += self.event(
@@ -416,5 +391,9 @@ class MessageStream:
             "usage": _usage(usage["prompt_tokens"], usage["completion_tokens"], usage["prompt_tokens_details"]["cached_tokens"]),
         }
 
-    def error(self, status: int, message: str) -> str:
-        return self.event("error", {"error": error_body(status, message)["error"]})
+    def body(self) -> dict[str, Any]:
+        return self.message()
+
+    def error(self, event: dict[str, Any]) -> str:
+        """An error after the stream began (the core's "error" event), as Anthropic's `error` event."""
+        return self.event("error", {"error": error_body(event["status"], event["error"]["error"]["message"])["error"]})
