@@ -41,6 +41,7 @@ import hmac
 import json
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -111,8 +112,27 @@ def parse_json_body(body: bytes, text_limit: int | None = None, context_window: 
         raise RequestError(f"the body is not valid JSON ({str(e).splitlines()[0][:120]})") from None
     if body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH:
         check_depth(value, "the body")
+    if _SURROGATE_ESCAPE.search(body):
+        value = _replace_lone_surrogates(value)
     if text_limit is not None and len(body) > text_limit:
         check_text_size(value, text_limit, context_window)
+    return value
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _replace_lone_surrogates(value: Any) -> Any:
+    """`value` with U+FFFD for every lone surrogate in its strings. JSON may escape one
+    (`"\\ud800"`); no UTF-8 text can hold it, so the tokenizer could not encode it. A pair of
+    escapes that makes one character was joined by the JSON parser and is kept."""
+    if isinstance(value, str):
+        return _LONE_SURROGATE.sub("\ufffd", value)
+    if isinstance(value, list):
+        return [_replace_lone_surrogates(item) for item in value]
+    if isinstance(value, dict):
+        return {_replace_lone_surrogates(k): _replace_lone_surrogates(v) for k, v in value.items()}
     return value
 
 

@@ -252,3 +252,10 @@ def test_prompts_are_tokenized_before_they_reach_the_worker(path):
     assert status == 503 and json.loads(reply)["error"]["message"] == "stub engine"
     expected = tokenizer.encode_prompt(prompt) if path == "/v1/completions" else tokenizer.apply_chat_template(body["messages"])
     assert seen == [{"type": "ready", "prompt_tokens": len(expected)}]
+
+
+def test_lone_surrogate_escapes_become_replacement_characters():
+    from nesso_mlx.server import parse_json_body
+
+    body = b'{"k\\ud800": ["a \\udfff b", "\\ud83d\\ude00", 1], "plain": "\\\\ud800"}'
+    assert parse_json_body(body) == {"k\ufffd": ["a \ufffd b", "\U0001f600", 1], "plain": "\\ud800"}

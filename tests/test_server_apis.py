@@ -275,6 +275,8 @@ def test_responses_forced_function_call(smol):
         tools=[FN_WEATHER, {"type": "web_search"}],  # a hosted tool is left out, not refused
         tool_choice={"type": "function", "name": "get_weather"},
         parallel_tool_calls=False,
+        # instructor's RESPONSES_TOOLS mode sends a text format beside the forced tool: the call wins
+        text={"format": {"type": "json_schema", "name": "City", "schema": CITY, "strict": True}},
         max_output_tokens=40,
         temperature=0,
     )
@@ -390,6 +392,16 @@ def test_nested_json_anywhere_is_a_400(smol):
     body = {"max_tokens": 1, "messages": [{"role": "user", "content": "hi"}], "metadata": nested}
     status, reply = post(smol.url + "/v1/messages", body, headers())
     assert status == 400 and reply["type"] == "error" and "deeper" in reply["error"]["message"]
+
+
+def test_a_lone_surrogate_escape_is_no_500(smol):
+    """JSON may escape half a surrogate pair (`\\ud800`), which no UTF-8 text holds: it reads as U+FFFD."""
+    conn = http.client.HTTPConnection("127.0.0.1", smol.port, timeout=120)
+    body = b'{"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": "hi \\ud800 there"}]}'
+    conn.request("POST", "/v1/messages", body, headers({"content-type": "application/json"}))
+    reply = conn.getresponse()
+    assert reply.status == 200, reply.read()
+    assert json.loads(reply.read())["usage"]["output_tokens"] == 1
 
 
 def test_huge_text_is_refused_before_tokenizing(smol):

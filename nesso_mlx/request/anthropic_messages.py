@@ -255,8 +255,6 @@ def parse_messages_request(body: Any, *, context_window: int, vocab_size: int, c
     request.stop = _stops(body)
     request.stream = boolean(body, "stream", False)
     request.response_format = _output_format(body.get("output_config"))
-    if request.response_format is not None and tools and tool_choice != "none":
-        raise RequestError('output_config.format and tools cannot be combined unless tool_choice is "none"', "output_config")
     return request
 
 

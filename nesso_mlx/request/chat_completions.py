@@ -147,8 +147,6 @@ def parse_chat_request(body: Any, *, context_window: int, vocab_size: int) -> Ch
     tools = parse_tools(body.get("tools"))
     tool_choice = parse_tool_choice(body.get("tool_choice"), tools)
     response_format = parse_response_format(body.get("response_format"))
-    if response_format is not None and tools and tool_choice != "none":
-        raise RequestError('response_format and tools cannot be combined unless tool_choice is "none"', "response_format")
     return ChatRequest(
         messages=parse_messages(body.get("messages")),
         sampling=parse_sampling(body, vocab_size),

@@ -307,8 +307,6 @@ def _parse(body: Any, vocab_size: int, store: ResponseStore) -> ResponsesRequest
         log.info("responses: hosted tools left out (they run only on OpenAI's servers): %s", ", ".join(hosted))
     tool_choice = _convert_tool_choice(body.get("tool_choice"), tools)
     response_format, text = _text_format(body.get("text"))
-    if response_format is not None and tools and tool_choice != "none":
-        raise RequestError('text.format and tools cannot be combined unless tool_choice is "none"', "text.format")
     max_tokens = integer(body, "max_output_tokens", None, 1, 2**31)
     chat = ChatRequest(
         messages=parse_messages(messages),
