@@ -315,7 +315,7 @@ def run_tool_eval(
     given, the reply decoded without special tokens and stripped. `constrain` adds constrained
     decoding to either (the authors decoded freely).
     """
-    from .batch import batch_generate
+    from .api import batch_generate
     from .sampling import SamplingOptions
 
     if rules not in RULES:
