@@ -76,14 +76,7 @@ class BatchRows:
 
 def _pad(x: mx.array, left: int, right: int = 0) -> mx.array:
     """`x` (B, H, N, D) with `left` and `right` zero positions added."""
-    if not left and not right:
-        return x
-    B, H, _, D = x.shape
-    parts = [mx.zeros((B, H, left, D), dtype=x.dtype)] if left else []
-    parts.append(x)
-    if right:
-        parts.append(mx.zeros((B, H, right, D), dtype=x.dtype))
-    return mx.concatenate(parts, axis=2)
+    return mx.pad(x, [(0, 0), (0, 0), (left, right), (0, 0)]) if left or right else x
 
 
 def _room(end: int) -> int:

@@ -146,10 +146,14 @@ class NessoEngine:
             cache = model.make_cache()
             t0 = time.perf_counter()
             logits = prefill(model, mx.array(ids, dtype=mx.int32), cache)
-            decoder = Decoder(model)
-            decoder.add(Row(make_sampler()), cache, logits)
-            steps = (item.token for _ in iter(int, 1) for item in decoder.step())
-            n, ttft, span = _timed(islice(steps, 1 if workload == "pp" else gen_tokens))
+
+            def steps():  # joins on the first token, so the timing includes the first sample
+                decoder = Decoder(model)
+                decoder.add(Row(make_sampler()), cache, logits)
+                while True:
+                    yield from (item.token for item in decoder.step())
+
+            n, ttft, span = _timed(islice(steps(), 1 if workload == "pp" else gen_tokens))
             ttft = time.perf_counter() - t0 if workload == "pp" else ttft
             return Run(self.name, workload, len(ids), n, ttft, len(ids) / ttft, (n - 1) / span if n > 1 else 0.0, _peak())
         if workload == "turn2":

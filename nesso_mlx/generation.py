@@ -199,10 +199,8 @@ class Decoder:
         else:
             joined = merge_caches([self.cache, cache])
         self.cache = joined
-        if reads_history(row.processors):
-            row.history = row.history if row.history is not None else mx.array([], dtype=mx.int32)
-        else:
-            row.history = None
+        tracked = reads_history(row.processors)  # the history is kept only for processors that read it
+        row.history = (row.history if row.history is not None else mx.array([], dtype=mx.int32)) if tracked else None
         row.joined, row.error, row.draft = cache[0].offset, None, None
         row.start = row.joined - prompt
         self.rows.append(row)
@@ -223,10 +221,10 @@ class Decoder:
     def remove(self, row: Row, used: int | None = None, copy: bool = False) -> list[KVCache]:
         """Take `row` out; returns its cache holding its prompt and the first `used - 1` tokens the
         caller took (its last one is fed again with what follows), or, with `used` 0, what it held
-        before the prompt (see `add`); with `used` None, every token handed out. A row alone gives back its own cache;
-        one from a batch gets views of the batch's buffers, or with `copy` arrays of its own (see
-        `batch.row_cache`). Also after an interrupted step: the cache then ends as promised too.
-        (A bounded cache that dropped what that position needs is emptied: offset 0.)"""
+        before the prompt (see `add`); with `used` None, every token handed out. This holds after
+        an interrupted step too (a bounded cache that dropped what that needs is emptied: offset 0).
+        A row alone gives back its own cache; one from a batch views of the batch's buffers, or
+        with `copy` arrays of its own (see `batch.row_cache`)."""
         return self.remove_many([row], [used], copy)[0]
 
     def remove_many(
@@ -341,7 +339,7 @@ class Decoder:
         with mx.stream(generation_stream):
             logits = self.model(tokens[:, None], self.cache)[:, -1, :]
             built_at = time.perf_counter()
-            free = [i for i, row in enumerate(rows) if row.error is None and not _active(row.constraint)]
+            free = [i for i, r in enumerate(rows) if r.error is None and not (r.constraint is not None and r.constraint.active)]
             self._draw(free, logits, drawn)
         mx.async_eval(*(a for d in drawn.values() if not isinstance(d, Exception) for a in (d[0], *d[1])))
         if len(free) < len(rows):
@@ -430,10 +428,6 @@ class Decoder:
                 best = mx.argpartition(-scores, row.top_logprobs - 1, axis=-1)[0, : row.top_logprobs]
                 extra += (best, scores[0, best])
         return token, extra, history if history is None else mx.concatenate([history, token.astype(history.dtype)])
-
-
-def _active(constraint: TokenConstraint | None) -> bool:
-    return constraint is not None and constraint.active
 
 
 def _plain_greedy(row: Row) -> int | None:
