@@ -306,7 +306,7 @@ def run_tool_eval(
 ) -> EvalReport:
     """Generate greedily for every case (all tools offered, tool_choice "auto") and score it.
 
-    Up to `batch_size` cases are decoded together (`batch.batch_generate`: each gets the reply
+    Up to `batch_size` cases are decoded together (`api.batch_generate`: each gets the reply
     `generate` gives it alone, in fewer forward passes).
 
     "strict": the chat template's token ids (message text never parsed as control tokens), up to
