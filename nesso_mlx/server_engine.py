@@ -182,8 +182,17 @@ class BatchSlot:
         tokens it handed out (see `generation.Decoder.remove`)."""
         if self.decoder is None:
             return None
-        cache = self.decoder.remove(self.row, used, copy=True)
+        cache = self.decoder.remove(self.row, used)
         self.decoder = None  # only once it is out: a failed remove leaves it joined (see Scheduler.round)
+        if any(layer.keys is not None and layer.keys.shape[2] > layer.offset for layer in cache):
+            # Views of the batch's buffers, or a lone row's own with spare room: copy just its
+            # positions (a view would keep the whole buffer alive in the prompt cache).
+            import mlx.core as mx
+
+            for layer in cache:
+                if layer.offset:
+                    layer.keys, layer.values = (mx.contiguous(a) for a in layer.state)
+            mx.async_eval([layer.state for layer in cache])
         return cache
 
 
