@@ -46,7 +46,7 @@ def main() -> None:
     from mlx_lm.sample_utils import make_sampler
 
     from nesso_mlx import load
-    from nesso_mlx.batch import batch_generate
+    from nesso_mlx.api import batch_generate
 
     model, tokenizer = load(args.model)
     theirs, their_tokenizer = mlx_lm.load(args.model)

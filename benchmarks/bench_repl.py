@@ -21,8 +21,8 @@ from rich.console import Console
 from rich.live import Live
 from rich.markdown import Markdown
 
-from nesso_mlx.generation import GenerationChunk
 from nesso_mlx.repl import ChatREPL
+from nesso_mlx.reply import GenerationChunk
 
 PARAGRAPH = (
     "Ecco **tre consigli** per imparare l'italiano:\n\n1. Leggi ogni giorno un articolo di giornale.\n"

@@ -14,7 +14,7 @@ machine drift affects both alike. Reported per level: aggregate generated tokens
 wall time), time to first token p50 and p95 (request sent -> first content), per-stream decode
 tokens/s, and the ratios nesso-mlx / mlx-lm (> 1: nesso-mlx has more throughput; for TTFT, > 1
 means nesso-mlx takes longer). mlx_lm.server batches the decode steps of concurrent requests;
-nesso-mlx serve batches them too (continuous batching, `batch.BatchDecoder`).
+nesso-mlx serve batches them too (continuous batching, `generation.Decoder`).
 
 `--workload tool` sends tool-call requests instead (the `nesso-mlx bench` tool workload's tool and
 text, `tool_choice` "required"): nesso-mlx constrains the call and, for a request decoding alone,

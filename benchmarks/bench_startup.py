@@ -41,7 +41,7 @@ def main() -> None:
     nesso = shutil.which("nesso-mlx") or "nesso-mlx"
     cases = {
         "CLI --help": ([nesso, "--help"], [py, "-m", "mlx_lm", "generate", "--help"]),
-        "import": ([py, "-c", "import nesso_mlx.generation, nesso_mlx.loading"], [py, "-c", "import mlx_lm"]),
+        "import": ([py, "-c", "import nesso_mlx.api, nesso_mlx.loading"], [py, "-c", "import mlx_lm"]),
         "one token": (
             [nesso, "generate", "--model", args.model, "--prompt", "Ciao!", "--max-tokens", "1"],
             [py, "-m", "mlx_lm", "generate", "--model", args.model, "--prompt", "Ciao!", "--max-tokens", "1"],

@@ -11,7 +11,7 @@ from pathlib import Path
 from nesso_mlx import load
 from nesso_mlx.agent import StepLimit, ToolRun, agent_turn, load_tools_file
 from nesso_mlx.chat import ChatSession, SamplingSettings
-from nesso_mlx.generation import GenerationChunk
+from nesso_mlx.reply import GenerationChunk
 
 
 def main() -> None:

@@ -15,11 +15,11 @@ __version__ = "0.1.0"
 # Heavy modules (mlx, tokenizers) load on first use, so `import nesso_mlx` and the CLI start fast.
 _EXPORTS = {
     "load": "loading",
-    "generate": "generation",
-    "stream_generate": "generation",
-    "batch_generate": "batch",
-    "GenerationChunk": "generation",
-    "GenerationResult": "generation",
+    "generate": "api",
+    "stream_generate": "api",
+    "batch_generate": "api",
+    "GenerationChunk": "reply",
+    "GenerationResult": "reply",
     "Model": "model",
     "ModelArgs": "config",
     "KVCache": "cache",
@@ -35,13 +35,13 @@ _EXPORTS = {
 }
 
 if TYPE_CHECKING:
-    from .batch import batch_generate
+    from .api import batch_generate, generate, stream_generate
     from .cache import KVCache, load_cache, make_cache, rollback_cache, save_cache, trim_cache
     from .config import ModelArgs
     from .errors import NessoError
-    from .generation import GenerationChunk, GenerationResult, generate, stream_generate
     from .loading import load
     from .model import Model
+    from .reply import GenerationChunk, GenerationResult
     from .sampling import SamplingOptions, make_sampler
     from .tokenizer import Tokenizer
 

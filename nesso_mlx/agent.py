@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from .chat import ChatSession
 from .errors import NessoError, ToolError
-from .generation import GenerationChunk
+from .reply import GenerationChunk
 from .tools import ToolCall, parse_tool_calls
 
 if TYPE_CHECKING:

@@ -134,8 +134,9 @@ class NessoEngine:
     def run(self, workload: str, prompt_tokens: int, gen_tokens: int) -> Run:
         from itertools import islice
 
+        from .api import stream_generate
         from .chat import ChatSession, SamplingSettings
-        from .generation import decode, prefill, stream_generate
+        from .generation import Decoder, Row, prefill
         from .sampling import make_sampler
 
         tokenizer, model = self.tokenizer, self.model
@@ -145,8 +146,14 @@ class NessoEngine:
             cache = model.make_cache()
             t0 = time.perf_counter()
             logits = prefill(model, mx.array(ids, dtype=mx.int32), cache)
-            steps = decode(model, logits, cache, make_sampler())
-            n, ttft, span = _timed(islice(steps, 1 if workload == "pp" else gen_tokens))
+
+            def steps():  # joins on the first token, so the timing includes the first sample
+                decoder = Decoder(model)
+                decoder.add(Row(make_sampler()), cache, logits)
+                while True:
+                    yield from (item.token for item in decoder.step())
+
+            n, ttft, span = _timed(islice(steps(), 1 if workload == "pp" else gen_tokens))
             ttft = time.perf_counter() - t0 if workload == "pp" else ttft
             return Run(self.name, workload, len(ids), n, ttft, len(ids) / ttft, (n - 1) / span if n > 1 else 0.0, _peak())
         if workload == "turn2":

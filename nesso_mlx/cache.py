@@ -31,6 +31,7 @@ class KVCache:
     """
 
     step = 256
+    dropped = 0  # positions before the buffers' first slot (a bounded cache drops old ones)
 
     def __init__(self, capacity: int = 0) -> None:
         self.keys: mx.array | None = None
@@ -41,7 +42,9 @@ class KVCache:
     @property
     def capacity(self) -> int:
         # Both buffers: an interrupt between the two assignments in `_grow` must not be fatal.
-        return 0 if self.keys is None or self.values is None else min(self.keys.shape[2], self.values.shape[2])
+        if self.keys is None or self.values is None:
+            return 0
+        return min(_arrays(self.keys)[0].shape[2], _arrays(self.values)[0].shape[2])
 
     def _grow(self, keys: mx.array, values: mx.array, needed: int, kept: int | None = None) -> None:
         """New buffers for `needed` positions (rounded up to `step`), with the first `kept`
@@ -76,15 +79,11 @@ class KVCache:
         """Bytes allocated for the keys and values (the whole capacity, not only the valid positions)."""
         return sum(a.nbytes for a in _arrays(self.keys) + _arrays(self.values))
 
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        """Append `keys`/`values` (B, H, L, D) and return all valid positions."""
-        start, end = self.offset, self.offset + keys.shape[2]
-        if self.keys is None or end > self.capacity:
-            self._grow(keys, values, end)
-        self.keys[..., start:end, :] = keys
-        self.values[..., start:end, :] = values
-        self.offset = end
-        return self.keys[..., :end, :], self.values[..., :end, :]
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        """Append `keys`/`values` (B, H, L, D) and return all valid positions (as `_write` stores them)."""
+        fetched = self._write(keys, values, self.offset)
+        self.offset += keys.shape[2]
+        return fetched
 
     @property
     def rope_offset(self) -> int | mx.array:
@@ -96,8 +95,7 @@ class KVCache:
         position, causally among the new ones ("causal" aligns the last query with the last key,
         so chunked prefill works as is)."""
         keys, values = self.update_and_fetch(keys, values)
-        mask = "causal" if queries.shape[2] > 1 else None
-        return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
+        return self._attention(queries, keys, values, scale, "causal" if queries.shape[2] > 1 else None)
 
     def trim(self, n: int) -> int:
         """Forget the last `n` positions; returns how many were removed."""
@@ -106,10 +104,12 @@ class KVCache:
         return n
 
     @property
-    def state(self) -> tuple[mx.array, mx.array] | tuple[()]:
-        if self.keys is None or self.offset == 0:
+    def state(self) -> tuple:
+        """The valid positions' arrays: (keys, values), or a quantized cache's six (see `QuantizedKVCache`)."""
+        used = self.offset - self.dropped
+        if self.keys is None or used == 0:
             return ()
-        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+        return tuple(a[..., :used, :] for a in _arrays(self.keys) + _arrays(self.values))
 
     def set_state(self, keys: mx.array, values: mx.array) -> None:
         self.keys, self.values, self.offset = None, None, 0
@@ -159,10 +159,6 @@ class QuantizedKVCache(KVCache):
         super().__init__(capacity)
         self.bits, self.group_size = bits, group_size
 
-    @property
-    def capacity(self) -> int:
-        return 0 if self.keys is None or self.values is None else min(self.keys[0].shape[2], self.values[0].shape[2])
-
     def _group_size(self, dims: int) -> int:
         if self.group_size is None:  # 64 (mlx-lm's) when the head dimension allows it
             self.group_size = 64 if dims % 64 == 0 else 32
@@ -201,24 +197,8 @@ class QuantizedKVCache(KVCache):
                 a[..., start:end, :] = q
         return tuple(a[..., :end, :] for a in self.keys), tuple(a[..., :end, :] for a in self.values)
 
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[tuple, tuple]:
-        """Quantize and append `keys`/`values` (B, H, L, D); return the quantized valid positions."""
-        fetched = self._write(keys, values, self.offset)
-        self.offset += keys.shape[2]
-        return fetched
-
-    def attend(self, queries: mx.array, keys: mx.array, values: mx.array, scale: float) -> mx.array:
-        keys, values = self.update_and_fetch(keys, values)
-        return self._attention(queries, keys, values, scale, "causal" if queries.shape[2] > 1 else None)
-
     def _attention(self, queries: mx.array, keys, values, scale: float, mask) -> mx.array:
         return quantized_attention(queries, keys, values, scale, mask, self.group_size, self.bits)
-
-    @property
-    def state(self) -> tuple:
-        if self.keys is None or self.offset == 0:
-            return ()
-        return tuple(a[..., : self.offset, :] for a in (*self.keys, *self.values))
 
     def set_state(self, *arrays: mx.array) -> None:
         self.keys, self.values, self.offset = None, None, 0
@@ -323,13 +303,6 @@ class _Bounded:
     def attend(self, queries: mx.array, keys: mx.array, values: mx.array, scale: float) -> mx.array:
         keys, values = self.update_and_fetch(keys, values)
         return self._attention(queries, keys, values, scale, self._mask(queries.shape[2]))
-
-    @property
-    def state(self) -> tuple:
-        used = self._offset - self.dropped
-        if self.keys is None or used == 0:
-            return ()
-        return tuple(a[..., :used, :] for a in _arrays(self.keys) + _arrays(self.values))
 
     def set_state(self, keys: mx.array, values: mx.array) -> None:
         """Start from full-precision `keys`/`values` (positions 0..L-1; dropped as they would be)."""

@@ -9,10 +9,11 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from .api import stream_generate
 from .cache import CacheRollbackError, rollback_cache
 from .errors import NessoError
-from .generation import GenerationChunk, stream_generate
 from .model import Model
+from .reply import GenerationChunk
 from .sampling import SamplingOptions
 from .tokenizer import Tokenizer
 from .tools import ToolSpec, parse_tool_calls, tool_schemas

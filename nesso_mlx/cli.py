@@ -485,8 +485,8 @@ def generate(
         fail("the prompt is empty", 2)
     if raw and system:
         fail("--system needs the chat template; drop --raw", 2)
+    from .api import stream_generate
     from .errors import NessoError
-    from .generation import stream_generate
     from .sampling import SamplingOptions
 
     response_format = None

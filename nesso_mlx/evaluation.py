@@ -306,7 +306,7 @@ def run_tool_eval(
 ) -> EvalReport:
     """Generate greedily for every case (all tools offered, tool_choice "auto") and score it.
 
-    Up to `batch_size` cases are decoded together (`batch.batch_generate`: each gets the reply
+    Up to `batch_size` cases are decoded together (`api.batch_generate`: each gets the reply
     `generate` gives it alone, in fewer forward passes).
 
     "strict": the chat template's token ids (message text never parsed as control tokens), up to
@@ -315,7 +315,7 @@ def run_tool_eval(
     given, the reply decoded without special tokens and stripped. `constrain` adds constrained
     decoding to either (the authors decoded freely).
     """
-    from .batch import batch_generate
+    from .api import batch_generate
     from .sampling import SamplingOptions
 
     if rules not in RULES:

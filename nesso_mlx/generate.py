@@ -61,7 +61,7 @@ class _CallableModule(types.ModuleType):
     function of the same name; calling the module calls the function, so both keep working."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        from .generation import generate
+        from .api import generate
 
         return generate(*args, **kwargs)
 

@@ -1,28 +1,43 @@
-"""Text generation: chunked prefill, a pipelined decode loop, stop handling and statistics."""
+"""The decoder: one loop that steps a set of sequences, from the sampled logits to the cache and back.
+
+Every caller drives `Decoder`: `api.stream_generate` (a lone row), `api.batch_generate` and the
+server's scheduler (continuous batching: rows join and leave between steps). A `Row` carries
+how its tokens are chosen: its sampler, logits processors and history, grammar constraint,
+log-probabilities request, prompt-lookup state and the caller's data.
+
+A step, for all rows at once:
+1. the forward pass of every row's pending token (sampled by the step before) is queued;
+2. the next token of every row whose grammar is not active is sampled from those logits and
+   queued too (plain greedy rows take one argmax together), before the host reads anything;
+3. the host reads the pending tokens (long since computed) and hands them out, advancing each
+   row's grammar: a row whose grammar that token switches on (a trigger) draws its next token
+   again, masked, from the same logits (a seeded sampler reusing its key); a row whose grammar
+   is active draws it now, masked, while the accelerator runs the next rows' work.
+So the accelerator never waits for the caller; each row's cache runs one token ahead of what
+the decoder handed out (the pending token's pass is queued next step), and `remove` rolls it back
+to where the docs promise.
+
+A row alone keeps its own cache (quantized, bounded: whatever `make_cache` made) and may use
+prompt lookup (see `speculative.py`): a draft that the next token confirms is verified in one
+pass (`verify_draft`), and under a grammar the tokens it forces may go into their predecessor's
+own pass (`LookupController.merges_forced`). When a second row joins, the caches are merged into
+a left-padded `batch.BatchKVCache` (plain caches only).
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import mlx.core as mx
 
+from .batch import BatchKVCache, extend_caches, merge_caches, row_cache, select_rows
 from .cache import CacheRollbackError, KVCache, rollback_cache
-from .errors import ContextLengthError
 from .model import Model
-from .sampling import (
-    LogitsProcessor,
-    Sampler,
-    SamplingOptions,
-    log_softmax,
-    reads_history,
-    vocab_limit_processor,
-)
+from .sampling import LogitsProcessor, Sampler, greedy, log_softmax, reads_history
 from .speculative import PromptLookup
-from .tokenizer import Tokenizer
-from .tools import ToolCall, ToolCallDelta, ToolCallStream, ToolSpec, parse_tool_calls, tool_schemas
 
 # A dedicated stream lets the next decode step be queued while Python handles the current one.
 generation_stream = mx.new_stream(mx.default_device())
@@ -38,89 +53,8 @@ class TokenLogprobs:
     top: list[tuple[int, float]]  # (token id, logprob), most likely first
 
 
-@dataclass
-class GenerationChunk:
-    """One step of `stream_generate`: the new text and the statistics so far."""
-
-    text: str
-    token: int | None
-    finish_reason: str | None = None  # "stop", "length" or None while generating
-    prompt_tokens: int = 0
-    generation_tokens: int = 0
-    prompt_tps: float = 0.0
-    generation_tps: float = 0.0
-    peak_memory: float = 0.0  # GB
-    tool_calls: list[ToolCall] | None = None  # on the last chunk, when tools were given
-    tool_call_deltas: list[ToolCallDelta] | None = None  # with tools: call pieces completed by this chunk
-    logprobs: TokenLogprobs | None = None  # with `top_logprobs`: this chunk's token
-
-
-@dataclass
-class GenerationResult:
-    """What `generate` returns: the text, any tool calls, the tokens and the run's statistics.
-
-    With tools, `text` is the reply without its `<tool_call>` blocks (`raw_text` keeps them),
-    `tool_calls` lists the calls in order, and `finish_reason` is "tool_calls" when there are any.
-    """
-
-    text: str
-    tokens: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
-    prompt_tokens: int = 0
-    generation_tokens: int = 0
-    prompt_tps: float = 0.0
-    generation_tps: float = 0.0
-    peak_memory: float = 0.0
-    time_to_first_token: float = 0.0
-    tool_calls: list[ToolCall] = field(default_factory=list)
-    raw_text: str = ""
-
-    @classmethod
-    def from_chunks(cls, chunks: Sequence[GenerationChunk], time_to_first_token: float = 0.0) -> GenerationResult:
-        """The result of a whole `stream_generate` run."""
-        last = chunks[-1]
-        raw = "".join(c.text for c in chunks)
-        content, calls = parse_tool_calls(raw) if last.tool_calls is not None else (raw, [])
-        return cls(
-            content,
-            [c.token for c in chunks if c.token is not None],
-            last.finish_reason,
-            last.prompt_tokens,
-            last.generation_tokens,
-            last.prompt_tps,
-            last.generation_tps,
-            last.peak_memory,
-            time_to_first_token,
-            calls,
-            raw,
-        )
-
-    def __str__(self) -> str:
-        """The reply's text, so `print(generate(...))` prints it (mlx-lm's `generate` returns a string)."""
-        return self.text
-
-    @property
-    def message(self) -> dict[str, Any]:
-        """The reply as an assistant message, ready to append to `messages`."""
-        message: dict[str, Any] = {"role": "assistant", "content": self.text}
-        if self.tool_calls:
-            message["tool_calls"] = [c.to_message() for c in self.tool_calls if c.ok]
-        return message
-
-
-def prefill(model: Model, tokens: mx.array, cache: list[KVCache], chunk_size: int = 512) -> mx.array:
-    """Run the prompt through the model in chunks; returns the last position's logits (1, vocab)."""
-    with mx.stream(generation_stream):
-        while tokens.size > chunk_size:
-            model(tokens[None, :chunk_size], cache)
-            mx.eval([c.state for c in cache])  # the LM head of these positions is never computed
-            tokens = tokens[chunk_size:]
-            mx.clear_cache()
-        return model(tokens[None], cache, last_only=True)[:, -1, :]
-
-
 class TokenConstraint(Protocol):
-    """A constraint the decode loop drives token by token (see `constrained.GrammarProcessor`)."""
+    """A constraint the decoder drives token by token (see `constrained.GrammarProcessor`)."""
 
     @property
     def active(self) -> bool:
@@ -142,163 +76,367 @@ class TokenConstraint(Protocol):
         """How many of `tokens` are free text that would not switch the constraint on."""
 
 
-def decode(
-    model: Model,
-    logits: mx.array,
-    cache: list[KVCache],
-    sampler: Sampler,
-    processors: Sequence[LogitsProcessor] = (),
-    history: mx.array | None = None,
-    constraint: TokenConstraint | None = None,
-    top_logprobs: int | None = None,
-    lookup: PromptLookup | None = None,
-) -> Iterator[int] | Iterator[tuple[int, TokenLogprobs]]:
-    """Yield sampled tokens forever, starting from `logits`; the caller decides when to stop.
+def prefill_steps(model: Model, tokens: mx.array, cache: list[KVCache], chunk_size: int = 512) -> Iterator[None]:
+    """Run the prompt `tokens` through the model in chunks, yielding after each chunk but the last
+    (a scheduling point); returns (StopIteration's value) the last position's logits (1, vocab).
 
-    Step n+1 is queued with `mx.async_eval` before token n is handed to Python, so the
-    accelerator never waits for the caller. The cache therefore runs one token ahead; callers
-    roll it back when they stop.
-
-    With a `constraint`, while it is inactive (free text) the loop is the same. While it is
-    active, the forward pass of step n+1 is dispatched first, then the host waits for token n and
-    computes the mask while the accelerator runs the model; only the masked sampling waits for
-    the mask. When token n switches the constraint on (a trigger), the unmasked sample already
-    queued for step n+1 is discarded and drawn again, masked, from the same logits.
-
-    With `top_logprobs` (k >= 0), yields `(token, TokenLogprobs)` with the k best alternatives.
-    With `lookup`, prompt-lookup speculative decoding (see `speculative.py`): after token n, if
-    the text so far predicts what follows and step n+1 confirms the first predicted token, the
-    rest of the prediction is verified in one forward pass. Under an active constraint, where the
-    controller finds it pays (`LookupController.merges_forced`), the loop instead waits for token
-    n before queuing its step, and the tokens the grammar forces after it go into that same pass.
-    """
-    if lookup is not None and top_logprobs is not None:
-        raise ValueError("prompt lookup gives no log-probabilities for the tokens it verifies: not with top_logprobs")
-    history = history if history is not None else mx.array([], dtype=mx.int32)
-    track = reads_history(processors)  # keep the history only for processors that read it
-
-    def process(logits: mx.array, history: mx.array) -> mx.array:
-        for processor in processors:
-            logits = processor(history, logits)
-        return logits
-
-    def sample(logits: mx.array, history: mx.array, mask: mx.array | None) -> tuple[mx.array, mx.array, list[mx.array]]:
-        logits = process(logits, history)
-        token = sampler(logits if mask is None else mx.where(mask, logits, -mx.inf))
-        extra = []
-        if top_logprobs is not None:
-            scores = log_softmax(logits)
-            extra = [mx.take_along_axis(scores, token[:, None], axis=-1)[0]]
-            if top_logprobs > 0:
-                best = mx.argpartition(-scores, top_logprobs - 1, axis=-1)[0, :top_logprobs]
-                extra += [best, scores[0, best]]
-        return token, grow(history, token), extra
-
-    def grow(history: mx.array, token: mx.array) -> mx.array:
-        return mx.concatenate([history, token.astype(history.dtype)]) if track else history
-
-    def output(token: mx.array, extra: list[mx.array]):
-        value = token.item()
-        if top_logprobs is None:
-            return value
-        top = sorted(zip(extra[1].tolist(), extra[2].tolist(), strict=True), key=lambda t: -t[1]) if len(extra) > 1 else []
-        return value, TokenLogprobs(extra[0].item(), top)
-
-    with mx.stream(generation_stream):
-        first_mask = None
-        if constraint is not None and constraint.active:
-            mx.async_eval(logits)
-            first_mask = constraint.mask()
-        token, history, extra = sample(logits, history, first_mask)
-    mx.async_eval(token, *extra)
-    # A seeded sampler's key sequence (see make_sampler): a position drawn again after a trigger
-    # reuses its key, so each position takes one key, as in the batch decoder.
-    keys = getattr(sampler, "key_state", None)
-
-    def plain_step(token: mx.array, extra: list[mx.array], history: mx.array, known: int | None = None, started: float = 0.0):
-        """One pipelined step: queue step n+1, hand out token n; returns token n's value and
-        step n+1's token, extras and history. `known`: token n's value, already waited for and
-        fed to the constraint (since `started`, for the host-time count)."""
-        before = history
-        saved = dict(keys) if keys is not None else None
-        built = time.perf_counter()
+    Interrupted, failing or closed before it returns, every layer holds the chunks done (what the
+    cache held before, and each whole chunk evaluated since): a consistent prefix to reuse."""
+    done = cache[0].offset if cache else 0
+    try:
         with mx.stream(generation_stream):
-            next_logits = model(token[:, None], cache)[:, -1, :]
-            built_at = time.perf_counter()
-            built = built_at - built
-            if constraint is None or not constraint.active:
-                next_token, history, next_extra = sample(next_logits, history, None)
-        if constraint is None or not constraint.active:
-            mx.async_eval(next_token, *next_extra)
-            value = token.item() if known is None else known
-            if known is None and constraint is not None and constraint.advance(value):
-                if saved is not None:
-                    keys.update(saved)
-                with mx.stream(generation_stream):
-                    next_token, history, next_extra = sample(next_logits, before, constraint.mask())
-                mx.async_eval(next_token, *next_extra)
+            while tokens.size > chunk_size:
+                model(tokens[None, :chunk_size], cache)
+                mx.eval([c.state for c in cache])  # the LM head of these positions is never computed
+                done += chunk_size
+                tokens = tokens[chunk_size:]
+                mx.clear_cache()
+                yield
+            logits = model(tokens[None], cache, last_only=True)[:, -1, :]
+        done = None
+        return logits
+    finally:
+        if done is not None:
+            _rollback(cache, done)
+
+
+def prefill(model: Model, tokens: mx.array, cache: list[KVCache], chunk_size: int = 512) -> mx.array:
+    """`prefill_steps` run to the end: the last position's logits (1, vocab). Interrupted or
+    failing, every layer goes back to what it held before."""
+    start = cache[0].offset if cache else 0
+    steps = prefill_steps(model, tokens, cache, chunk_size)
+    try:
+        while True:
+            next(steps)
+    except StopIteration as done:
+        return done.value
+    except BaseException:
+        steps.close()
+        _rollback(cache, start)
+        raise
+
+
+def _rollback(cache: list[KVCache], offset: int) -> None:
+    """`rollback_cache`, where a bounded cache that cannot go back is left empty (offset 0)."""
+    try:
+        rollback_cache(cache, offset)
+    except CacheRollbackError:
+        pass
+
+
+@dataclass(eq=False)  # rows are told apart by identity: two greedy rows may hold equal fields
+class Row:
+    """One sequence of a `Decoder`: how its next token is chosen, and its history."""
+
+    sampler: Sampler
+    processors: Sequence[LogitsProcessor] = ()
+    history: mx.array | None = None  # the context's ids (prompt, earlier turns), for processors that read it
+    constraint: TokenConstraint | None = None
+    top_logprobs: int | None = None  # k >= 0: each token's log-probability and its k best alternatives
+    lookup: PromptLookup | None = None  # prompt-lookup decoding, while the row is alone (not with top_logprobs)
+    data: Any = None  # the caller's own state
+    # The decoder's: the sampled token whose pass is queued next step, its log-probabilities, where
+    # the caller's prompt began and ended in the row's cache; an error that ended the row; a draft
+    # the pending token may confirm.
+    token: mx.array | None = None
+    extra: tuple = ()
+    start: int = 0
+    joined: int = 0
+    error: Exception | None = None
+    draft: tuple[list[int], int] | None = None
+
+
+@dataclass(eq=False)
+class RowToken:
+    """A token `Decoder.step` produced for a row, with its log-probabilities if asked; or the
+    `error` that row's processors, sampler or grammar raised (then `token` is -1 and the row must
+    be removed: the other rows are not affected)."""
+
+    row: Row
+    token: int
+    logprob: float | None = None
+    top: list[tuple[int, float]] | None = None
+    error: Exception | None = None
+
+    @property
+    def logprobs(self) -> TokenLogprobs | None:
+        return TokenLogprobs(self.logprob, self.top or []) if self.logprob is not None else None
+
+
+class Decoder:
+    """Continuous batching: `add` a prefilled row, `step` all of them, `remove` finished ones.
+
+    Each `step` hands out one token for every row (a lone row with prompt lookup may get several:
+    callers take them in order and ignore those after the row's reply ended). An error in one
+    row's processors, sampler or grammar comes back as that row's `RowToken.error`. An exception
+    that escapes `step` (an interrupt, a failed evaluation) leaves the rows' grammars and samplers
+    undefined: remove the rows (their caches still end where `remove` promises) and discard it.
+    """
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.rows: list[Row] = []
+        self.cache: list[KVCache] | None = None  # the lone row's own, or a BatchKVCache's layers
+        self.steps = 0
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def add(self, row: Row, cache: list[KVCache], logits: mx.array, prompt: int = 0) -> None:
+        """Join `row`, whose `cache` holds its prompt (the last `prompt` positions: what `remove`
+        takes back when no token was taken) and whose `logits` ((1, vocab) or (vocab,)) give its
+        first token. Alone, the row decodes in `cache` itself; with others, a copy joins the batch
+        (plain caches only). On an error joining, the decoder is unchanged."""
+        if row.lookup is not None and row.top_logprobs is not None:
+            raise ValueError("prompt lookup gives no log-probabilities for the tokens it verifies: not with top_logprobs")
+        if self.rows and len(cache) != len(self.cache):
+            raise ValueError(f"a cache of {len(cache)} layers cannot join a batch of {len(self.cache)}")
+        if not self.rows:
+            joined = cache
+        elif isinstance(self.cache[0], BatchKVCache):
+            joined = self.cache
+            extend_caches(joined, merge_caches([cache]))
         else:
-            mx.async_eval(next_logits)
-            if known is None:
-                value = token.item()
+            joined = merge_caches([self.cache, cache])
+        self.cache = joined
+        tracked = reads_history(row.processors)  # the history is kept only for processors that read it
+        row.history = (row.history if row.history is not None else mx.array([], dtype=mx.int32)) if tracked else None
+        row.joined, row.error, row.draft = cache[0].offset, None, None
+        row.start = row.joined - prompt
+        self.rows.append(row)
+        try:
+            with mx.stream(generation_stream):
+                logits = logits.reshape(1, -1)
+                mask = None
+                if row.constraint is not None and row.constraint.active:
+                    mx.async_eval(logits)
+                    mask = row.constraint.mask()
+                row.token, row.extra, row.history = self._sample(row, logits, mask, row.history)
+            mx.async_eval(row.token, *row.extra)
+        except BaseException as e:  # its processors, sampler or grammar: the row's error, handed out next step
+            row.token, row.error = mx.zeros((1,), dtype=mx.int32), e
+            if not isinstance(e, Exception):
+                raise  # an interrupt: the row stays joined (with its error), for the caller to `remove`
+
+    def remove(self, row: Row, used: int | None = None, copy: bool = False) -> list[KVCache]:
+        """Take `row` out; returns its cache holding its prompt and the first `used - 1` tokens the
+        caller took (its last one is fed again with what follows), or, with `used` 0, what it held
+        before the prompt (see `add`); with `used` None, every token handed out. This holds after
+        an interrupted step too (a bounded cache that dropped what that needs is emptied: offset 0).
+        A row alone gives back its own cache; one from a batch views of the batch's buffers, or
+        with `copy` arrays of its own (see `batch.row_cache`)."""
+        return self.remove_many([row], [used], copy)[0]
+
+    def remove_many(
+        self, rows: Sequence[Row], used: Sequence[int | None] | None = None, copy: bool = False
+    ) -> list[list[KVCache]]:
+        """`remove` for several rows at once (one copy of the batch, not one per row)."""
+        gone = [next(i for i, r in enumerate(self.rows) if r is row) for row in rows]
+        batched = isinstance(self.cache[0], BatchKVCache)
+        caches = [row_cache(self.cache, i, copy) if batched else self.cache for i in gone]
+        for row, cache, n in zip(rows, caches, used or [None] * len(rows), strict=True):
+            if n is not None:
+                _rollback(cache, row.joined + n - 1 if n else row.start)
+        keep = [j for j in range(len(self.rows)) if j not in gone]
+        if keep and batched:
+            select_rows(self.cache, keep)
+        elif not keep:
+            self.cache = None
+        self.rows = [self.rows[j] for j in keep]
+        return caches
+
+    def reset_clocks(self) -> None:
+        """The time until the next step is not a decode step's (for the rows' prompt lookup)."""
+        for row in self.rows:
+            if row.lookup is not None:
+                row.lookup.controller.reset_clock()
+
+    def step(self) -> list[RowToken]:
+        """The next token of every row (in order); see the module's docstring."""
+        if not self.rows:
+            return []
+        self.steps += 1
+        if self.steps % CLEAR_CACHE_EVERY == 0:
+            mx.clear_cache()  # return freed buffers to the system now and then, as mlx-lm does
+        if len(self.rows) > 1:
+            self.reset_clocks()  # a batched step is no plain step of one row
+            for row in self.rows:
+                row.draft = None
+        elif self.rows[0].lookup is not None and self.rows[0].error is None:
+            return self._lookup_step(self.rows[0])
+        return self._plain_step()
+
+    def _lookup_step(self, row: Row) -> list[RowToken]:
+        """A lone row with prompt lookup: the draft its pending token confirms, verified in one
+        pass; or under a grammar, the tokens it forces after the pending token, in that token's
+        own pass; else the plain step, then the next draft."""
+        lookup, constraint = row.lookup, row.constraint
+        try:
+            if row.draft is not None:
+                (draft, n_forced), row.draft = row.draft, None
+                first = row.token.item()  # the step before: it confirms the draft's first token or not
+                if lookup.confirms(first, draft, n_forced):
+                    kept, following = verify_draft(
+                        self.model, self.cache, first, draft[1:], lookup, row.processors, row.history, constraint,
+                        max(n_forced - 1, 0), after_forced=n_forced > 0,
+                    )  # fmt: skip
+                    return self._verified(row, [first, *kept], following, 0)
+            if constraint is not None and constraint.active and lookup.controller.merges_forced:
+                value = row.token.item()  # wait for it: the tokens the grammar forces after it join its pass
                 started = time.perf_counter()
                 constraint.advance(value)
-                host = time.perf_counter() - started + built
-            else:  # waited for before the step was queued: the host's work then idled the accelerator
-                value, host = known, built_at - started
-            if lookup is not None:
-                lookup.controller.host_time(host)
-            with mx.stream(generation_stream):
-                mask = constraint.mask() if constraint.active else None
-                next_token, history, next_extra = sample(next_logits, history, mask)
-            mx.async_eval(next_token, *next_extra)
-        yield output(token, extra)
-        return value, next_token, next_extra, history
+                lookup.index.append(value)
+                draft, n_forced = lookup.merged_draft(constraint) if constraint.active else ([], 0)
+                if draft:
+                    kept, following = verify_draft(
+                        self.model, self.cache, value, draft, lookup, row.processors, row.history, constraint, n_forced,
+                        advanced=True,
+                    )  # fmt: skip
+                    return self._verified(row, [value, *kept], following, 1)
+                out = self._plain_step(value, started)
+                if out[0].error is None:
+                    draft = lookup.next_draft(constraint, forced=False)
+                    row.draft = draft if draft[0] else None
+                return out
+        except Exception as e:  # the row's grammar or processors (inside a verify pass: may be the model's)
+            row.error = e
+            return [RowToken(row, -1, error=e)]
+        out = self._plain_step()
+        if out[0].error is None:
+            lookup.index.append(out[0].token)
+            try:
+                # Tokens a grammar forces (a JSON key, a tool's name) are drafted even while
+                # n-gram drafting is paused: they are almost always kept.
+                draft = lookup.next_draft(constraint)
+            except Exception as e:  # the grammar's: in place of this step's token, as in a plain step
+                row.error = e
+                return [RowToken(row, -1, error=e)]
+            row.draft = draft if draft[0] else None
+        return out
 
-    while True:
-        if lookup is not None and constraint is not None and constraint.active and lookup.controller.merges_forced:
-            # Wait for token n, then put the tokens the grammar forces after it into its own pass.
-            value = token.item()
-            started = time.perf_counter()
-            constraint.advance(value)
-            lookup.index.append(value)
-            draft, n_forced = lookup.merged_draft(constraint) if constraint.active else ([], 0)
-            if draft:
-                yield value
-                seen = history if track else None
-                kept, following = verify_draft(
-                    model, cache, value, draft, lookup, processors, seen, constraint, n_forced, advanced=True
-                )
-                history = grow(history, mx.array([*kept, following]))  # `history` already ended with `value`
-                for value in kept:
-                    yield value
-                    lookup.index.append(value)
-                token = mx.array([following], dtype=mx.int32)
+    def _verified(self, row: Row, values: list[int], following: int, indexed: int) -> list[RowToken]:
+        """After a verify pass: hand out `values` (in the cache now; the first `indexed` of them
+        already in the lookup's index), with `following` pending (its pass queued next step)."""
+        if row.history is not None:  # it already ends with values[0]
+            row.history = mx.concatenate([row.history, mx.array([*values[1:], following], dtype=row.history.dtype)])
+        for value in values[indexed:]:
+            row.lookup.index.append(value)
+        row.token, row.extra = mx.array([following], dtype=mx.int32), ()
+        return [RowToken(row, value) for value in values]
+
+    def _plain_step(self, known: int | None = None, started: float = 0.0) -> list[RowToken]:
+        """The pipelined step of every row (see the module's docstring). `known`: a lone row's
+        pending token, already waited for and fed to its grammar (since `started`, for the
+        host-time count)."""
+        rows = self.rows
+        alone = len(rows) == 1
+        keys = [getattr(row.sampler, "key_state", None) for row in rows]
+        saved = [dict(k) if k is not None else None for k in keys]  # a trigger draws its position again
+        before = [row.history for row in rows]
+        tokens = rows[0].token if alone else mx.concatenate([row.token for row in rows])
+        built = time.perf_counter()
+        drawn: dict[int, tuple | Exception] = {}  # next tokens drawn before this step's are read
+        with mx.stream(generation_stream):
+            logits = self.model(tokens[:, None], self.cache)[:, -1, :]
+            built_at = time.perf_counter()
+            free = [i for i, r in enumerate(rows) if r.error is None and not (r.constraint is not None and r.constraint.active)]
+            self._draw(free, logits, drawn)
+        mx.async_eval(*(a for d in drawn.values() if not isinstance(d, Exception) for a in (d[0], *d[1])))
+        if len(free) < len(rows):
+            mx.async_eval(logits)
+        values = [known] if known is not None else tokens.tolist()
+        out, redrawn = [], []
+        for i, (row, value) in enumerate(zip(rows, values, strict=True)):
+            if row.error is not None:
+                out.append(RowToken(row, -1, error=row.error))
                 continue
-            value, token, extra, history = yield from plain_step(token, extra, history, value, started)
-            draft, n_forced = lookup.next_draft(constraint, forced=False)
-        else:
-            value, token, extra, history = yield from plain_step(token, extra, history)
-            if lookup is None:
+            item = RowToken(row, value)
+            if row.extra:
+                item.logprob = row.extra[0].item()
+                pairs = zip(row.extra[1].tolist(), row.extra[2].tolist(), strict=True) if len(row.extra) > 1 else ()
+                item.top = sorted(pairs, key=lambda t: -t[1])
+            try:
+                drew = drawn.get(i)
+                if isinstance(drew, Exception):
+                    raise drew
+                constraint = row.constraint
+                if drew is not None:
+                    if known is None and constraint is not None and constraint.advance(value):
+                        if saved[i] is not None:  # the trigger: the same position, masked, with the same key
+                            keys[i].update(saved[i])
+                        with mx.stream(generation_stream):
+                            drew = self._sample(row, logits[i : i + 1], constraint.mask(), before[i])
+                        redrawn.append(drew)
+                else:  # an active grammar: its mask needs this token
+                    if known is None:
+                        started = time.perf_counter()
+                        constraint.advance(value)
+                        host = time.perf_counter() - started + built_at - built
+                    else:  # waited for before the step was queued: the host's work then idled the accelerator
+                        host = built_at - started
+                    if alone and row.lookup is not None:
+                        row.lookup.controller.host_time(host)
+                    with mx.stream(generation_stream):
+                        drew = self._sample(row, logits[i : i + 1], constraint.mask() if constraint.active else None, before[i])
+                    redrawn.append(drew)
+            except Exception as e:  # this row's processors, sampler or grammar
+                row.error, row.token = e, mx.zeros((1,), dtype=mx.int32)
+                out.append(RowToken(row, -1, error=e))
                 continue
-            lookup.index.append(value)
-            # Tokens a grammar forces (a JSON key, a tool's name) are drafted even while n-gram
-            # drafting is paused: they are almost always kept.
-            draft, n_forced = lookup.next_draft(constraint)
-        if not draft:
-            continue
-        first = token.item()  # wait for step n+1: it confirms the draft's first token or not
-        if not lookup.confirms(first, draft, n_forced):
-            continue
-        seen, rest = history if track else None, max(n_forced - 1, 0)
-        kept, following = verify_draft(
-            model, cache, first, draft[1:], lookup, processors, seen, constraint, rest, after_forced=n_forced > 0
-        )
-        history = grow(history, mx.array([*kept, following]))  # `history` already ended with `first`
-        for value in (first, *kept):
-            yield value
-            lookup.index.append(value)
-        token = mx.array([following], dtype=mx.int32)
+            row.token, row.extra, row.history = drew
+            if not alone and row.lookup is not None:
+                row.lookup.index.append(value)
+            out.append(item)
+        if redrawn:
+            mx.async_eval(*(a for d in redrawn for a in (d[0], *d[1])))
+        return out
+
+    def _draw(self, free: list[int], logits: mx.array, drawn: dict[int, tuple | Exception]) -> None:
+        """Draw the next token of the rows `free` (no active grammar) from `logits`; plain greedy
+        rows (no grammar, logprobs or processors but the vocabulary limit) take one argmax together,
+        over the columns the limit leaves."""
+        groups: dict[int, list[int]] = {}
+        for i in free:
+            if (limit := _plain_greedy(self.rows[i])) is not None:
+                groups.setdefault(limit, []).append(i)
+        for limit, rows in groups.items():
+            if len(rows) > 1:
+                picked = logits[mx.array(rows, dtype=mx.int32)]
+                together = greedy(picked[:, :limit] if limit else picked).astype(mx.int32)
+                drawn.update({i: (together[j : j + 1], (), None) for j, i in enumerate(rows)})
+        for i in free:
+            if i not in drawn:
+                try:
+                    drawn[i] = self._sample(self.rows[i], logits[i : i + 1], None, self.rows[i].history)
+                except Exception as e:
+                    drawn[i] = e
+
+    @staticmethod
+    def _sample(row: Row, logits: mx.array, mask: mx.array | None, history: mx.array | None) -> tuple:
+        """A row's next token (1,) from its logits (1, vocab) after `history`: the token, its
+        log-probabilities (if asked) and the history grown by it."""
+        for processor in row.processors:
+            logits = processor(history, logits)
+        token = row.sampler(logits if mask is None else mx.where(mask, logits, -mx.inf)).astype(mx.int32)
+        if token.shape != (1,):
+            raise ValueError(f"a sampler or logits processor gave tokens of shape {token.shape}, not (1,)")
+        extra: tuple = ()
+        if row.top_logprobs is not None:
+            scores = log_softmax(logits)
+            extra = (mx.take_along_axis(scores, token[:, None], axis=-1)[0],)
+            if row.top_logprobs > 0:
+                best = mx.argpartition(-scores, row.top_logprobs - 1, axis=-1)[0, : row.top_logprobs]
+                extra += (best, scores[0, best])
+        return token, extra, history if history is None else mx.concatenate([history, token.astype(history.dtype)])
+
+
+def _plain_greedy(row: Row) -> int | None:
+    """For a greedy row with no grammar, logprobs or processors but the vocabulary limit: the
+    number of leading vocabulary entries (logits columns) its argmax is over (0: all); None for any other row."""
+    if row.sampler is not greedy or row.constraint is not None or row.top_logprobs is not None:
+        return None
+    limits = [getattr(p, "vocab_limit", None) for p in row.processors]
+    return None if None in limits else min(limits, default=0)
 
 
 def verify_draft(
@@ -399,354 +537,3 @@ def _sole_token(mask: mx.array) -> int | None:
     allowed = np.asarray(mask).reshape(-1)
     # Counted, not listed: inside a string nearly all 128k tokens are allowed (~5 us, not ~100).
     return int(allowed.argmax()) if np.count_nonzero(allowed) == 1 else None
-
-
-class _StopMatcher:
-    """Finds user stop strings in streamed text, holding back a possible partial match."""
-
-    def __init__(self, stop: Sequence[str]) -> None:
-        self.stop = [s for s in stop if s]
-        self.hold = max((len(s) for s in self.stop), default=1) - 1
-        self.pending = ""
-
-    def feed(self, text: str) -> tuple[str, bool]:
-        """Returns (text safe to emit, whether a stop string was hit)."""
-        self.pending += text
-        hits = [i for s in self.stop if (i := self.pending.find(s)) != -1]
-        if hits:
-            out, self.pending = self.pending[: min(hits)], ""
-            return out, True
-        if not self.stop:
-            out, self.pending = self.pending, ""
-            return out, False
-        cut = len(self.pending)
-        for k in range(min(self.hold, len(self.pending)), 0, -1):
-            tail = self.pending[-k:]
-            if any(s.startswith(tail) for s in self.stop):
-                cut = len(self.pending) - k
-                break
-        out, self.pending = self.pending[:cut], self.pending[cut:]
-        return out, False
-
-    def flush(self) -> str:
-        out, self.pending = self.pending, ""
-        return out
-
-
-class ReplyStream:
-    """A reply as its tokens arrive, as `GenerationChunk`s: detokenized text cut at a stop string,
-    the finish (EOS, a stop string or `max_tokens`), tool-call deltas and the statistics."""
-
-    def __init__(
-        self,
-        tokenizer: Tokenizer,
-        prompt_tokens: int,
-        max_tokens: int,
-        stop: str | Sequence[str] | None = None,
-        tools: Sequence[Any] | None = None,
-        tool_choice: Any = "auto",
-        parse_calls: bool = True,
-    ) -> None:
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        if tools and tool_choice == "none":
-            stops.append("<tool_call>")
-        self.matcher = _StopMatcher(stops)
-        # Special tokens other than EOS stay in the text (tool-call markers may be special tokens).
-        self.detokenizer = tokenizer.detokenizer(skip_special_tokens=False)
-        self.eos = set(tokenizer.eos_token_ids)
-        self.prompt_tokens, self.max_tokens, self.count = prompt_tokens, max_tokens, 0
-        self.calls = ToolCallStream() if tools and parse_calls else None  # off where the caller parses them itself
-        self.emitted: list[str] = []
-        self.t0 = time.perf_counter()  # when the request began (its prefill)
-        self.t_first = 0.0
-
-    def text(self, token: int) -> tuple[str, str | None]:
-        """The text `token` completes, and the finish reason ("stop", "length") if it ends the reply."""
-        self.count += 1
-        if token in self.eos:
-            text, hit = self.matcher.feed(self.detokenizer.finalize())
-            return (text if hit else text + self.matcher.flush()), "stop"
-        text, hit = self.matcher.feed(self.detokenizer.add_token(token))
-        if hit:
-            return text, "stop"
-        if self.count >= self.max_tokens:
-            rest, hit = self.matcher.feed(self.detokenizer.finalize())
-            return text + (rest if hit else rest + self.matcher.flush()), "stop" if hit else "length"
-        return text, None
-
-    def add(self, token: int, logprobs: TokenLogprobs | None = None) -> GenerationChunk:
-        """The chunk of the next generated token; its `finish_reason` is set when the reply ends."""
-        now = time.perf_counter()
-        if not self.count:
-            self.t_first = now
-        text, finish = self.text(token)
-        self.emitted.append(text)
-        calls = deltas = None
-        if self.calls is not None:
-            deltas = self.calls.feed(text)[1]
-            if finish:
-                deltas += self.calls.finish()[1]
-                calls = parse_tool_calls("".join(self.emitted))[1]
-                finish = "tool_calls" if calls and finish == "stop" else finish
-        n = self.count
-        prompt_tps = self.prompt_tokens / max(self.t_first - self.t0, 1e-9)
-        tps = (n / (now - self.t_first)) if n > 1 and now > self.t_first else 0.0
-        peak = mx.get_peak_memory() / 1e9
-        return GenerationChunk(text, token, finish, self.prompt_tokens, n, prompt_tps, tps, peak, calls, deltas, logprobs)
-
-
-@dataclass
-class Decoding:
-    """How one request's tokens are chosen and turned into chunks (see `prepare_decoding`)."""
-
-    ids: list[int]  # the prompt's token ids (those not already in the cache)
-    max_tokens: int
-    sampler: Sampler
-    processors: list[LogitsProcessor]
-    constraint: TokenConstraint | None
-    reply: ReplyStream
-
-
-def prepare_decoding(
-    model: Model,
-    tokenizer: Tokenizer,
-    ids: Sequence[int],
-    cached: int = 0,
-    *,
-    tools: Sequence[dict[str, Any]] | None = None,
-    tool_choice: str | dict[str, Any] | None = "auto",
-    response_format: dict[str, Any] | None = None,
-    constrain: bool = True,
-    max_tokens: int = 256,
-    sampling: SamplingOptions | None = None,
-    stop: str | Sequence[str] | None = None,
-    logits_processors: Sequence[LogitsProcessor] | None = None,
-    parse_calls: bool = True,
-) -> Decoding:
-    """Check a prompt of `ids` after `cached` positions already in the cache, and build its
-    sampler, logits processors, grammar constraint and reply stream (`stream_generate`'s options).
-    `parse_calls=False`: the chunks carry no tool calls or call deltas (for a caller that parses
-    the reply's text itself, as the server's `ChatReply` does)."""
-    ids = list(ids)
-    if not ids:
-        raise ValueError("the prompt is empty")
-    if max(ids) >= model.args.vocab_size or min(ids) < 0:
-        bad = max(ids) if max(ids) >= model.args.vocab_size else min(ids)
-        raise ValueError(
-            f"token id {bad} is outside the model's {model.args.vocab_size} embedding rows "
-            "(does the tokenizer belong to this model?)"
-        )
-    context = model.args.max_position_embeddings
-    if cached + len(ids) >= context:
-        raise ContextLengthError(
-            f"the prompt has {cached + len(ids)} tokens but the context window is {context}; "
-            "shorten the prompt or the conversation"
-        )
-    max_tokens = min(max_tokens, context - cached - len(ids))
-    sampling = sampling or SamplingOptions()
-    sampler = sampling.sampler()
-    processors = sampling.processors(logits_processors)
-    if model.args.vocab_size > tokenizer.vocab_size:  # the model's padding rows past the tokenizer
-        processors.append(vocab_limit_processor(tokenizer.vocab_size, model.args.vocab_size))
-    constraint = None
-    if tools or response_format is not None:
-        from .constrained import build_processor
-
-        constraint = build_processor(
-            tokenizer, model.args.vocab_size, tools, tool_choice, response_format, constrain, max_tokens=max_tokens
-        )
-    reply = ReplyStream(tokenizer, len(ids), max_tokens, stop, tools, tool_choice, parse_calls)
-    return Decoding(ids, max_tokens, sampler, processors, constraint, reply)
-
-
-def prompt_tokens(
-    tokenizer: Tokenizer,
-    prompt: str | Sequence[int] | None = None,
-    messages: list[dict[str, Any]] | None = None,
-    tools: list[dict[str, Any]] | None = None,
-) -> list[int]:
-    """Token ids for a raw prompt (string or ids) or for chat `messages` (+ `tools`)."""
-    if (prompt is None) == (messages is None):
-        raise ValueError("pass exactly one of prompt= or messages=")
-    if messages is not None:
-        return tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True)
-    if isinstance(prompt, str):
-        return tokenizer.encode_prompt(prompt)
-    return [int(t) for t in prompt]
-
-
-def stream_generate(
-    model: Model,
-    tokenizer: Tokenizer,
-    prompt: str | Sequence[int] | None = None,
-    *,
-    messages: list[dict[str, Any]] | None = None,
-    tools: Sequence[ToolSpec] | None = None,
-    tool_choice: str | dict[str, Any] | None = "auto",
-    response_format: dict[str, Any] | None = None,
-    constrain: bool = True,
-    max_tokens: int = 256,
-    sampling: SamplingOptions | None = None,
-    stop: str | Sequence[str] | None = None,
-    logits_processors: Sequence[LogitsProcessor] | None = None,
-    cache: list[KVCache] | None = None,
-    cached_ids: Sequence[int] | None = None,
-    top_logprobs: int | None = None,
-    prompt_lookup: bool = False,
-    prefill_chunk_size: int = 512,
-    **loose_sampling: Any,
-) -> Iterator[GenerationChunk]:
-    """Generate text token by token from `prompt` (str or ids) or chat `messages`.
-
-    Yields a `GenerationChunk` per token; the last has `finish_reason` "stop" (EOS or a stop
-    string, which is not included in the text) or "length". Pass `cache` to continue from the
-    tokens it already holds; on return (also when interrupted or on error) every layer holds
-    the prompt and all generated tokens but the last, or, if no token was generated, exactly
-    what it held before the call (a bounded cache, `max_kv_size`, that already dropped positions
-    it would need for that is emptied instead: offset 0). For a quantized or bounded cache, pass
-    `cache=model.make_cache(kv_bits=8, max_kv_size=...)`.
-
-    `tools` (schemas or Python functions) go into the chat template; calls are parsed at the end.
-    With `constrain`, every call's JSON is forced to name a tool and match its parameters
-    (`tool_choice`: "auto", "required", "none" or a tool name). `response_format`
-    ({"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": ...}}) makes
-    the whole reply valid JSON.
-
-    `sampling` chooses the tokens (default: greedy). `cached_ids`, the token ids `cache` already
-    holds, give the whole context to every logits processor that reads the tokens so far (the
-    repetition penalty, your own) and to prompt lookup, so a cached turn is decoded as it would
-    be from scratch.
-
-    `top_logprobs` (k >= 0) adds each token's log-probability and its k best alternatives to
-    its chunk (`chunk.logprobs`). `prompt_lookup` turns on prompt-lookup speculative decoding
-    (same output greedy, same distribution sampling; see `speculative.py`); it is not combined
-    with `top_logprobs`.
-
-    mlx-lm's loose keywords (`temp`, `temperature`, `top_p`, `top_k`, `min_p`,
-    `repetition_penalty`, `repetition_context_size`, `seed`) are accepted instead of `sampling`
-    (see `SamplingOptions.merged`).
-    """
-    sampling = SamplingOptions.merged(sampling, loose_sampling, "stream_generate")
-    tools = tool_schemas(tools)
-    ids = prompt_tokens(tokenizer, prompt, messages, tools)
-    if cache is None:
-        cache = model.make_cache()
-    start = cache[0].offset
-    if cached_ids is not None and len(cached_ids) != start:
-        raise ValueError(f"cached_ids has {len(cached_ids)} ids but the cache holds {start} positions")
-    plan = prepare_decoding(
-        model,
-        tokenizer,
-        ids,
-        start,
-        tools=tools,
-        tool_choice=tool_choice,
-        response_format=response_format,
-        constrain=constrain,
-        max_tokens=max_tokens,
-        sampling=sampling,
-        stop=stop,
-        logits_processors=logits_processors,
-    )
-    reply, processors = plan.reply, plan.processors
-    n = 0
-    wired = _wire_memory()
-    try:
-        prompt = mx.array(ids, dtype=mx.int32)
-        logits = prefill(model, prompt, cache, prefill_chunk_size)
-        context = [*cached_ids, *ids] if cached_ids is not None else ids  # what the processors and lookup see
-        history = mx.array(context, dtype=mx.int32) if reads_history(processors) else None
-        if plan.max_tokens <= 0:
-            yield GenerationChunk("", None, "length", len(ids), 0)
-            return
-        logprobs = None
-        lookup = None
-        # Not with the caller's own logits processors: they may keep state from call to call,
-        # which a verify pass (several positions at once, some rolled back) would corrupt.
-        if prompt_lookup and top_logprobs is None and not logits_processors:
-            lookup = PromptLookup(context, sampling, max_tokens=plan.max_tokens, stop_ids=reply.eos, words=tokenizer)
-        tokens = decode(model, logits, cache, plan.sampler, processors, history, plan.constraint, top_logprobs, lookup)
-        for token in tokens:
-            if top_logprobs is not None:
-                token, logprobs = token
-            n += 1
-            if n % CLEAR_CACHE_EVERY == 0:
-                mx.clear_cache()  # return freed buffers to the system now and then, as mlx-lm does
-            chunk = reply.add(token, logprobs)
-            yield chunk
-            if chunk.finish_reason:
-                return
-    finally:
-        # Every layer to one absolute position, whatever was interrupted: the prompt and the
-        # tokens handed out but the last (decode runs a step ahead), or nothing of this call
-        # when no token was handed out (an interrupted prefill leaves no partial prompt).
-        try:
-            rollback_cache(cache, start + len(ids) + n - 1 if n else start)
-        except CacheRollbackError:
-            pass  # a bounded cache (max_kv_size) that dropped positions before `start`: now empty (offset 0)
-        if wired:
-            _unwire_memory()
-
-
-_WIRED = {"users": 0, "previous": 0}
-_code = stream_generate.__code__
-_STREAM_OPTIONS = set(_code.co_varnames[: _code.co_argcount + _code.co_kwonlyargcount])  # its named parameters
-
-
-def _wire_memory() -> bool:
-    """On Metal, keep the weights and caches wired while generating (as mlx-lm does). Counted, so
-    generations interleaved on one thread (the server's) restore the old limit only when the last ends."""
-    if not mx.metal.is_available():
-        return False
-    if _WIRED["users"] == 0:
-        _WIRED["previous"] = mx.set_wired_limit(mx.metal.device_info()["max_recommended_working_set_size"])
-    _WIRED["users"] += 1
-    return True
-
-
-def _unwire_memory() -> None:
-    _WIRED["users"] -= 1
-    if _WIRED["users"] == 0:
-        mx.synchronize()
-        mx.set_wired_limit(_WIRED["previous"])
-
-
-def generate(
-    model: Model,
-    tokenizer: Tokenizer,
-    prompt: str | Sequence[int] | None = None,
-    verbose: bool = False,
-    **kwargs: Any,
-) -> GenerationResult:
-    """Generate a complete reply; takes the same arguments as `stream_generate`.
-
-    The call mlx-lm users write works as it is: `generate(model, tokenizer, prompt=prompt,
-    verbose=True, temp=0.3, max_tokens=256)`. `verbose` streams the text to stdout as it comes,
-    then prints the prompt and generation speeds and the peak memory (mlx-lm's format); `temp`,
-    `temperature`, `top_p`, `top_k`, `min_p`, `repetition_penalty`, `repetition_context_size`
-    and `seed` may be passed loose instead of `sampling=SamplingOptions(...)`. `str()` of the
-    result is its text, so `print(generate(...))` prints the reply.
-    """
-    loose = {k: kwargs.pop(k) for k in list(kwargs) if k not in _STREAM_OPTIONS}
-    kwargs["sampling"] = SamplingOptions.merged(kwargs.get("sampling"), loose, "generate")  # bad keywords: before any output
-    chunks = []
-    t0 = time.perf_counter()
-    ttft = 0.0
-    if verbose:
-        print("=" * 10)
-    for chunk in stream_generate(model, tokenizer, prompt, **kwargs):
-        if not ttft and chunk.token is not None:
-            ttft = time.perf_counter() - t0
-        chunks.append(chunk)
-        if verbose:
-            print(chunk.text, end="", flush=True)
-    result = GenerationResult.from_chunks(chunks, ttft)
-    if verbose:
-        print()
-        print("=" * 10)
-        if not result.raw_text:
-            print("No text generated for this prompt")
-        print(f"Prompt: {result.prompt_tokens} tokens, {result.prompt_tps:.3f} tokens-per-sec")
-        print(f"Generation: {result.generation_tokens} tokens, {result.generation_tps:.3f} tokens-per-sec")
-        print(f"Peak memory: {result.peak_memory:.3f} GB")
-    return result

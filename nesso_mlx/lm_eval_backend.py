@@ -40,9 +40,10 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, has_bos_prefix, normalize_gen_kwargs, postprocess_generated_text
 
+from .api import stream_generate
 from .cache import KVCache, common_prefix, rollback_cache
 from .errors import NessoError, TokenizerError
-from .generation import prefill, stream_generate
+from .generation import prefill
 from .sampling import SamplingOptions, log_softmax
 
 log = logging.getLogger(__name__)

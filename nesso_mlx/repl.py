@@ -18,7 +18,7 @@ from rich.table import Table
 from .agent import StepLimit, ToolRun, agent_turn
 from .chat import ChatSession
 from .errors import NessoError
-from .generation import GenerationChunk
+from .reply import GenerationChunk
 from .tools import ToolCall, parse_tool_calls, tool_schemas
 
 if TYPE_CHECKING:

@@ -10,7 +10,7 @@ module, loads the model, runs every forward pass and owns every cache; the async
 Scheduling is continuous batching: up to `max_concurrency` jobs are active, the rest wait in
 arrival order. Each round, every active job that is not decoding yet takes one step (one chunk of
 its prompt's prefill), then all the decoding jobs take one decode step together: one forward pass
-for the batch (`batch.BatchDecoder`), each with its own sampler, penalties and grammar. A job joins
+for the batch (`generation.Decoder`), each with its own sampler, penalties and grammar. A job joins
 the batch when its prefill is done and leaves it the moment its reply ends. A chat job arrives
 prepared (`prepare_chat`: templated, tokenized, checked against the window, its grammar compiled,
 all in the server's thread pool, off this thread); a job's first step runs as soon as it arrives,
@@ -158,21 +158,31 @@ class Runtime:
 
 
 class BatchSlot:
-    """A request's row in the scheduler's batch (`Scheduler.decoder`): what joins it, and the
-    tokens the batch produced for it, waiting to be handled."""
+    """A request's row in the scheduler's decoder (`Scheduler.decoder`): what joins it, and the
+    tokens the decoder produced for it, waiting to be handled."""
 
-    def __init__(self, sequence: Any, cache: list[Any], logits: Any) -> None:
-        self.sequence, self.cache, self.logits = sequence, cache, logits
+    def __init__(self, row: Any, cache: list[Any], logits: Any, prompt: int) -> None:
+        self.row, self.cache, self.logits, self.prompt = row, cache, logits, prompt
         self.decoder: Any = None  # set by the scheduler when the row joins
         self.inbox: deque[Any] = deque()
-        self.broken = False  # the batch failed: its cache is not to be reused
+        self.broken = False  # the decoder failed: its cache is not to be reused
 
-    def leave(self) -> list[Any] | None:
-        """Take the row out of the batch; its cache (prompt and tokens, the last one's pass queued)."""
+    def leave(self, used: int) -> list[Any] | None:
+        """Take the row out of the decoder; its cache holds the prompt and the first `used - 1`
+        tokens it handed out (see `generation.Decoder.remove`)."""
         if self.decoder is None:
             return None
-        cache = self.decoder.remove(self.sequence, copy=True)
+        cache = self.decoder.remove(self.row, used)
         self.decoder = None  # only once it is out: a failed remove leaves it joined (see Scheduler.round)
+        if any(layer.keys is not None and layer.keys.shape[2] > layer.offset for layer in cache):
+            # Views of the batch's buffers, or a lone row's own with spare room: copy just its
+            # positions (a view would keep the whole buffer alive in the prompt cache).
+            import mlx.core as mx
+
+            for layer in cache:
+                if layer.offset:
+                    layer.keys, layer.values = (mx.contiguous(a) for a in layer.state)
+            mx.async_eval([layer.state for layer in cache])
         return cache
 
 
@@ -185,23 +195,22 @@ def generate_steps(
     cache: list[Any] | None = None,
     position: int = 0,
 ) -> Iterator[Any]:
-    """The prompt `ids` prefilled, then decoded in the scheduler's batch: yields None at each
-    scheduling point, a `BatchSlot` once (for the scheduler to add to its batch), then a
+    """The prompt `ids` prefilled, then decoded in the scheduler's decoder: yields None at each
+    scheduling point, a `BatchSlot` once (for the scheduler to add to its decoder), then a
     `GenerationChunk` per token.
 
     Without `cache`, the prompt cache gives the longest cached prefix (`stats["cached_tokens"]`);
     with one, its first `position` tokens of `ids` are already in it. The prompt is prefilled
-    `rt.prefill_step` tokens per step; `options(prefix, n)` gives `stream_generate`'s keyword
-    arguments for a prompt whose first tokens `prefix` are in the cache and `n` remain. However it
-    ends, the row leaves the batch and its cache (prompt and reply but its last token) is stored in
-    the prompt cache.
+    `rt.prefill_step` tokens per step (`generation.prefill_steps`); `options(prefix, n)` gives
+    `stream_generate`'s keyword arguments for a prompt whose first tokens `prefix` are in the
+    cache and `n` remain. However it ends, the row leaves the decoder and its cache (prompt and
+    reply but its last token) is stored in the prompt cache.
     """
     import mlx.core as mx
 
-    from .batch import BatchSequence
     from .cache import rollback_cache
-    from .generation import GenerationChunk, TokenLogprobs, generation_stream, prefill, prepare_decoding
-    from .sampling import reads_history
+    from .generation import Row, prefill_steps
+    from .reply import GenerationChunk, prepare_decoding
 
     if cache is None:
         cache, position = rt.prompt_cache.lookup(ids)
@@ -211,13 +220,6 @@ def generate_steps(
     generated: list[int] = []
     slot: BatchSlot | None = None
     try:
-        while len(ids) - position > rt.prefill_step:
-            step = mx.array(ids[position : position + rt.prefill_step], dtype=mx.int32)
-            with mx.stream(generation_stream):
-                rt.model(step[None], cache)  # only the keys and values are evaluated, not the LM head
-            mx.eval([layer.state for layer in cache])
-            position += rt.prefill_step
-            yield None
         kwargs = options(ids[:position], len(ids) - position)
         top_logprobs = kwargs.pop("top_logprobs", None)
         constraint = kwargs.pop("constraint", None)
@@ -228,15 +230,13 @@ def generate_steps(
         if constraint is not None:
             plan.constraint = constraint
         prompt = mx.array(plan.ids, dtype=mx.int32)
-        logits = prefill(rt.model, prompt, cache, rt.prefill_step)
+        logits = yield from prefill_steps(rt.model, prompt, cache, rt.prefill_step)
         if plan.max_tokens <= 0:
             yield GenerationChunk("", None, "length", len(plan.ids), 0)
             return
-        history = prompt if reads_history(plan.processors) else None
-        sequence = BatchSequence(plan.sampler, plan.processors, history, plan.constraint, top_logprobs)
-        sequence.lookup = _prompt_lookup(rt, ids, kwargs.get("sampling"), top_logprobs, plan)
-        slot = BatchSlot(sequence, cache, logits)
-        cache = None  # the batch holds a copy now; the row's own cache comes back when it leaves
+        lookup = _prompt_lookup(rt, ids, kwargs.get("sampling"), top_logprobs, plan)
+        row = Row(plan.sampler, plan.processors, prompt, plan.constraint, top_logprobs, lookup)
+        slot = BatchSlot(row, cache, logits, len(plan.ids))
         yield slot
         while True:
             if not slot.inbox:
@@ -244,31 +244,27 @@ def generate_steps(
                 continue
             item = slot.inbox.popleft()
             generated.append(item.token)
-            logprobs = TokenLogprobs(item.logprob, item.top or []) if item.logprob is not None else None
-            chunk = plan.reply.add(item.token, logprobs)
-            if chunk.finish_reason:  # leave the batch now: the job goes on (its last events) without it
-                cache = slot.leave()
+            chunk = plan.reply.add(item.token, item.logprobs)
+            if chunk.finish_reason:  # leave the decoder now: the job goes on (its last events) without it
+                cache = slot.leave(len(generated))
                 yield chunk
                 return
             yield chunk
     finally:
         if slot is not None and slot.broken:
-            slot.decoder = None  # the failed batch is dropped whole: no row copied out of it
+            slot.decoder, cache = None, None  # the failed decoder is dropped whole: its caches are not reused
         elif slot is not None and slot.decoder is not None:
-            cache = slot.leave()
-        if cache is None:  # it never joined the batch after all (the scheduler failed to add it)
-            cache = slot.cache if slot is not None else None
-        held = list(ids) + generated[:-1] if generated else list(ids[:position])
-        if slot is not None and slot.broken:
-            cache = None  # from a batch whose step failed: not worth reusing
+            cache = slot.leave(len(generated))
+        # No token taken: what the prefill left (whole chunks, or the prompt less any reply).
+        held = list(ids) + generated[:-1] if generated else list(ids[: cache[0].offset if cache is not None else 0])
         if cache is not None and all(layer.offset >= len(held) for layer in cache):
             rollback_cache(cache, len(held))
             rt.prompt_cache.store(held, cache)
 
 
 def _prompt_lookup(rt: Runtime, ids: list[int], sampling: Any, top_logprobs: int | None, plan: Any) -> Any:
-    """Prompt-lookup decoding for the request while it decodes alone (`BatchDecoder` drafts only
-    for a row alone in the batch), or None: not with logprobs, and not for seeded sampling, whose
+    """Prompt-lookup decoding for the request while it decodes alone (the decoder drafts only
+    for a row alone), or None: not with logprobs, and not for seeded sampling, whose
     draws would then depend on whether other requests were running (greedy output is the same
     either way, up to kernel numerics: a verify pass computes several positions in one matmul)."""
     if not rt.prompt_lookup or top_logprobs is not None:
@@ -532,12 +528,12 @@ class Scheduler:
 
     Each round, every job that is not decoding yet takes one step (its checks, or one chunk of its
     prompt's prefill); then the jobs that are decoding take one step together, one forward pass
-    for all of them (`batch.BatchDecoder`), and each handles its token. A job joins the batch when
+    for all of them (`generation.Decoder`), and each handles its token. A job joins the batch when
     its prefill is done and leaves it when it ends, is cancelled or fails.
     """
 
     def __init__(self, runtime: Runtime, max_concurrency: int = 8) -> None:
-        from .batch import BatchDecoder
+        from .generation import Decoder
 
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
@@ -545,7 +541,7 @@ class Scheduler:
         self.max_concurrency = max_concurrency
         self.pending: deque[Job] = deque()
         self.active: list[Job] = []
-        self.decoder = BatchDecoder(runtime.model)
+        self.decoder = Decoder(runtime.model)
 
     @property
     def busy(self) -> bool:
@@ -584,22 +580,22 @@ class Scheduler:
                 job.sink(error_event(500, "the server failed while generating (see its log)", "server_error"))
                 self._close(job)
                 self.active.remove(job)
-            from .batch import BatchDecoder
+            from .generation import Decoder
 
-            self.decoder = BatchDecoder(self.runtime.model)
+            self.decoder = Decoder(self.runtime.model)
             return
         dropped: set[int] = set()
         for item in tokens:
-            job = item.sequence.data
-            if not (job in self.active and job.decoding and job.slot.sequence is item.sequence):
+            job = item.row.data
+            if not (job in self.active and job.decoding and job.slot.row is item.row):
                 # A token its row's job no longer takes: one after its reply ended (a step may give
                 # a row several; the job has left the batch, or gone on to its next prompt), or from
                 # a row its job could not take out (its leave failed). Drop it, and the row if it is
                 # still in the batch (once: a failed removal is not retried token after token).
-                if id(item.sequence) not in dropped and any(seq is item.sequence for seq in self.decoder.sequences):
-                    dropped.add(id(item.sequence))
+                if id(item.row) not in dropped and any(row is item.row for row in self.decoder.rows):
+                    dropped.add(id(item.row))
                     try:
-                        self.decoder.remove(item.sequence)
+                        self.decoder.remove(item.row)
                     except Exception:
                         log.exception("dropping an orphaned batch row failed")
                 continue
@@ -644,9 +640,9 @@ class Scheduler:
             job.sink(error_event(500, "the server failed while generating (see its log)", "server_error"))
             return False
         if isinstance(event, BatchSlot):  # prefill done: the job's tokens now come from the batch
-            event.sequence.data = job
+            event.row.data = job
             try:
-                self.decoder.add(event.sequence, event.cache, event.logits)
+                self.decoder.add(event.row, event.cache, event.logits, event.prompt)
             except Exception:  # the decoder is unchanged (`add` is all or nothing)
                 log.exception("a request could not join the batch")
                 job.sink(error_event(500, "the server failed while generating (see its log)", "server_error"))
@@ -732,7 +728,8 @@ class Engine:
         already = "nesso_mlx.generation" in sys.modules
         import mlx.core as mx
 
-        from .generation import generation_stream, stream_generate
+        from .api import stream_generate
+        from .generation import generation_stream
         from .loading import load
 
         if already:  # imported by another thread: its stream may not be usable here

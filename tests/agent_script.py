@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from nesso_mlx.chat import ChatSession
-from nesso_mlx.generation import GenerationChunk
+from nesso_mlx.reply import GenerationChunk
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -16,7 +16,7 @@ from conftest import TINY_CONFIG, write_model_folder
 from nesso_mlx import load
 from nesso_mlx.agent import StepLimit, ToolRun, agent_turn, load_tools_file, run_tool
 from nesso_mlx.errors import NessoError
-from nesso_mlx.generation import GenerationChunk
+from nesso_mlx.reply import GenerationChunk
 from nesso_mlx.tools import ToolCall
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -21,7 +21,7 @@ from nesso_fixture import IM_END, IM_START, nesso_folder
 
 from nesso_mlx import generate, load, stream_generate
 from nesso_mlx.constrained import OPEN, build_processor
-from nesso_mlx.generation import decode, prefill
+from nesso_mlx.generation import Decoder, Row, prefill
 from nesso_mlx.sampling import SamplingOptions, make_sampler
 from nesso_mlx.tools import ToolCallStream, parse_tool_calls, tool_schemas
 
@@ -338,16 +338,24 @@ class CountingConstraint:
         return self.inner.mask()
 
 
+def tokens(model, logits, cache, constraint=None):
+    """A lone greedy row's tokens, one decoder step after another."""
+    decoder = Decoder(model)
+    decoder.add(Row(make_sampler(), constraint=constraint), cache, logits)
+    while True:
+        yield from (item.token for item in decoder.step())
+
+
 @pytest.mark.parametrize("kind", ["nesso-text", "nesso-added"])
 def test_auto_mode_computes_no_mask_before_the_trigger(models, kind):
     model, tokenizer = models[kind]
     ids = mx.array(tokenizer.apply_chat_template(MESSAGES, tools=tool_schemas(TOOLS)))
     cache = model.make_cache()
     constraint = CountingConstraint(build_processor(tokenizer, model.args.vocab_size, TOOLS, "auto"))
-    free = list(islice(decode(model, prefill(model, ids, cache), cache, make_sampler(), (), None, constraint), 30))
+    free = list(islice(tokens(model, prefill(model, ids, cache), cache, constraint), 30))
     assert constraint.masks == 0 and not constraint.active  # 30 free tokens, no mask, no trigger
     reference_cache = model.make_cache()
-    plain = list(islice(decode(model, prefill(model, ids, reference_cache), reference_cache, make_sampler()), 30))
+    plain = list(islice(tokens(model, prefill(model, ids, reference_cache), reference_cache), 30))
     assert free == plain
 
 

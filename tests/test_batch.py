@@ -11,8 +11,10 @@ from conftest import write_model_folder
 from nesso_fixture import nesso_folder
 
 from nesso_mlx import generate, load
-from nesso_mlx.batch import BatchDecoder, BatchSequence, batch_generate, merge_caches, row_cache
+from nesso_mlx.api import batch_generate
+from nesso_mlx.batch import merge_caches, row_cache
 from nesso_mlx.cache import rollback_cache
+from nesso_mlx.generation import Decoder, Row
 from nesso_mlx.sampling import SamplingOptions, make_sampler, vocab_limit_processor
 
 PROMPTS = [
@@ -108,15 +110,25 @@ def test_constrained_rows_in_one_batch(variant):
 
 @pytest.fixture
 def sampled_alone(monkeypatch) -> list:
-    """The rows `BatchDecoder` samples one by one (not in a grouped argmax), step after step."""
-    rows = []
-    original_sample = BatchDecoder._sample
+    """The rows `Decoder.step` samples one by one (not in a grouped argmax) in a batch of several,
+    step after step (a row's first token, drawn when it joins, is not counted)."""
+    rows, stepping = [], [False]
+    original_sample, original_step = Decoder._sample, Decoder.step
 
-    def count(self, seq, row):
-        rows.append(seq)
-        return original_sample(self, seq, row)
+    def count(row, *args):
+        if stepping[0]:
+            rows.append(row)
+        return original_sample(row, *args)
 
-    monkeypatch.setattr(BatchDecoder, "_sample", count)
+    def step(self):
+        stepping[0] = len(self.rows) > 1
+        try:
+            return original_step(self)
+        finally:
+            stepping[0] = False
+
+    monkeypatch.setattr(Decoder, "_sample", staticmethod(count))
+    monkeypatch.setattr(Decoder, "step", step)
     return rows
 
 
@@ -135,25 +147,25 @@ def test_decoder_joins_and_leaves_between_steps(tiny, sampled_alone):
 
     # as `generate` does: the model's padding rows past the tokenizer's vocabulary are banned
     limit = [vocab_limit_processor(tokenizer.vocab_size, model.args.vocab_size)]
-    decoder = BatchDecoder(model)
+    decoder = Decoder(model)
     got: dict[int, list[int]] = {0: [], 1: [], 2: []}
     seqs = {}
     for i in (0, 1):
-        seqs[i] = BatchSequence(make_sampler(0.0), limit, mx.array(prompts[i]), data=i)
+        seqs[i] = Row(make_sampler(0.0), limit, mx.array(prompts[i]), data=i)
         decoder.add(seqs[i], *prefilled(prompts[i]))
     for step in range(8):
         if step == 3:
-            seqs[2] = BatchSequence(make_sampler(0.0), limit, mx.array(prompts[2]), data=2)
+            seqs[2] = Row(make_sampler(0.0), limit, mx.array(prompts[2]), data=2)
             decoder.add(seqs[2], *prefilled(prompts[2]))
         for item in decoder.step():
-            got[item.sequence.data].append(item.token)
+            got[item.row.data].append(item.token)
         if step == 4:
             cache = decoder.remove(seqs[0])
             assert cache[0].offset == len(prompts[0]) + 5  # the prompt and its 5 tokens (the 5th's pass queued)
             assert all(layer.offset == cache[0].offset for layer in cache)
     for _ in range(3):
         for item in decoder.step():
-            got[item.sequence.data].append(item.token)
+            got[item.row.data].append(item.token)
     assert got[0] == alone[0][:5]
     assert len(got[1]) == 11 and got[1][:8] == alone[1]
     assert got[2] == alone[2]  # joined at step 3: 5 + 3 tokens
@@ -229,42 +241,53 @@ def test_one_sequence_failing_leaves_the_others_alone(tiny):
             raise RuntimeError("a processor bug")
         return logits
 
-    decoder = BatchDecoder(model)
+    decoder = Decoder(model)
     seqs = []
     for i, ids in enumerate(prompts):
         cache = model.make_cache()
         logits = model(mx.array([ids]), cache)[:, -1, :]
         extra = [breaks_on_third_call] if i == 1 else []
-        seqs.append(BatchSequence(make_sampler(0.0), [*limit, *extra], mx.array(ids), data=i))
+        seqs.append(Row(make_sampler(0.0), [*limit, *extra], mx.array(ids), data=i))
         decoder.add(seqs[-1], cache, logits)
     got: dict[int, list[int]] = {0: [], 1: [], 2: []}
     for _ in range(6):
         for item in decoder.step():
             if item.error is not None:
-                assert item.sequence is seqs[1] and "processor bug" in str(item.error)
-                decoder.remove(item.sequence)
+                assert item.row is seqs[1] and "processor bug" in str(item.error)
+                decoder.remove(item.row)
                 continue
-            got[item.sequence.data].append(item.token)
-    assert got[0] == alone[0] and got[2] == alone[2] and got[1] == alone[1][:2]
+            got[item.row.data].append(item.token)
+    # The 3rd call draws token 2 in the step that hands out token 1: the error takes its place
+    # (as `stream_generate` raises before handing out the token whose step failed).
+    assert got[0] == alone[0] and got[2] == alone[2] and got[1] == alone[1][:1]
     with pytest.raises(RuntimeError, match="processor bug"):  # batch_generate hands the error to its caller
         calls["n"] = 0
         batch_generate(model, tokenizer, [chat("a", logits_processors=[breaks_on_third_call]), chat("b")], max_tokens=6)
 
 
-def test_quantized_or_bounded_caches_are_refused_in_one_line(tmp_path):
+def test_quantized_or_bounded_caches_decode_alone_and_are_refused_in_a_batch(tmp_path):
+    """A row alone decodes in its own cache, whatever its kind, as `generate` does; a second row
+    cannot join it (the batch cache is full-precision and unbounded): refused in one line."""
     from conftest import TINY_CONFIG
 
     from nesso_mlx.errors import NessoError
 
     config = dict(TINY_CONFIG, hidden_size=128, num_attention_heads=2, num_key_value_heads=1)  # head_dim 64
-    model, _ = load(write_model_folder(tmp_path / "m", config), dtype="float32")
+    model, tokenizer = load(write_model_folder(tmp_path / "m", config), dtype="float32")
     for options in ({"kv_bits": 8}, {"max_kv_size": 64}):
+        want = generate(model, tokenizer, [1, 2, 3], max_tokens=4, cache=model.make_cache(**options)).tokens
         cache = model.make_cache(**options)
-        logits = model(mx.array([[1, 2, 3]]), cache)[:, -1, :]
-        decoder = BatchDecoder(model)
+        decoder = Decoder(model)
+        row = Row(make_sampler(0.0))
+        decoder.add(row, cache, model(mx.array([[1, 2, 3]]), cache)[:, -1, :])
+        got = [decoder.step()[0].token for _ in range(2)]
+        other = model.make_cache()
         with pytest.raises(NessoError, match="full-precision, unbounded"):
-            decoder.add(BatchSequence(make_sampler(0.0)), cache, logits)
-        assert len(decoder) == 0 and decoder.cache is None
+            decoder.add(Row(make_sampler(0.0)), other, model(mx.array([[1, 2]]), other)[:, -1, :])
+        assert len(decoder) == 1 and decoder.cache is cache
+        got += [decoder.step()[0].token for _ in range(2)]
+        assert got == want
+        assert decoder.remove(row, 4) is cache and cache[0].offset == 3 + 3
 
 
 def test_plain_greedy_rows_grouped_and_told_apart(tmp_path, sampled_alone):
@@ -276,8 +299,8 @@ def test_plain_greedy_rows_grouped_and_told_apart(tmp_path, sampled_alone):
     assert model.args.vocab_size == tokenizer.vocab_size  # no padding rows: no processors at all
     prompts = [tokenizer.encode(p) for p in PROMPTS[:3]]
     alone = [generate(model, tokenizer, p, max_tokens=6).tokens for p in prompts]
-    decoder = BatchDecoder(model)
-    seqs = [BatchSequence(make_sampler(0.0)) for _ in prompts]
+    decoder = Decoder(model)
+    seqs = [Row(make_sampler(0.0)) for _ in prompts]
     assert seqs[0] != seqs[1]
     for seq, ids in zip(seqs, prompts, strict=True):
         cache = model.make_cache()
@@ -285,10 +308,10 @@ def test_plain_greedy_rows_grouped_and_told_apart(tmp_path, sampled_alone):
     got: list[list[int]] = [[], [], []]
     for step in range(6):
         for item in decoder.step():
-            got[seqs.index(item.sequence)].append(item.token)  # identity: no two rows are equal
+            got[seqs.index(item.row)].append(item.token)  # identity: no two rows are equal
         if step == 2:
             cache = decoder.remove(seqs[1])
-            assert cache[0].offset == len(prompts[1]) + 3 and decoder.sequences == [seqs[0], seqs[2]]
+            assert cache[0].offset == len(prompts[1]) + 3 and decoder.rows == [seqs[0], seqs[2]]
     assert got[0] == alone[0] and got[2] == alone[2] and got[1] == alone[1][:3]
     assert not sampled_alone  # every step took the rows' tokens from one grouped argmax
     shared = [lambda tokens, logits: logits]  # one processor list shared by every request
@@ -302,16 +325,16 @@ def test_a_join_that_fails_leaves_the_batch_as_it_was(tiny, tmp_path):
     ids = tokenizer.encode(PROMPTS[1])
     alone = generate(model, tokenizer, ids, max_tokens=5).tokens
     limit = [vocab_limit_processor(tokenizer.vocab_size, model.args.vocab_size)]
-    decoder = BatchDecoder(model)
+    decoder = Decoder(model)
     cache = model.make_cache()
-    first = BatchSequence(make_sampler(0.0), limit, mx.array(ids))
+    first = Row(make_sampler(0.0), limit, mx.array(ids))
     decoder.add(first, cache, model(mx.array([ids]), cache)[:, -1, :])
     got = [decoder.step()[0].token]
     short = model.make_cache()[:1]  # one layer: cannot join a batch of this model's layers
     model.layers[0](mx.zeros((1, 2, model.args.hidden_size)), short[0])
     with pytest.raises(ValueError):
-        decoder.add(BatchSequence(make_sampler(0.0)), short, mx.zeros((1, model.args.vocab_size)))
-    assert len(decoder) == 1 and decoder._logits.shape[0] == 1
+        decoder.add(Row(make_sampler(0.0)), short, mx.zeros((1, model.args.vocab_size)))
+    assert len(decoder) == 1 and decoder.rows == [first]
     for _ in range(4):
         got.append(decoder.step()[0].token)
     assert got == alone

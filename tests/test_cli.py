@@ -215,9 +215,9 @@ def test_chat_and_generate_defaults_are_stated_in_help():
 
     from typer.testing import CliRunner
 
+    from nesso_mlx.api import stream_generate
     from nesso_mlx.chat import SamplingSettings
     from nesso_mlx.cli import CHAT_DEFAULTS, GENERATE_DEFAULTS, app, defaults_text
-    from nesso_mlx.generation import stream_generate
     from nesso_mlx.sampling import SamplingOptions
 
     settings = SamplingSettings()
@@ -268,7 +268,7 @@ def test_the_reply_is_not_reparsed_for_every_token(monkeypatch):
     from rich.markdown import Markdown
 
     import nesso_mlx.repl as repl
-    from nesso_mlx.generation import GenerationChunk
+    from nesso_mlx.reply import GenerationChunk
 
     parsed = []
 
@@ -297,19 +297,19 @@ def test_prompt_lookup_is_on_by_default_and_can_be_turned_off(tiny_folder, monke
     """`generate` and `chat` pass --prompt-lookup/--no-prompt-lookup on (chat to its ChatSession)."""
     from typer.testing import CliRunner
 
+    import nesso_mlx.api as api
     import nesso_mlx.chat as chat
-    import nesso_mlx.generation as generation
     from nesso_mlx import load
     from nesso_mlx.cli import app
 
     seen = []
-    original = generation.stream_generate
+    original = api.stream_generate
 
     def spy(*args, **kwargs):
         seen.append(kwargs.get("prompt_lookup"))
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(generation, "stream_generate", spy)
+    monkeypatch.setattr(api, "stream_generate", spy)
     result = CliRunner().invoke(app, ["generate", "--model", str(tiny_folder), "-p", "ciao", "-n", "3", *flag])
     assert result.exit_code == 0, result.output
     assert seen == [expected]

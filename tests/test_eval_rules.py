@@ -207,7 +207,7 @@ def test_authors_procedure_prompt_budget_and_decoding(monkeypatch):
     from nesso_fixture import nesso_folder
     from transformers import AutoTokenizer
 
-    import nesso_mlx.batch
+    import nesso_mlx.api
     from nesso_mlx import load
 
     path = nesso_folder("added")  # <tool_call> is an added token here: how the prompt is tokenized matters
@@ -228,7 +228,7 @@ def test_authors_procedure_prompt_budget_and_decoding(monkeypatch):
             replies.append(SimpleNamespace(tokens=reply_ids, raw_text="ignored"))
         return replies
 
-    monkeypatch.setattr(nesso_mlx.batch, "batch_generate", scripted)
+    monkeypatch.setattr(nesso_mlx.api, "batch_generate", scripted)
     report = run_tool_eval(model, tokenizer, {**data, "cases": cases}, constrain=False, rules="authors")
     expected_answer = reference.decode(reply_ids, skip_special_tokens=True).strip()
     for case, (prompt, tools, constrain, max_tokens, temperature), result in zip(cases, seen, report.results, strict=True):

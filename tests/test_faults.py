@@ -13,8 +13,8 @@ from conftest import TINY_CONFIG, write_model_folder
 
 import nesso_mlx.chat as chat_module
 from nesso_mlx import load
+from nesso_mlx.api import stream_generate
 from nesso_mlx.chat import ChatSession, SamplingSettings
-from nesso_mlx.generation import stream_generate
 
 LAYERS = 3
 SYSTEM = "You are terse."

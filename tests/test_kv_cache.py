@@ -12,6 +12,7 @@ import pytest
 from conftest import TINY_CONFIG, write_model_folder
 
 from nesso_mlx import load
+from nesso_mlx.api import generate, stream_generate
 from nesso_mlx.cache import (
     BoundedKVCache,
     CacheRollbackError,
@@ -26,7 +27,6 @@ from nesso_mlx.cache import (
 )
 from nesso_mlx.chat import ChatSession, SamplingSettings
 from nesso_mlx.errors import NessoError
-from nesso_mlx.generation import generate, stream_generate
 from nesso_mlx.sampling import SamplingOptions
 
 # Nesso's attention shape in miniature: head_dim 64 (group size 64), 3 query heads per kv head.

@@ -26,8 +26,8 @@ def test_import_is_light():
     assert out.strip() == "[]"
 
 
-def test_no_import_cycles():
-    """No module of nesso_mlx imports, even lazily inside a function, one that imports it back."""
+def import_graph() -> dict[str, set[str]]:
+    """Which nesso_mlx modules each module imports, lazily inside functions too (not under TYPE_CHECKING)."""
     import ast
 
     package = ROOT / "nesso_mlx"
@@ -54,15 +54,35 @@ def test_no_import_cycles():
             elif isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in typing_only:
                 modules = [node.module] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
                 graph[name].update(m for m in modules if m and m.startswith("nesso_mlx."))
+    return graph
 
-    def reaches(start: str, goal: str, seen: set[str]) -> bool:
-        for nxt in graph.get(start, ()):
-            if nxt == goal or (nxt not in seen and (seen.add(nxt) or reaches(nxt, goal, seen))):
-                return True
-        return False
 
-    cyclic = sorted(m for m in graph if reaches(m, m, set()))
+def reaches(graph: dict[str, set[str]], start: str, goal: str, seen: set[str]) -> bool:
+    for nxt in graph.get(start, ()):
+        if nxt == goal or (nxt not in seen and (seen.add(nxt) or reaches(graph, nxt, goal, seen))):
+            return True
+    return False
+
+
+def test_no_import_cycles():
+    """No module of nesso_mlx imports, even lazily inside a function, one that imports it back."""
+    graph = import_graph()
+    cyclic = sorted(m for m in graph if reaches(graph, m, m, set()))
     assert cyclic == [], f"modules in import cycles: {cyclic}"
+
+
+ENGINE = ["model", "cache", "sampling", "generation", "speculative", "batch"]
+
+
+def test_the_engine_knows_nothing_of_tools_templates_or_replies():
+    """The engine's modules do not import, even lazily or through another module, the tools, the
+    tokenizer's chat templating, the reply layer, the Python API or anything of HTTP and terminals."""
+    graph = import_graph()
+    outside = ["tools", "tokenizer", "reply", "api", "constrained", "request", "server", "server_engine", "chat", "cli"]
+    for engine in ENGINE:
+        for module in outside:
+            assert not reaches(graph, f"nesso_mlx.{engine}", f"nesso_mlx.{module}", set()), (engine, module)
+    assert graph["nesso_mlx.api"] & {"nesso_mlx.generation", "nesso_mlx.reply"}  # the check sees real imports
 
 
 def test_slow_marks_name_real_tests():

@@ -106,7 +106,7 @@ def test_the_cards_string_prompt_encodes_to_the_templates_ids(variant, smollm2_p
     tokenizer = Tokenizer.from_folder(smollm2_path if variant == "smollm2" else nesso_folder(variant))
     text = tokenizer.apply_chat_template(CARD_MESSAGES, tokenize=False, add_generation_prompt=True)
     ids = tokenizer.apply_chat_template(CARD_MESSAGES, tokenize=True, add_generation_prompt=True)
-    from nesso_mlx.generation import prompt_tokens
+    from nesso_mlx.reply import prompt_tokens
 
     assert prompt_tokens(tokenizer, text) == ids
     if variant != "smollm2":  # Llama-3.2's post-processor: plain text still gets its BOS, as in transformers
@@ -203,7 +203,7 @@ def test_only_the_mlx_lm_command_reads_a_chatml_prompt_raw(tiny_folder):
 def test_raw_prompt_strings_follow_one_rule_everywhere(smollm2_path):
     from nesso_fixture import nesso_folder
 
-    from nesso_mlx.generation import prompt_tokens
+    from nesso_mlx.reply import prompt_tokens
     from nesso_mlx.request import completion_prompt_ids
     from nesso_mlx.tokenizer import Tokenizer
 

@@ -745,7 +745,7 @@ def test_a_job_cancelled_in_the_batch_leaves_it_and_the_others_go_on(nesso_local
 
 
 def test_chat_reply_streamed_deltas_equal_the_message_even_for_malformed_calls():
-    from nesso_mlx.generation import GenerationChunk
+    from nesso_mlx.reply import GenerationChunk
     from nesso_mlx.request import ChatReply
 
     class Tok:
@@ -925,13 +925,13 @@ def test_the_servers_default_max_tokens_caps_only_requests_without_one(nesso_loc
 def test_a_request_failing_in_the_batch_fails_alone(nesso_local, monkeypatch):
     """One request's processors raise while decoding: it gets a 500, the others their solo replies,
     and the scheduler ends idle with an empty batch."""
-    import nesso_mlx.generation as generation
+    import nesso_mlx.reply as reply
     from nesso_mlx.server_engine import PromptCache, Runtime, chat_job
 
     model, tokenizer = nesso_local
     requests = [chat_request(word, max_tokens=10) for word in ("Uno", "Due", "Tre")]
     solo = [run_jobs(Runtime(model, tokenizer, PromptCache(0)), [lambda rt, r=r: chat_job(rt, r, False)])[0] for r in requests]
-    real = generation.prepare_decoding
+    real = reply.prepare_decoding
 
     def breaking(model_, tokenizer_, ids, cached=0, **options):
         plan = real(model_, tokenizer_, ids, cached, **options)
@@ -939,14 +939,15 @@ def test_a_request_failing_in_the_batch_fails_alone(nesso_local, monkeypatch):
             plan.processors.append(lambda tokens, logits: (_ for _ in ()).throw(RuntimeError("processor bug")))
         return plan
 
-    monkeypatch.setattr(generation, "prepare_decoding", breaking)
+    monkeypatch.setattr(reply, "prepare_decoding", breaking)
     events = run_jobs(Runtime(model, tokenizer, PromptCache(2**30)), [lambda rt, r=r: chat_job(rt, r, False) for r in requests])
     assert events[1][-1]["type"] == "error" and events[1][-1]["status"] == 500
     assert events[0][-1]["message"] == solo[0][-1]["message"] and events[2][-1]["message"] == solo[2][-1]["message"]
 
 
 def test_a_request_that_cannot_join_the_batch_gets_an_error_not_a_hang(nesso_local, monkeypatch):
-    """A cache the batch cannot take (here a bounded one): a 500 at once; the scheduler goes idle."""
+    """A cache the batch cannot take (here a bounded one): a row alone decodes in it, but a second
+    one cannot join it: a 500 at once for that one; the scheduler goes idle."""
     from nesso_mlx.server_engine import Job, PromptCache, Runtime, Scheduler, chat_job
 
     model, tokenizer = nesso_local
@@ -954,12 +955,14 @@ def test_a_request_that_cannot_join_the_batch_gets_an_error_not_a_hang(nesso_loc
     monkeypatch.setattr(type(model), "make_cache", lambda self, *a, **k: real(self, max_kv_size=64))
     runtime = Runtime(model, tokenizer, PromptCache(0))
     scheduler = Scheduler(runtime, max_concurrency=2)
-    events: list = []
-    scheduler.add(Job(lambda rt: chat_job(rt, chat_request("Uno", max_tokens=5), False), events.append))
-    for _ in range(5):
+    events: list = [[], []]
+    for i, word in enumerate(("Uno", "Due")):
+        scheduler.add(Job(lambda rt, w=word: chat_job(rt, chat_request(w, max_tokens=5), False), events[i].append))
+    for _ in range(8):
         scheduler.round()
     assert not scheduler.busy and len(scheduler.decoder) == 0
-    assert events[-1]["type"] == "error" and events[-1]["status"] == 500
+    assert events[0][-1]["type"] == "done"
+    assert events[1][-1]["type"] == "error" and events[1][-1]["status"] == 500
 
 
 def test_a_job_cancelled_while_prefilling_never_joins(nesso_local):
@@ -983,7 +986,7 @@ def test_a_job_cancelled_while_prefilling_never_joins(nesso_local):
 def test_a_failed_batch_step_fails_its_requests_and_the_server_goes_on(nesso_local, monkeypatch):
     """An error that escapes the batch's step (here, injected): every request in the batch gets a
     500, none of their caches is kept, and the next request is served normally."""
-    from nesso_mlx.batch import BatchDecoder
+    from nesso_mlx.generation import Decoder
     from nesso_mlx.server_engine import Job, PromptCache, Runtime, Scheduler, chat_job
 
     model, tokenizer = nesso_local
@@ -996,10 +999,10 @@ def test_a_failed_batch_step_fails_its_requests_and_the_server_goes_on(nesso_loc
         scheduler.add(Job(lambda rt, w=word: chat_job(rt, chat_request(w, max_tokens=20), False), events[i].append))
     for _ in range(4):
         scheduler.round()
-    real = BatchDecoder.step
-    monkeypatch.setattr(BatchDecoder, "step", lambda self: (_ for _ in ()).throw(RuntimeError("device lost")))
+    real = Decoder.step
+    monkeypatch.setattr(Decoder, "step", lambda self: (_ for _ in ()).throw(RuntimeError("device lost")))
     scheduler.round()
-    monkeypatch.setattr(BatchDecoder, "step", real)
+    monkeypatch.setattr(Decoder, "step", real)
     assert [e[-1]["status"] for e in events] == [500, 500] and not scheduler.busy
     assert len(runtime.prompt_cache) == 0
     after: list = []
@@ -1080,18 +1083,18 @@ def assert_cache_entries_hold_their_tokens(runtime) -> None:
 
 
 def step_sizes(monkeypatch) -> list[int]:
-    """How many tokens each `BatchDecoder.step` gave its first row (several: a verified draft)."""
-    from nesso_mlx.batch import BatchDecoder
+    """How many tokens each `Decoder.step` gave its first row (several: a verified draft)."""
+    from nesso_mlx.generation import Decoder
 
     sizes = []
-    original = BatchDecoder.step
+    original = Decoder.step
 
     def step(self):
         out = original(self)
-        sizes.append(sum(item.sequence is out[0].sequence for item in out) if out else 0)
+        sizes.append(sum(item.row is out[0].row for item in out) if out else 0)
         return out
 
-    monkeypatch.setattr(BatchDecoder, "step", step)
+    monkeypatch.setattr(Decoder, "step", step)
     return sizes
 
 
@@ -1158,7 +1161,7 @@ def test_tokens_after_a_stop_inside_a_verified_draft_go_nowhere(smollm2, monkeyp
     body = {
         "prompt": ["1 2 3 4 5 6 7 8 9 10 1 2 3 4 5 6 7 8 9 10 1 2 3", "Lunedì martedì mercoledì giovedì venerdì. Lunedì"],
         "max_tokens": 14,
-        "stop": [" 7", " venerdì"],
+        "stop": [" 6", " venerdì"],
         "temperature": 0,
     }
     request = parse_completion_request(body, context_window=8192, vocab_size=model.args.vocab_size)
@@ -1191,7 +1194,7 @@ def test_other_requests_work_is_not_timed_as_a_lone_rows_decode_step(nesso_local
     scheduler.add(first)
     while not first.decoding:
         scheduler.round()
-    controller = first.slot.sequence.lookup.controller
+    controller = first.slot.row.lookup.controller
     controller._last, controller.step_time = 1.0, 0.001  # a step began long ago
     scheduler.add(Job(lambda rt: chat_job(rt, chat_request("Due " * 40, max_tokens=4), False), [].append))
     assert controller._last is None  # the new request's checks

@@ -697,10 +697,9 @@ def test_a_pause_ends_when_foreseen_tokens_come_true():
 
 @pytest.mark.parametrize("kind", ["tiny", "nesso-text"])
 def test_batch_decoder_drafts_for_a_row_alone_and_gives_plain_output(always_draft, tmp_path, kind):
-    """`BatchDecoder` (the server's decoder) verifies drafts for a row while it is alone, steps it
-    one token at a time while another row shares the batch, and the tokens are plain decoding's."""
-    from nesso_mlx.batch import BatchDecoder, BatchSequence
-    from nesso_mlx.generation import prefill
+    """The decoder verifies drafts for a row while it is alone, steps it one token at a time while
+    another row shares the batch, and the tokens are plain decoding's."""
+    from nesso_mlx.generation import Decoder, Row, prefill
     from nesso_mlx.sampling import greedy, vocab_limit_processor
 
     folder = write_model_folder(tmp_path / "m", seed=5) if kind == "tiny" else nesso_folder("text")
@@ -715,9 +714,9 @@ def test_batch_decoder_drafts_for_a_row_alone_and_gives_plain_output(always_draf
         cache = model.make_cache()
         logits = prefill(model, mx.array(ids), cache)
         lookup = speculative.PromptLookup(ids, max_tokens=30, stop_ids=tokenizer.eos_token_ids) if lookup else None
-        return BatchSequence(greedy, processors, mx.array(ids), lookup=lookup), cache, logits
+        return Row(greedy, processors, mx.array(ids), lookup=lookup), cache, logits
 
-    decoder = BatchDecoder(model)
+    decoder = Decoder(model)
     first, *joined = row(prompts[0])
     decoder.add(first, *joined)
     got: dict[int, list[int]] = {0: [], 1: []}
@@ -729,8 +728,8 @@ def test_batch_decoder_drafts_for_a_row_alone_and_gives_plain_output(always_draf
         verifies = always_draft["verifies"]
         for item in decoder.step():
             assert item.error is None
-            got[0 if item.sequence is first else 1].append(item.token)
-        if second is not None and second in decoder.sequences:
+            got[0 if item.row is first else 1].append(item.token)
+        if second is not None and second in decoder.rows:
             assert always_draft["verifies"] == verifies  # no drafts while batched
             if len(got[1]) >= 6:
                 decoder.remove(second)
@@ -744,40 +743,44 @@ def test_batch_decoder_drafts_for_a_row_alone_and_gives_plain_output(always_draf
     assert always_draft["verifies"] > 2 and always_draft["accepted"] > 0, always_draft
 
 
-def test_batch_decoder_lookup_errors(always_draft, tmp_path, monkeypatch):
-    """An error while a lone row's draft is made or its token sampled is that row's (as in a plain
-    step); one inside the verify pass escapes `step` (the cache may hold a partial pass: the
-    server then drops the decoder and does not reuse the row's cache)."""
-    import nesso_mlx.batch as batch
-    from nesso_mlx.batch import BatchDecoder, BatchSequence
-    from nesso_mlx.generation import prefill
+def test_decoder_lookup_errors(always_draft, tmp_path, monkeypatch):
+    """An error while a lone row's draft is made, or inside its verify pass, is that row's (as in
+    a plain step): it comes in place of the step's token, and the row's cache taken out ends where
+    `remove` promises."""
+    import nesso_mlx.generation as generation
+    from nesso_mlx.generation import Decoder, Row, prefill
     from nesso_mlx.sampling import greedy
 
     model, tokenizer = load(write_model_folder(tmp_path / "m", seed=5), dtype="float32")
     ids = tokenizer.apply_chat_template([{"role": "user", "content": COPYING[0]}])
 
-    def decoder_alone() -> tuple[BatchDecoder, BatchSequence]:
+    def decoder_alone() -> tuple[Decoder, Row]:
         cache = model.make_cache()
         logits = prefill(model, mx.array(ids), cache)
-        seq = BatchSequence(greedy, [induction], mx.array(ids), lookup=speculative.PromptLookup(ids, max_tokens=40))
-        decoder = BatchDecoder(model)
-        decoder.add(seq, cache, logits)
-        return decoder, seq
+        row = Row(greedy, [induction], mx.array(ids), lookup=speculative.PromptLookup(ids, max_tokens=40))
+        decoder = Decoder(model)
+        decoder.add(row, cache, logits)
+        return decoder, row
 
-    decoder, seq = decoder_alone()
-    assert len(decoder.step()) == 1  # nothing to draft from yet at the first step: a plain step
-    with monkeypatch.context() as patch:
+    decoder, row = decoder_alone()
+    with monkeypatch.context() as patch:  # a plain step, then the draft the next step may verify
         patch.setattr(speculative.PromptLookup, "draft", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("draft")))
         [item] = decoder.step()
-    assert item.sequence is seq and item.token == -1 and str(item.error) == "draft"
-    decoder.remove(seq)  # the row leaves; the decoder goes on
+    assert item.row is row and item.token == -1 and str(item.error) == "draft"
+    decoder.remove(row)  # the row leaves; the decoder goes on
     assert len(decoder) == 0
 
-    decoder, seq = decoder_alone()
-    monkeypatch.setattr(batch, "verify_draft", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("verify")))
-    with pytest.raises(RuntimeError, match="verify"):
-        for _ in range(20):
-            decoder.step()
+    decoder, row = decoder_alone()
+    monkeypatch.setattr(generation, "verify_draft", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("verify")))
+    taken: list[int] = []
+    for _ in range(20):
+        items = decoder.step()
+        if items[-1].error is not None:
+            break
+        taken += [item.token for item in items]
+    assert str(items[-1].error) == "verify" and taken
+    cache = decoder.remove(row, len(taken))
+    assert [layer.offset for layer in cache] == [len(ids) + len(taken) - 1] * len(cache)
 
 
 def test_a_draft_the_grammar_takes_none_of_counts_as_a_miss():
@@ -832,15 +835,17 @@ def test_a_draft_the_mask_cuts_at_once_counts_once():
             assert controller.misses == 3  # one more miss, and the streak is not reset
 
 
-def test_decode_refuses_lookup_with_logprobs(tmp_path):
-    from nesso_mlx.generation import decode
+def test_decoder_refuses_lookup_with_logprobs(tmp_path):
+    from nesso_mlx.generation import Decoder, Row
     from nesso_mlx.sampling import greedy
 
     model, _ = load(write_model_folder(tmp_path / "m", seed=5), dtype="float32")
     cache = model.make_cache()
     logits = model(mx.array([[1, 2, 3]]), cache)[:, -1, :]
+    decoder = Decoder(model)
     with pytest.raises(ValueError, match="top_logprobs"):
-        next(decode(model, logits, cache, greedy, top_logprobs=1, lookup=speculative.PromptLookup([1, 2, 3])))
+        decoder.add(Row(greedy, top_logprobs=1, lookup=speculative.PromptLookup([1, 2, 3])), cache, logits)
+    assert len(decoder) == 0
 
 
 def test_lm_head_share_of_a_position():

@@ -302,7 +302,7 @@ def test_the_authors_case_file_loads(tmp_path):
 def test_eval_runs_end_to_end_on_a_tiny_model(tiny_folder, monkeypatch):
     from types import SimpleNamespace
 
-    import nesso_mlx.batch
+    import nesso_mlx.api
 
     model, tokenizer = load(tiny_folder)
     data = load_cases(CASES)
@@ -324,7 +324,7 @@ def test_eval_runs_end_to_end_on_a_tiny_model(tiny_folder, monkeypatch):
             progress(len(replies), len(requests))
         return replies
 
-    monkeypatch.setattr(nesso_mlx.batch, "batch_generate", scripted)
+    monkeypatch.setattr(nesso_mlx.api, "batch_generate", scripted)
     seen = []
     report = run_tool_eval(model, tokenizer, data, constrain=True, max_tokens=7, progress=lambda d, t: seen.append((d, t)))
     expected = {c["id"]: HAND_WRITTEN[c["id"]][1] for c in data["cases"]}
