@@ -28,7 +28,7 @@ from ..errors import NessoError
 from ..tools import ToolCallDelta, ToolCallStream
 
 if TYPE_CHECKING:
-    from ..generation import GenerationChunk
+    from ..reply import GenerationChunk
     from ..tokenizer import Tokenizer
 
 MAX_STOP = 16  # stop strings in one request
