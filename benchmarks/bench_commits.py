@@ -6,7 +6,7 @@
     python benchmarks/bench_commits.py --old /tmp/nesso-old --new . -- python {tree}/benchmarks/bench_batch.py
 
 The command runs `--rounds` times per checkout, old and new taking turns (old, new, new, old, ...),
-each with `PYTHONPATH` set to that checkout so `nesso_mlx` is imported from it; `{tree}` in the
+each in that checkout's folder with `PYTHONPATH` set to it, so `nesso_mlx` is imported from it; `{tree}` in the
 command is replaced by the checkout's folder (to run its own copy of a benchmark script). Every
 markdown table the command prints (`| a | b | ... |` lines) is read: rows are matched by their
 first two cells, and each numeric cell is reported as the median over the rounds for old and new
@@ -54,7 +54,8 @@ def tables(text: str) -> dict[tuple[str, str], dict[str, float]]:
 def run(command: list[str], tree: Path) -> str:
     env = dict(os.environ, PYTHONPATH=str(tree))
     argv = [part.replace("{tree}", str(tree)) for part in command]
-    done = subprocess.run(argv, env=env, capture_output=True, text=True)
+    # In the checkout's folder: `python -c` puts the working folder first on sys.path.
+    done = subprocess.run(argv, env=env, cwd=tree, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"error: the command failed on {tree} (exit {done.returncode}):\n{done.stderr[-2000:]}")
     return done.stdout
