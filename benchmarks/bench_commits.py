@@ -9,7 +9,7 @@ The command runs `--rounds` times per checkout, old and new taking turns (old, n
 each in that checkout's folder with `PYTHONPATH` set to it, so `nesso_mlx` is imported from it; `{tree}` in the
 command is replaced by the checkout's folder (to run its own copy of a benchmark script). Every
 markdown table the command prints (`| a | b | ... |` lines) is read: rows are matched by their
-first two cells, and each numeric cell is reported as the median over the rounds for old and new
+first cell and their second unless it is a number, and each numeric cell is reported as the median over the rounds for old and new
 and the ratio new / old. Whether higher is better depends on the column (tokens/s: higher; seconds:
 lower); the ratio is printed as is.
 """
@@ -42,7 +42,9 @@ def tables(text: str) -> dict[tuple[str, str], dict[str, float]]:
             continue
         if all(set(c) <= set("-: ") for c in cells):
             continue
-        key = (cells[0], cells[1] if len(cells) > 1 else "")
+        # A row is named by its first cell, and its second unless that is a number (a measurement).
+        second = cells[1] if len(cells) > 1 and not NUMBER.match(cells[1].replace(",", "")) else ""
+        key = (cells[0], second)
         row = out.setdefault(key, {})
         for name, cell in zip(header, cells, strict=False):
             value = cell.replace(",", "")

@@ -83,7 +83,7 @@ def _literal(tokenizer: Tokenizer, text: str) -> str:
 
 def _json(schema: dict[str, Any]) -> str:
     """A Lark `%json` item for `schema`, written compactly (see JSON_STYLE)."""
-    return "%json " + json.dumps({**schema, "x-guidance": {**JSON_STYLE, **schema.get("x-guidance", {})}})
+    return "%json " + json.dumps({**schema, "x-guidance": JSON_STYLE})  # a schema's own "x-guidance" is not taken
 
 
 _SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")

@@ -144,6 +144,7 @@ class Row:
     joined: int = 0
     error: Exception | None = None
     draft: tuple[list[int], int] | None = None
+    handed: float | None = None  # when the pending token was handed out ahead of its pass, if it was
 
 
 @dataclass(eq=False)
@@ -201,7 +202,7 @@ class Decoder:
         self.cache = joined
         tracked = reads_history(row.processors)  # the history is kept only for processors that read it
         row.history = (row.history if row.history is not None else mx.array([], dtype=mx.int32)) if tracked else None
-        row.joined, row.error, row.draft = cache[0].offset, None, None
+        row.joined, row.error, row.draft, row.handed = cache[0].offset, None, None, None
         row.start = row.joined - prompt
         self.rows.append(row)
         try:
@@ -281,9 +282,13 @@ class Decoder:
                         max(n_forced - 1, 0), after_forced=n_forced > 0,
                     )  # fmt: skip
                     return self._verified(row, [first, *kept], following, 0)
-            if constraint is not None and constraint.active and lookup.controller.merges_forced:
-                value = row.token.item()  # wait for it: the tokens the grammar forces after it join its pass
-                started = time.perf_counter()
+            if row.handed is not None or (constraint is not None and constraint.active and lookup.controller.merges_forced):
+                # Wait for the pending token and hand it out at once; the next step puts the tokens
+                # the grammar forces after it into its pass (the caller sees it one pass sooner).
+                if row.handed is None:
+                    row.handed = time.perf_counter()
+                    return [RowToken(row, row.token.item())]
+                value, started = row.token.item(), time.perf_counter()
                 constraint.advance(value)
                 lookup.index.append(value)
                 draft, n_forced = lookup.merged_draft(constraint) if constraint.active else ([], 0)
@@ -292,9 +297,10 @@ class Decoder:
                         self.model, self.cache, value, draft, lookup, row.processors, row.history, constraint, n_forced,
                         advanced=True,
                     )  # fmt: skip
-                    return self._verified(row, [value, *kept], following, 1)
-                out = self._plain_step(value, started)
-                if out[0].error is None:
+                    row.handed = None
+                    return self._verified(row, [value, *kept], following, 1)[1:]
+                out = self._plain_step(value, started)  # `value`, handed out already, is left out
+                if not out:
                     draft = lookup.next_draft(constraint, forced=False)
                     row.draft = draft if draft[0] else None
                 return out
@@ -350,7 +356,7 @@ class Decoder:
             if row.error is not None:
                 out.append(RowToken(row, -1, error=row.error))
                 continue
-            item = RowToken(row, value)
+            item, handed, row.handed = RowToken(row, value), row.handed is not None, None
             if row.extra:
                 item.logprob = row.extra[0].item()
                 pairs = zip(row.extra[1].tolist(), row.extra[2].tolist(), strict=True) if len(row.extra) > 1 else ()
@@ -386,7 +392,8 @@ class Decoder:
             row.token, row.extra, row.history = drew
             if not alone and row.lookup is not None:
                 row.lookup.index.append(value)
-            out.append(item)
+            if not handed:  # one handed out ahead of its pass is not handed out again
+                out.append(item)
         if redrawn:
             mx.async_eval(*(a for d in redrawn for a in (d[0], *d[1])))
         return out

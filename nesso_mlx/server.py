@@ -40,6 +40,7 @@ import asyncio
 import hmac
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -73,6 +74,14 @@ def _error_body(message: str, error_type: str = "invalid_request_error", param: 
     return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
 
 
+def _finite_float(text: str) -> float:
+    """A JSON number as a float; one past a float's range (1e400) is refused, not read as infinity."""
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"the number {text[:40]} is out of range")
+    return value
+
+
 def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not valid JSON")
 
@@ -103,7 +112,7 @@ def parse_json_body(body: bytes, text_limit: int | None = None, context_window: 
     a body of fewer `[`/`{` than the depth limit cannot nest past it, and one no longer than
     `text_limit` bytes holds no more characters of text (the server runs this off its event loop)."""
     try:
-        value = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
+        value = json.loads(body.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite_float)
     except UnicodeDecodeError:
         raise RequestError("the body is not UTF-8") from None
     except RecursionError:
@@ -149,7 +158,8 @@ def check_text_size(body: Any, limit: int, context_window: int) -> None:
         item = stack.pop()
         if isinstance(item, str):
             total += len(item)
-        elif isinstance(item, dict):
+        elif isinstance(item, dict):  # keys are text too (a schema's property names)
+            total += sum(len(key) for key in item)
             stack.extend(item.values())
         elif isinstance(item, list):
             stack.extend(item)
@@ -363,7 +373,9 @@ def create_app(
         return await chat_reply(request, parsed, anthropic.MessageStream(parsed.model or model_id))
 
     async def count_tokens(request: Any):
-        parsed = await parse(request, anthropic.parse_messages_request, size_check=False, count_only=True)
+        # Text past what the window could take is refused uncounted: counting it would hold the
+        # preparation pool (and, through the tokenizer, the worker) for seconds.
+        parsed = await parse(request, anthropic.parse_messages_request, count_only=True)
         # It uses the preparation threads: with --max-queue it counts as waiting, so counts cannot starve chats.
         ids = await prepare(chat_prompt_ids, engine.runtime.tokenizer, parsed)
         return _json_response({"input_tokens": len(ids)})
@@ -593,6 +605,8 @@ def serve(
         log.warning("serving on %s without an API key: anyone who can reach this address can use the model", host)
     if default_max_tokens is not None and default_max_tokens < 1:
         raise NessoError(f"default_max_tokens must be at least 1, got {default_max_tokens}")
+    if max_queue is not None and max_queue < 0:
+        raise NessoError(f"max_queue must not be negative, got {max_queue}")
     engine = Engine(
         model,
         dtype=dtype,
@@ -602,8 +616,6 @@ def serve(
         prompt_lookup=prompt_lookup,
     )
     engine.start()
-    if max_queue is not None and max_queue < 0:
-        raise NessoError(f"max_queue must not be negative, got {max_queue}")
     app = create_app(engine, model_id=model, api_key=api_key, cors=cors, max_body_bytes=max_body_bytes, max_queue=max_queue)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="off", timeout_graceful_shutdown=5)
     try:

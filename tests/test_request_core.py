@@ -259,3 +259,68 @@ def test_lone_surrogate_escapes_become_replacement_characters():
 
     body = b'{"k\\ud800": ["a \\udfff b", "\\ud83d\\ude00", 1], "plain": "\\\\ud800"}'
     assert parse_json_body(body) == {"k\ufffd": ["a \ufffd b", "\U0001f600", 1], "plain": "\\ud800"}
+
+
+# --- odd but valid JSON, and bodies built to stall the server: 400s, before any real work ----------
+
+
+WINDOW = {"context_window": 4096, "vocab_size": 128262}
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"temperature": 10**400}, "temperature must be a number"),  # past a float's range
+        ({"messages": [{"role": ["user"], "content": "hi"}]}, r"messages\[0\]\.role must be one of"),
+    ],
+)
+def test_odd_field_values_are_400s(change, match):
+    with pytest.raises(RequestError, match=match):
+        chat_completions.parse_chat_request({**chat_body(), **change}, **WINDOW)
+    if "temperature" in change:
+        with pytest.raises(RequestError, match=match):
+            anthropic_messages.parse_messages_request({**messages_body(), **change}, **WINDOW)
+
+
+def test_a_number_past_a_floats_range_is_refused_not_read_as_infinity():
+    from nesso_mlx.server import parse_json_body
+
+    with pytest.raises(RequestError, match="out of range"):
+        parse_json_body(b'{"input": "hi", "metadata": {"x": 1e400}}')
+    assert parse_json_body(b'{"t": 1e300, "n": 10}') == {"t": 1e300, "n": 10}
+
+
+def test_property_names_count_as_text_toward_the_size_limit():
+    from nesso_mlx.server import check_text_size
+
+    names = {f"p{i:06d}": {} for i in range(2000)}  # 14,000 characters of keys, no string values
+    with pytest.raises(RequestError, match="characters of text"):
+        check_text_size({"tools": [{"parameters": {"properties": names}}]}, 10_000, 4096)
+    check_text_size({"tools": [{"parameters": {"properties": names}}]}, 20_000, 4096)
+
+
+def test_token_id_prompts_longer_than_the_window_are_refused_before_each_id_is_checked():
+    with pytest.raises(RequestError, match="more than the model's context window"):
+        completions.parse_completion_request({"prompt": [10**9] * 5000}, **WINDOW)  # ids out of range: not reached
+    with pytest.raises(RequestError, match="outside the vocabulary"):
+        completions.parse_completion_request({"prompt": [10**9] * 50}, **WINDOW)
+
+
+def test_responses_metadata_is_held_to_openais_limits():
+    store = responses.ResponseStore()
+    small = {"user": "u1", "run": "7"}
+    assert responses.parse_responses_request({"input": "hi", "metadata": small}, store=store, **WINDOW).echo["metadata"] == small
+    for bad in ({f"k{i}": "v" for i in range(17)}, {"k" * 65: "v"}, {"k": "v" * 513}, {"k": 1}, ["k"]):
+        with pytest.raises(RequestError, match="metadata"):
+            responses.parse_responses_request({"input": "hi", "metadata": bad}, store=store, **WINDOW)
+
+
+def test_a_schemas_own_x_guidance_is_not_taken():
+    from nesso_mlx.constrained import build_processor
+
+    tokenizer = Tokenizer.from_folder(nesso_folder("text"))
+    for own in (None, "fast", {"whitespace_flexible": True}):
+        schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "x-guidance": own}
+        processor = build_processor(tokenizer, 128262, response_format={"type": "json_schema", "json_schema": {"schema": schema}})
+        blank = tokenizer.encode(" ", add_special_tokens=False)[0]
+        assert not processor.allowed()[blank]  # the server's compact style holds: no space before the brace

@@ -460,6 +460,35 @@ def test_merged_passes_keep_the_budget_and_the_cache(always_draft, copying, monk
     assert counts["merged"] > 0, counts
 
 
+def test_a_merged_pass_hands_out_its_first_token_before_it_runs(always_draft, copying, monkeypatch):
+    """The token whose pass takes the grammar's forced tokens reaches the caller before that pass
+    runs (a streaming client sees it one pass sooner), and the reply is plain decoding's."""
+    import nesso_mlx.generation as generation
+    from nesso_mlx import stream_generate
+
+    monkeypatch.setattr(speculative.LookupController, "merges_forced", property(lambda self: True))
+    received: list[int] = []
+    seen_at_pass: list[tuple[int, int]] = []  # (tokens the caller had, the pass's first token)
+    original = generation.verify_draft
+
+    def verify_draft(model, cache, first, *args, **kwargs):
+        if kwargs.get("advanced"):
+            seen_at_pass.append((len(received), first))
+        return original(model, cache, first, *args, **kwargs)
+
+    monkeypatch.setattr(generation, "verify_draft", verify_draft)
+    model, tokenizer = load(nesso_folder("added"), dtype="float32")
+    messages = [{"role": "user", "content": 'In JSON: {"nome": "Anna Bianchi", "città": "Bari"} ' * 2}]
+    request = {"messages": messages, "response_format": {"type": "json_schema", "json_schema": {"schema": SCHEMA}}}
+    plain = [c.token for c in stream_generate(model, tokenizer, max_tokens=30, **request)]
+    for chunk in stream_generate(model, tokenizer, max_tokens=30, prompt_lookup=True, **request):
+        received.append(chunk.token)
+    assert received == plain
+    assert seen_at_pass, "no merged pass ran"
+    for had, first in seen_at_pass:
+        assert had >= 1 and received[had - 1] == first, (had, first, received)
+
+
 def test_an_interrupted_reply_leaves_every_layer_at_what_was_handed_out(always_draft, copying, monkeypatch):
     """The consumer stops after k tokens, or the grammar fails at its j-th mask, wherever that
     falls (a merged pass, a verify pass, a plain step): every layer holds the prompt and the

@@ -65,9 +65,15 @@ class CompletionRequest:
     model: str | None = None
 
 
-def _token_ids(value: list, vocab_size: int, where: str) -> list[int]:
+def _token_ids(value: list, vocab_size: int, where: str, context_window: int) -> list[int]:
     if not value:
         raise RequestError(f"{where} is empty", "prompt", "invalid_value")
+    if len(value) > context_window:  # before the ids are checked one by one
+        raise RequestError(
+            f"{where} has {len(value)} token ids, more than the model's context window of {context_window} tokens",
+            "prompt",
+            "context_length_exceeded",
+        )
     for t in value:
         if isinstance(t, bool) or not isinstance(t, int):
             raise RequestError(f"{where} must be a string or a list of token ids", "prompt", "invalid_type")
@@ -78,10 +84,10 @@ def _token_ids(value: list, vocab_size: int, where: str) -> list[int]:
     return list(value)
 
 
-def _parse_prompts(prompt: Any, vocab_size: int) -> list[str | list[int]]:
+def _parse_prompts(prompt: Any, vocab_size: int, context_window: int) -> list[str | list[int]]:
     if isinstance(prompt, str):
         prompts: list = [prompt]
-    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+    elif isinstance(prompt, list) and prompt and isinstance(prompt[0], int) and not isinstance(prompt[0], bool):
         prompts = [prompt]
     elif isinstance(prompt, list) and prompt:
         prompts = prompt
@@ -98,7 +104,7 @@ def _parse_prompts(prompt: Any, vocab_size: int) -> list[str | list[int]]:
                 raise RequestError(f"prompt[{i}] is empty", "prompt", "invalid_value")
             out.append(p)
         elif isinstance(p, list):
-            out.append(_token_ids(p, vocab_size, f"prompt[{i}]" if len(prompts) > 1 else "prompt"))
+            out.append(_token_ids(p, vocab_size, f"prompt[{i}]" if len(prompts) > 1 else "prompt", context_window))
         else:
             raise RequestError("prompt must be a string, a list of token ids, or a list of either", "prompt", "invalid_type")
     return out
@@ -114,7 +120,7 @@ def parse_completion_request(body: Any, *, context_window: int, vocab_size: int)
         raise RequestError("suffix (insertion) is not supported", "suffix", "unsupported_parameter")
     if "prompt" not in body:
         raise RequestError("prompt is required", "prompt", "invalid_value")
-    prompts = _parse_prompts(body["prompt"], vocab_size)
+    prompts = _parse_prompts(body["prompt"], vocab_size, context_window)
     stream, include_usage = parse_stream(body)
     if stream and len(prompts) > 1:
         raise RequestError("stream takes a single prompt", "prompt", "invalid_value")

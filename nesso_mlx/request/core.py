@@ -89,7 +89,11 @@ def number(body: dict, name: str, default: float | None, low: float, high: float
     value = body.get(name)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    try:
+        finite = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    except OverflowError:  # an integer too large for a float
+        finite = False
+    if not finite:
         raise RequestError(f"{name} must be a number, got {json.dumps(value)[:40]}", name, "invalid_type")
     if value < low or value > high or (low_open and value == low):
         bracket = "(" if low_open else "["
@@ -324,7 +328,7 @@ def parse_messages(messages: Any) -> list[dict[str, Any]]:
         if not isinstance(message, dict):
             raise RequestError(f"{where} must be an object", where, "invalid_type")
         role = message.get("role")
-        if role not in _MESSAGE_FIELDS:
+        if not isinstance(role, str) or role not in _MESSAGE_FIELDS:
             shown = json.dumps(role)[:40] if role is not None else "missing"
             raise RequestError(
                 f"{where}.role must be one of system, developer, user, assistant, tool (got {shown})",

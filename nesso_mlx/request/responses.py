@@ -330,9 +330,24 @@ def _parse(body: Any, vocab_size: int, store: ResponseStore) -> ResponsesRequest
         "text": text,
         "tool_choice": body.get("tool_choice") or "auto",
         "tools": [t for t in body.get("tools") or [] if t.get("type") == "function"],
-        "metadata": body.get("metadata") if isinstance(body.get("metadata"), dict) else {},
+        "metadata": _metadata(body.get("metadata")),
     }
     return ResponsesRequest(chat, conversation, echo, boolean(body, "store", True))
+
+
+def _metadata(value: Any) -> dict[str, str]:
+    """`metadata`, echoed in every response event and stored: held to OpenAI's limits (16 pairs,
+    keys of 64 characters, string values of 512), so that it cannot multiply a request's size."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or len(value) > 16:
+        raise RequestError("metadata must be an object of at most 16 pairs", "metadata", "invalid_value")
+    for key, item in value.items():
+        if len(key) > 64 or not isinstance(item, str) or len(item) > 512:
+            raise RequestError(
+                "metadata keys must be at most 64 characters and values strings of at most 512", "metadata", "invalid_value"
+            )
+    return value
 
 
 # --- replies ---------------------------------------------------------------------------------------
