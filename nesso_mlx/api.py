@@ -13,8 +13,8 @@ from typing import Any
 
 import mlx.core as mx
 
-from .cache import KVCache, rollback_cache
-from .generation import Decoder, Row, prefill
+from .cache import KVCache
+from .generation import Decoder, Row, prefill, rollback_or_empty
 from .model import Model
 from .reply import GenerationChunk, GenerationResult, prepare_decoding, prompt_tokens
 from .sampling import LogitsProcessor, SamplingOptions
@@ -110,7 +110,7 @@ def stream_generate(
         # Interrupted, the prefill leaves the cache as it was (see `prefill_steps`).
         logits = prefill(model, mx.array(ids, dtype=mx.int32), cache, prefill_chunk_size)
         if plan.max_tokens <= 0:
-            rollback_cache(cache, start)
+            rollback_or_empty(cache, start)
             yield GenerationChunk("", None, "length", len(ids), 0)
             return
         decoder.add(row, cache, logits, prompt=len(ids))
@@ -128,6 +128,8 @@ def stream_generate(
         # or nothing of this call when none was (a bounded cache that dropped what that needs: emptied).
         if decoder.rows:
             decoder.remove(row, n)
+        else:  # stopped between the prefill and joining the decoder
+            rollback_or_empty(cache, start)
         if wired:
             _unwire_memory()
 

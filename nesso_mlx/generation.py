@@ -97,7 +97,7 @@ def prefill_steps(model: Model, tokens: mx.array, cache: list[KVCache], chunk_si
         return logits
     finally:
         if done is not None:
-            _rollback(cache, done)
+            rollback_or_empty(cache, done)
 
 
 def prefill(model: Model, tokens: mx.array, cache: list[KVCache], chunk_size: int = 512) -> mx.array:
@@ -112,11 +112,11 @@ def prefill(model: Model, tokens: mx.array, cache: list[KVCache], chunk_size: in
         return done.value
     except BaseException:
         steps.close()
-        _rollback(cache, start)
+        rollback_or_empty(cache, start)
         raise
 
 
-def _rollback(cache: list[KVCache], offset: int) -> None:
+def rollback_or_empty(cache: list[KVCache], offset: int) -> None:
     """`rollback_cache`, where a bounded cache that cannot go back is left empty (offset 0)."""
     try:
         rollback_cache(cache, offset)
@@ -237,7 +237,7 @@ class Decoder:
         caches = [row_cache(self.cache, i, copy) if batched else self.cache for i in gone]
         for row, cache, n in zip(rows, caches, used or [None] * len(rows), strict=True):
             if n is not None:
-                _rollback(cache, row.joined + n - 1 if n else row.start)
+                rollback_or_empty(cache, row.joined + n - 1 if n else row.start)
         keep = [j for j in range(len(self.rows)) if j not in gone]
         if keep and batched:
             select_rows(self.cache, keep)
@@ -272,11 +272,15 @@ class Decoder:
         pass; or under a grammar, the tokens it forces after the pending token, in that token's
         own pass; else the plain step, then the next draft."""
         lookup, constraint = row.lookup, row.constraint
+        passing = False  # in the model's pass or its evaluation: a failure there is not the row's
         try:
             if row.draft is not None:
                 (draft, n_forced), row.draft = row.draft, None
+                passing = True
                 first = row.token.item()  # the step before: it confirms the draft's first token or not
+                passing = False
                 if lookup.confirms(first, draft, n_forced):
+                    passing = True
                     kept, following = verify_draft(
                         self.model, self.cache, first, draft[1:], lookup, row.processors, row.history, constraint,
                         max(n_forced - 1, 0), after_forced=n_forced > 0,
@@ -285,13 +289,17 @@ class Decoder:
             if row.handed is not None or (constraint is not None and constraint.active and lookup.controller.merges_forced):
                 # Wait for the pending token and hand it out at once; the next step puts the tokens
                 # the grammar forces after it into its pass (the caller sees it one pass sooner).
+                passing = True
+                value = row.token.item()
+                passing = False
                 if row.handed is None:
                     row.handed = time.perf_counter()
-                    return [RowToken(row, row.token.item())]
-                value, started = row.token.item(), time.perf_counter()
+                    return [RowToken(row, value)]
+                started = time.perf_counter()
                 constraint.advance(value)
                 lookup.index.append(value)
                 draft, n_forced = lookup.merged_draft(constraint) if constraint.active else ([], 0)
+                passing = True
                 if draft:
                     kept, following = verify_draft(
                         self.model, self.cache, value, draft, lookup, row.processors, row.history, constraint, n_forced,
@@ -300,12 +308,15 @@ class Decoder:
                     row.handed = None
                     return self._verified(row, [value, *kept], following, 1)[1:]
                 out = self._plain_step(value, started)  # `value`, handed out already, is left out
+                passing = False
                 if not out:
                     draft = lookup.next_draft(constraint, forced=False)
                     row.draft = draft if draft[0] else None
                 return out
-        except Exception as e:  # the row's grammar or processors (inside a verify pass: may be the model's)
-            row.error = e
+        except Exception as e:
+            if passing:  # the model, the device, or a verify pass: escapes, as a plain pass's failure does
+                raise
+            row.error = e  # the row's grammar or drafting: in place of this step's token
             return [RowToken(row, -1, error=e)]
         out = self._plain_step()
         if out[0].error is None:

@@ -237,6 +237,7 @@ def generate_steps(
         lookup = _prompt_lookup(rt, ids, kwargs.get("sampling"), top_logprobs, plan)
         row = Row(plan.sampler, plan.processors, prompt, plan.constraint, top_logprobs, lookup)
         slot = BatchSlot(row, cache, logits, len(plan.ids))
+        cache = None  # the decoder has it now (a batch, a copy): it comes back when the row leaves
         yield slot
         while True:
             if not slot.inbox:

@@ -419,7 +419,6 @@ def test_tools_with_a_format_give_calls_or_the_format(models, kind):
     mask = processor.allowed()
     opens = [tokenizer.encode(text, add_special_tokens=False)[0] for text in (OPEN, '{"')]
     assert all(mask[token] for token in opens) and not mask[tokenizer.encode("Ok", add_special_tokens=False)[0]]
-    kinds = set()
     for seed in range(8):
         result = generate(
             model,
@@ -433,10 +432,8 @@ def test_tools_with_a_format_give_calls_or_the_format(models, kind):
         )
         if result.tool_calls:
             assert all(valid_call(c) for c in result.tool_calls) and result.text == "", (seed, result.raw_text)
-            kinds.add("calls")
         else:
             jsonschema.validate(json.loads(result.text), SCHEMA)
-            kinds.add("json")
     forced = build_processor(tokenizer, model.args.vocab_size, TOOLS, "required", response_format)
     assert forced.allowed()[opens[0]] and not forced.allowed()[opens[1]]
     for choice in ("required", "get_weather"):
@@ -444,7 +441,6 @@ def test_tools_with_a_format_give_calls_or_the_format(models, kind):
             model, tokenizer, messages=MESSAGES, tools=TOOLS, tool_choice=choice, response_format=response_format, max_tokens=160
         )
         assert result.finish_reason == "tool_calls" and all(valid_call(c) for c in result.tool_calls), result.raw_text
-    assert kinds, kinds
     # Each branch, entered by forcing its first token, is carried to a valid end by the grammar.
     for first, check in ((OPEN, "calls"), ('{"', "json")):
         prefix = tokenizer.encode(first, add_special_tokens=False)[:1]

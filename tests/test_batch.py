@@ -228,6 +228,45 @@ def test_seeded_tool_call_after_a_trigger_equals_generate(variant):
             assert together[0].tool_calls[0].name == "meteo"
 
 
+def test_a_trigger_draws_its_position_again_with_the_same_key():
+    """Seeded sampling takes one key per position: the position where an "auto" call's grammar
+    switches on is drawn again, masked, with the key it had, so a reply with a trigger uses as
+    many keys as its positions (checked against MLX's own key splitting, not another decode loop)."""
+    from nesso_mlx.constrained import build_processor
+    from nesso_mlx.generation import prefill
+
+    model, tokenizer = load(nesso_folder("text"), dtype="float32")
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Che tempo fa a Bari?"}], tools=[TOOL])
+    opening = tokenizer.encode("<tool_call>", add_special_tokens=False)
+
+    def force_call(tokens: mx.array, logits: mx.array) -> mx.array:
+        at = tokens.size - len(ids) - 1  # the 2nd generated token onwards: the opening tag
+        if 0 <= at < len(opening):
+            return mx.where(mx.arange(logits.shape[-1])[None] == opening[at], mx.zeros_like(logits), -mx.inf)
+        return logits
+
+    def split(k: int) -> mx.array:
+        key = mx.random.key(7)
+        for _ in range(k):
+            key, _ = mx.random.split(key)
+        return key
+
+    extra_keys = {}
+    for trigger in (False, True):
+        sampler = make_sampler(1.0, seed=7)
+        constraint = build_processor(tokenizer, model.args.vocab_size, [TOOL], "auto")
+        cache = model.make_cache()
+        logits = prefill(model, mx.array(ids), cache)
+        row = Row(sampler, [force_call] if trigger else [], mx.array(ids), constraint)
+        decoder = Decoder(model)
+        decoder.add(row, cache, logits)
+        tokens = [item.token for _ in range(len(opening) + 4) for item in decoder.step()]
+        assert (constraint.matcher is not None) == trigger  # the grammar switched on only when forced
+        used = next(k for k in range(len(tokens) + 8) if mx.array_equal(sampler.key_state["key"], split(k)).item())
+        extra_keys[trigger] = used - len(tokens)  # the pending draw(s) ahead of what was handed out
+    assert extra_keys[True] == extra_keys[False], extra_keys
+
+
 def test_one_sequence_failing_leaves_the_others_alone(tiny):
     model, tokenizer = tiny
     prompts = [tokenizer.encode(p) for p in PROMPTS[:3]]
