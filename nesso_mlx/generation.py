@@ -20,8 +20,10 @@ to where the docs promise.
 A row alone keeps its own cache (quantized, bounded: whatever `make_cache` made) and may use
 prompt lookup (see `speculative.py`): a draft that the next token confirms is verified in one
 pass (`verify_draft`), and under a grammar the tokens it forces may go into their predecessor's
-own pass (`LookupController.merges_forced`). When a second row joins, the caches are merged into
-a left-padded `batch.BatchKVCache` (plain caches only).
+own pass (`LookupController.merges_forced`): then the predecessor is handed out alone first,
+its pass not yet queued (the cache one token behind, not ahead), and the next step runs that pass.
+When a second row joins, the caches are merged into a left-padded `batch.BatchKVCache` (plain
+caches only).
 """
 
 from __future__ import annotations
@@ -117,7 +119,10 @@ def prefill(model: Model, tokens: mx.array, cache: list[KVCache], chunk_size: in
 
 
 def rollback_or_empty(cache: list[KVCache], offset: int) -> None:
-    """`rollback_cache`, where a bounded cache that cannot go back is left empty (offset 0)."""
+    """`rollback_cache`, where a bounded cache that cannot go back is left empty (offset 0); a
+    cache already at or before `offset` (emptied by an earlier rollback) is left as it is."""
+    if all(layer.offset <= offset for layer in cache):
+        return
     try:
         rollback_cache(cache, offset)
     except CacheRollbackError:
@@ -167,11 +172,13 @@ class RowToken:
 class Decoder:
     """Continuous batching: `add` a prefilled row, `step` all of them, `remove` finished ones.
 
-    Each `step` hands out one token for every row (a lone row with prompt lookup may get several:
-    callers take them in order and ignore those after the row's reply ended). An error in one
-    row's processors, sampler or grammar comes back as that row's `RowToken.error`. An exception
-    that escapes `step` (an interrupt, a failed evaluation) leaves the rows' grammars and samplers
-    undefined: remove the rows (their caches still end where `remove` promises) and discard it.
+    Each `step` hands out one token for every row, except that a lone row with prompt lookup may
+    get several or, the step after a token handed out ahead of its pass, none (callers take the
+    tokens in order and ignore those after the row's reply ended). An error in one row's
+    processors, sampler or grammar comes back as that row's `RowToken.error`; inside a lone row's
+    verify pass it escapes `step`, with the model's. An exception that escapes `step` (an
+    interrupt, a failed evaluation) leaves the rows' grammars and samplers undefined: remove the
+    rows (their caches still end where `remove` promises) and discard it.
     """
 
     def __init__(self, model: Any) -> None:
@@ -222,7 +229,7 @@ class Decoder:
     def remove(self, row: Row, used: int | None = None, copy: bool = False) -> list[KVCache]:
         """Take `row` out; returns its cache holding its prompt and the first `used - 1` tokens the
         caller took (its last one is fed again with what follows), or, with `used` 0, what it held
-        before the prompt (see `add`); with `used` None, every token handed out. This holds after
+        before the prompt (see `add`); with `used` None, every token whose pass ran. This holds after
         an interrupted step too (a bounded cache that dropped what that needs is emptied: offset 0).
         A row alone gives back its own cache; one from a batch views of the batch's buffers, or
         with `copy` arrays of its own (see `batch.row_cache`)."""

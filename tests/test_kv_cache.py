@@ -284,6 +284,17 @@ def test_an_interrupted_prefill_with_a_dropped_window_leaves_an_empty_cache(gqa,
     assert [layer.offset for layer in cache] == [0, 0]
 
 
+def test_no_tokens_asked_on_a_dropped_window_leaves_an_empty_cache(gqa, small_slack):
+    """max_tokens=0 after a prompt that pushed the window past what the cache held before: the
+    cache cannot go back, so it is emptied, once, and nothing is raised."""
+    model, tokenizer = gqa
+    cache = model.make_cache(max_kv_size=24)
+    model(mx.array([list(range(3, 40))]), cache)
+    chunks = list(stream_generate(model, tokenizer, prompt=list(range(50, 90)), max_tokens=0, cache=cache, prefill_chunk_size=8))
+    assert [c.finish_reason for c in chunks] == ["length"]
+    assert [layer.offset for layer in cache] == [0, 0]
+
+
 def new_session(nesso, **kwargs):
     model, tokenizer = nesso
     settings = SamplingSettings(temperature=0.0, max_tokens=20)
